@@ -1,0 +1,386 @@
+//! The batching stage: worker threads take chunks of raw messages from a bounded
+//! crossbeam queue, decode them, and hand sealed Arrow batches to a [`BatchSink`].
+//!
+//! Back-pressure is explicit: the queue is bounded, so a producer that outruns the
+//! workers blocks in `send` rather than growing memory.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
+use crate::decode::{DecodeLimits, RejectReason, decode};
+
+/// One message as it came off the broker.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// When sluice took the message from the broker, ns since the epoch (UTC).
+    pub received_at_ns: i64,
+}
+
+/// Where sealed batches go. Implementations may block to apply back-pressure.
+pub trait BatchSink: Send + Sync + 'static {
+    fn append_telemetry(&self, batch: RecordBatch);
+    fn append_rejects(&self, batch: RecordBatch);
+}
+
+/// Settings of the batching stage.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Decoding threads; each builds its own batches.
+    pub workers: usize,
+    /// Capacity of the queue in front of the workers, in chunks of messages.
+    pub queue_chunks: usize,
+    pub seal: SealPolicy,
+    pub limits: DecodeLimits,
+    /// How much of a rejected payload is kept in `rejects.payload`.
+    pub reject_payload_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            workers: 2,
+            queue_chunks: 1024,
+            seal: SealPolicy::default(),
+            limits: DecodeLimits::default(),
+            reject_payload_bytes: 1024,
+        }
+    }
+}
+
+/// Counters of the batching stage.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub messages: IntCounter,
+    pub rows: IntCounter,
+    rejects: IntCounterVec,
+    batches: IntCounterVec,
+    batch_rows: Histogram,
+}
+
+impl IngestMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let messages = IntCounter::new(
+            "sluice_ingest_messages_total",
+            "Messages taken from the broker by the decoders",
+        )?;
+        let rows = IntCounter::new(
+            "sluice_ingest_rows_total",
+            "Readings accepted into telemetry batches",
+        )?;
+        let rejects = IntCounterVec::new(
+            Opts::new("sluice_ingest_rejects_total", "Messages refused, by reason"),
+            &["reason"],
+        )?;
+        let batches = IntCounterVec::new(
+            Opts::new(
+                "sluice_ingest_batches_total",
+                "Batches sealed, by table and by why they were sealed",
+            ),
+            &["table", "reason"],
+        )?;
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new("sluice_ingest_batch_rows", "Rows per sealed batch")
+                .buckets(prometheus::exponential_buckets(1.0, 4.0, 10)?),
+        )?;
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(rows.clone()))?;
+        registry.register(Box::new(rejects.clone()))?;
+        registry.register(Box::new(batches.clone()))?;
+        registry.register(Box::new(batch_rows.clone()))?;
+        // Every reason is present from the start, so a rate over it is never "no data".
+        for reason in RejectReason::ALL {
+            rejects.with_label_values(&[reason.as_str()]);
+        }
+        Ok(IngestMetrics {
+            messages,
+            rows,
+            rejects,
+            batches,
+            batch_rows,
+        })
+    }
+
+    /// Messages refused so far, all reasons.
+    pub fn rejects_total(&self) -> u64 {
+        RejectReason::ALL
+            .iter()
+            .map(|r| self.rejects.with_label_values(&[r.as_str()]).get())
+            .sum()
+    }
+
+    fn sealed(&self, table: &str, reason: SealReason, batch: &RecordBatch) {
+        self.batches
+            .with_label_values(&[table, reason.as_str()])
+            .inc();
+        self.batch_rows.observe(batch.num_rows() as f64);
+    }
+}
+
+/// The running batching stage.
+pub struct Pipeline {
+    tx: Sender<Vec<Message>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts `config.workers` decoding threads.
+    pub fn start(
+        config: PipelineConfig,
+        sink: Arc<dyn BatchSink>,
+        metrics: IngestMetrics,
+    ) -> std::io::Result<Pipeline> {
+        let (tx, rx) = crossbeam_channel::bounded(config.queue_chunks.max(1));
+        let workers = (0..config.workers.max(1))
+            .map(|i| {
+                let worker = Worker::new(&config, rx.clone(), sink.clone(), metrics.clone());
+                std::thread::Builder::new()
+                    .name(format!("ingest-{i}"))
+                    .spawn(move || worker.run())
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Pipeline { tx, workers })
+    }
+
+    /// A handle to feed the workers. Every clone must be dropped before [`Pipeline::finish`]
+    /// can return.
+    pub fn sender(&self) -> Sender<Vec<Message>> {
+        self.tx.clone()
+    }
+
+    /// Chunks waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Waits until every queued message is decoded and every open batch is sealed and
+    /// handed to the sink.
+    pub fn finish(self) {
+        drop(self.tx);
+        for worker in self.workers {
+            if worker.join().is_err() {
+                tracing::error!("an ingest worker panicked");
+            }
+        }
+    }
+}
+
+struct Worker {
+    rx: Receiver<Vec<Message>>,
+    sink: Arc<dyn BatchSink>,
+    metrics: IngestMetrics,
+    limits: DecodeLimits,
+    telemetry: Batcher<TelemetryBuilder>,
+    rejects: Batcher<RejectsBuilder>,
+}
+
+impl Worker {
+    fn new(
+        config: &PipelineConfig,
+        rx: Receiver<Vec<Message>>,
+        sink: Arc<dyn BatchSink>,
+        metrics: IngestMetrics,
+    ) -> Self {
+        Worker {
+            rx,
+            sink,
+            metrics,
+            limits: config.limits,
+            telemetry: Batcher::new(TelemetryBuilder::default(), config.seal),
+            rejects: Batcher::new(RejectsBuilder::new(config.reject_payload_bytes), config.seal),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let deadline = match (self.telemetry.deadline(), self.rejects.deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let received = match deadline {
+                Some(deadline) => self.rx.recv_deadline(deadline),
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(chunk) => self.process(&chunk),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if let Some(batch) = self.telemetry.poll(now) {
+                self.emit_telemetry(batch, SealReason::Age);
+            }
+            if let Some(batch) = self.rejects.poll(now) {
+                self.emit_rejects(batch, SealReason::Age);
+            }
+        }
+        if let Some(batch) = self.telemetry.drain() {
+            self.emit_telemetry(batch, SealReason::Drain);
+        }
+        if let Some(batch) = self.rejects.drain() {
+            self.emit_rejects(batch, SealReason::Drain);
+        }
+    }
+
+    fn process(&mut self, chunk: &[Message]) {
+        let now = Instant::now();
+        self.metrics.messages.inc_by(chunk.len() as u64);
+        for message in chunk {
+            match decode(&message.topic, &message.payload, &self.limits) {
+                Ok(reading) => {
+                    self.telemetry
+                        .builder()
+                        .append(&reading, message.received_at_ns);
+                    self.metrics.rows.inc();
+                    if let Some(batch) = self.telemetry.appended(now) {
+                        self.emit_telemetry(batch, SealReason::Rows);
+                    }
+                }
+                Err(rejection) => {
+                    tracing::debug!(reason = %rejection.reason, detail = %rejection.detail, "message rejected");
+                    self.metrics
+                        .rejects
+                        .with_label_values(&[rejection.reason.as_str()])
+                        .inc();
+                    self.rejects.builder().append(
+                        &message.topic,
+                        &message.payload,
+                        message.received_at_ns,
+                        &rejection,
+                    );
+                    if let Some(batch) = self.rejects.appended(now) {
+                        self.emit_rejects(batch, SealReason::Rows);
+                    }
+                }
+            }
+        }
+    }
+
+    fn emit_telemetry(&self, batch: RecordBatch, reason: SealReason) {
+        self.metrics.sealed("telemetry", reason, &batch);
+        self.sink.append_telemetry(batch);
+    }
+
+    fn emit_rejects(&self, batch: RecordBatch, reason: SealReason) {
+        self.metrics.sealed("rejects", reason, &batch);
+        self.sink.append_rejects(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct Collect {
+        telemetry: Mutex<Vec<RecordBatch>>,
+        rejects: Mutex<Vec<RecordBatch>>,
+    }
+
+    impl BatchSink for Collect {
+        fn append_telemetry(&self, batch: RecordBatch) {
+            self.telemetry.lock().unwrap().push(batch);
+        }
+        fn append_rejects(&self, batch: RecordBatch) {
+            self.rejects.lock().unwrap().push(batch);
+        }
+    }
+
+    fn rows(batches: &Mutex<Vec<RecordBatch>>) -> usize {
+        batches.lock().unwrap().iter().map(|b| b.num_rows()).sum()
+    }
+
+    fn message(device: usize, i: usize) -> Message {
+        let payload = format!(
+            r#"{{"deviceId":"d{device}","timestamp":"2024-01-15T10:30:{:02}Z","type":"telemetry","payload":{{"temperature":{i}}}}}"#,
+            i % 60
+        );
+        Message {
+            topic: Bytes::from(format!("devices/d{device}/telemetry")),
+            payload: Bytes::from(payload),
+            received_at_ns: 1,
+        }
+    }
+
+    #[test]
+    fn every_message_ends_as_a_row_or_a_reject() {
+        let sink = Arc::new(Collect::default());
+        let registry = Registry::new();
+        let metrics = IngestMetrics::new(&registry).unwrap();
+        let config = PipelineConfig {
+            workers: 3,
+            queue_chunks: 4,
+            seal: SealPolicy {
+                max_rows: 100,
+                max_age: Duration::from_secs(3600),
+            },
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::start(config, sink.clone(), metrics.clone()).unwrap();
+        let tx = pipeline.sender();
+        let mut bad = 0;
+        for c in 0..50 {
+            let chunk: Vec<Message> = (0..97)
+                .map(|i| {
+                    if (c * 97 + i) % 13 == 0 {
+                        bad += 1;
+                        Message {
+                            payload: Bytes::from_static(b"{oops"),
+                            ..message(i, i)
+                        }
+                    } else {
+                        message(i, i)
+                    }
+                })
+                .collect();
+            tx.send(chunk).unwrap();
+        }
+        drop(tx);
+        pipeline.finish();
+        assert_eq!(rows(&sink.rejects), bad);
+        assert_eq!(rows(&sink.telemetry), 50 * 97 - bad);
+        assert_eq!(metrics.messages.get(), 50 * 97);
+        assert_eq!(metrics.rejects_total(), bad as u64);
+        assert!(
+            sink.telemetry
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|b| b.num_rows() <= 100)
+        );
+    }
+
+    #[test]
+    fn an_idle_worker_seals_its_open_batch_by_age() {
+        let sink = Arc::new(Collect::default());
+        let registry = Registry::new();
+        let config = PipelineConfig {
+            workers: 1,
+            seal: SealPolicy {
+                max_rows: 1000,
+                max_age: Duration::from_millis(20),
+            },
+            ..PipelineConfig::default()
+        };
+        let pipeline =
+            Pipeline::start(config, sink.clone(), IngestMetrics::new(&registry).unwrap()).unwrap();
+        pipeline.sender().send(vec![message(1, 1)]).unwrap();
+        let waited = Instant::now();
+        while rows(&sink.telemetry) == 0 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never sealed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pipeline.finish();
+        assert_eq!(rows(&sink.telemetry), 1);
+    }
+}
