@@ -1,1 +1,361 @@
-pub fn x() {}
+//! Hot store, Parquet files and the DataFusion catalog over both.
+//!
+//! `storage` owns every byte sluice writes to disk and the query engine. Sealed batches
+//! come in through [`Storage::append`] and are queryable at once; a flusher moves them to
+//! Parquet files; SQL reads hot and cold rows of a table as one table
+//! (see `table.rs` for the invariant that makes that exact).
+
+mod metrics;
+mod parquet_files;
+mod provider;
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use crossbeam_channel::Sender;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::prelude::SessionConfig;
+
+pub use metrics::StorageMetrics;
+pub use parquet_files::WriteOptions;
+pub use table::{FlushReport, TableSpec, TableStats};
+
+use crate::table::Table;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read Parquet file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("flushing table {table} to Parquet failed (its rows stay in memory): {source}")]
+    Flush {
+        table: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("table {table}: {what}")]
+    Schema { table: String, what: String },
+    #[error("unknown table {0}")]
+    UnknownTable(String),
+    #[error("{0}")]
+    Query(#[from] DataFusionError),
+    #[error("internal error, this is a bug: {0}")]
+    Internal(String),
+}
+
+impl StorageError {
+    fn internal(what: String) -> Self {
+        StorageError::Internal(what)
+    }
+
+    /// True when the query itself is at fault (bad SQL, unknown column, forbidden
+    /// statement), as opposed to a failure while running it.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            StorageError::Query(e) => matches!(
+                e.find_root(),
+                DataFusionError::SQL(..)
+                    | DataFusionError::Plan(_)
+                    | DataFusionError::SchemaError(..)
+                    | DataFusionError::NotImplemented(_)
+            ),
+            StorageError::UnknownTable(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Settings of the storage layer.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// Hot rows are written to Parquet at least this often.
+    pub flush_interval: Duration,
+    /// A table with this many hot rows is flushed without waiting for the interval.
+    pub flush_rows: usize,
+    /// Appends wait (back-pressure) while a table holds this many hot rows, e.g. when
+    /// flushes fail because the disk is full.
+    pub max_hot_rows: usize,
+    pub write: WriteOptions,
+}
+
+impl StorageConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StorageConfig {
+            data_dir: data_dir.into(),
+            flush_interval: Duration::from_secs(60),
+            flush_rows: 1_000_000,
+            max_hot_rows: 4_000_000,
+            write: WriteOptions::default(),
+        }
+    }
+}
+
+/// The result of a query.
+#[derive(Debug, Clone)]
+pub struct QueryOutput {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryOutput {
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+/// The tables, their data and the SQL engine over them. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: StorageConfig,
+    tables: Vec<Arc<Table>>,
+    ctx: SessionContext,
+    metrics: StorageMetrics,
+    flush_wanted: Option<Sender<()>>,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the data directory for writing.
+    pub fn open(
+        config: StorageConfig,
+        specs: Vec<TableSpec>,
+        metrics: StorageMetrics,
+    ) -> Result<(Storage, Flusher), StorageError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let storage = Self::build(config, specs, metrics, true, Some(tx))?;
+        let flusher = Flusher::spawn(storage.clone(), rx)?;
+        Ok((storage, flusher))
+    }
+
+    /// Opens the Parquet files of a data directory for queries only (no flushes, nothing
+    /// written; safe beside a running server).
+    pub fn open_read_only(data_dir: &Path, specs: Vec<TableSpec>) -> Result<Storage, StorageError> {
+        Self::build(
+            StorageConfig::new(data_dir),
+            specs,
+            StorageMetrics::unregistered(),
+            false,
+            None,
+        )
+    }
+
+    fn build(
+        config: StorageConfig,
+        specs: Vec<TableSpec>,
+        metrics: StorageMetrics,
+        writable: bool,
+        flush_wanted: Option<Sender<()>>,
+    ) -> Result<Storage, StorageError> {
+        let tables = specs
+            .into_iter()
+            .map(|spec| Table::open(&config.data_dir, spec, writable).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let session = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("sluice", "public");
+        let ctx = SessionContext::new_with_config(session);
+        for table in &tables {
+            ctx.register_table(
+                table.spec.name.as_str(),
+                Arc::new(provider::SnapshotTable::new(table.clone())),
+            )?;
+            let stats = table.stats();
+            metrics.set_table(&table.spec.name, &stats);
+        }
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                config,
+                tables,
+                ctx,
+                metrics,
+                flush_wanted,
+            }),
+        })
+    }
+
+    fn table(&self, name: &str) -> Result<&Arc<Table>, StorageError> {
+        self.inner
+            .tables
+            .iter()
+            .find(|t| t.spec.name == name)
+            .ok_or_else(|| StorageError::UnknownTable(name.to_owned()))
+    }
+
+    /// Makes a sealed batch queryable. Blocks while the table is over `max_hot_rows`.
+    pub fn append(&self, table: &str, batch: RecordBatch) -> Result<(), StorageError> {
+        let table = self.table(table)?;
+        let config = &self.inner.config;
+        let mut waited_since: Option<Instant> = None;
+        let mut warned_at = Instant::now();
+        while table.stats().hot_rows >= config.max_hot_rows {
+            self.want_flush();
+            let since = *waited_since.get_or_insert_with(Instant::now);
+            if warned_at.elapsed() >= Duration::from_secs(5) {
+                warned_at = Instant::now();
+                tracing::warn!(
+                    table = %table.spec.name,
+                    waited_s = since.elapsed().as_secs(),
+                    "hot store full (flushes are not keeping up or failing): ingestion is waiting"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(since) = waited_since {
+            self.inner.metrics.backpressure(since.elapsed());
+        }
+        let hot_rows = table.append(batch)?;
+        self.inner.metrics.set_table(&table.spec.name, &table.stats());
+        if hot_rows >= config.flush_rows {
+            self.want_flush();
+        }
+        Ok(())
+    }
+
+    fn want_flush(&self) {
+        if let Some(tx) = &self.inner.flush_wanted {
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Writes every table's hot rows to Parquet. Tables are flushed independently: one
+    /// failing does not stop the others; the first error is returned.
+    pub fn flush(&self) -> Result<FlushReport, StorageError> {
+        let mut total = FlushReport::default();
+        let mut first_error = None;
+        for table in &self.inner.tables {
+            let started = Instant::now();
+            match table.flush(&self.inner.config.write) {
+                Ok(report) => {
+                    self.inner
+                        .metrics
+                        .flushed(&table.spec.name, &report, started.elapsed());
+                    if report.rows > 0 {
+                        tracing::debug!(table = %table.spec.name, rows = report.rows, files = report.files, bytes = report.bytes, "flushed");
+                    }
+                    total.rows += report.rows;
+                    total.files += report.files;
+                    total.bytes += report.bytes;
+                }
+                Err(e) => {
+                    self.inner.metrics.flush_failed(&table.spec.name);
+                    tracing::error!(table = %table.spec.name, error = %e, "flush failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+            self.inner.metrics.set_table(&table.spec.name, &table.stats());
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Row and file counts of a table.
+    pub fn stats(&self, table: &str) -> Result<TableStats, StorageError> {
+        Ok(self.table(table)?.stats())
+    }
+
+    /// Runs one read-only SQL statement over hot and cold data.
+    pub async fn sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
+        let started = Instant::now();
+        let result = self.run_sql(sql).await;
+        self.inner.metrics.queried(
+            match &result {
+                Ok(_) => "ok",
+                Err(e) if e.is_user_error() => "user_error",
+                Err(_) => "error",
+            },
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn run_sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = self.inner.ctx.sql_with_options(sql, options).await?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await?;
+        Ok(QueryOutput { schema, batches })
+    }
+
+    /// The DataFusion context (for front ends that plan queries themselves).
+    pub fn session(&self) -> &SessionContext {
+        &self.inner.ctx
+    }
+}
+
+/// The background thread that flushes on an interval and when a table fills.
+pub struct Flusher {
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+    storage: Storage,
+}
+
+impl Flusher {
+    fn spawn(
+        storage: Storage,
+        wanted: crossbeam_channel::Receiver<()>,
+    ) -> Result<Flusher, StorageError> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let interval = storage.inner.config.flush_interval;
+        let worker = storage.clone();
+        let thread = std::thread::Builder::new()
+            .name("flusher".into())
+            .spawn(move || {
+                loop {
+                    crossbeam_channel::select! {
+                        recv(stopped) -> _ => break,
+                        recv(wanted) -> _ => {}
+                        default(interval) => {}
+                    }
+                    // Errors are logged and counted by `flush`; the rows stay hot and the
+                    // next round tries again.
+                    let _ = worker.flush();
+                }
+            })
+            .map_err(|e| StorageError::internal(format!("cannot start the flusher: {e}")))?;
+        Ok(Flusher {
+            stop,
+            thread: Some(thread),
+            storage,
+        })
+    }
+
+    /// Stops the thread and writes every remaining hot row to Parquet.
+    pub fn shutdown(mut self) -> Result<FlushReport, StorageError> {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.storage.flush()
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.try_send(());
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Parquet files on disk: Hive-style layout `<table>/date=YYYY-MM-DD/hour=HH/part-*.parquet`,
+//! written through a hidden temporary name, fsynced and renamed, so a reader never sees a
+//! partial file.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::schema::types::ColumnPath;
+
+use crate::StorageError;
+use crate::table::TableSpec;
+
+/// A published Parquet file.
+#[derive(Debug, Clone)]
+pub(crate) struct ColdFile {
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) rows: u64,
+}
+
+/// How files are encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// zstd level (1..=22).
+    pub zstd_level: i32,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            row_group_rows: 100_000,
+            zstd_level: 3,
+        }
+    }
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Finds the table's published files. In writable mode, temporary files left by a crash
+/// mid-flush are removed (their rows were never published).
+pub(crate) fn discover(dir: &Path, writable: bool) -> Result<Vec<ColdFile>, StorageError> {
+    let data_dir_error = |source: io::Error| StorageError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if writable {
+        fs::create_dir_all(dir).map_err(data_dir_error)?;
+    } else if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut paths = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in fs::read_dir(&current).map_err(data_dir_error)? {
+            let entry = entry.map_err(data_dir_error)?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if entry.file_type().map_err(data_dir_error)?.is_dir() {
+                pending.push(path);
+            } else if name.starts_with(TMP_PREFIX) {
+                if writable {
+                    tracing::warn!(path = %path.display(), "removing an unpublished file left by an interrupted flush");
+                    fs::remove_file(&path).map_err(data_dir_error)?;
+                }
+            } else if name.ends_with(".parquet") {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let file = File::open(&path).map_err(data_dir_error)?;
+            let size = file.metadata().map_err(data_dir_error)?.len();
+            let reader =
+                SerializedFileReader::new(file).map_err(|source| StorageError::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            let rows = reader.metadata().file_metadata().num_rows() as u64;
+            Ok(ColdFile { path, size, rows })
+        })
+        .collect()
+}
+
+/// Writes one file per `(hour, batch)` partition. Either every file is published (renamed
+/// into place) or none is: on error, what was written is removed.
+pub(crate) fn write_partitions(
+    dir: &Path,
+    spec: &TableSpec,
+    partitions: &[(i64, RecordBatch)],
+    options: &WriteOptions,
+) -> io::Result<Vec<ColdFile>> {
+    let props = writer_properties(spec, options)?;
+    let mut staged: Vec<(PathBuf, PathBuf, u64)> = Vec::new();
+    let result = (|| {
+        for (hour, batch) in partitions {
+            let partition_dir = dir.join(partition_path(*hour));
+            fs::create_dir_all(&partition_dir)?;
+            let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
+            let tmp = partition_dir.join(format!("{TMP_PREFIX}{name}"));
+            staged.push((tmp.clone(), partition_dir.join(&name), batch.num_rows() as u64));
+            write_file(&tmp, batch, props.clone())?;
+        }
+        let mut published = Vec::with_capacity(staged.len());
+        for (tmp, path, rows) in &staged {
+            fs::rename(tmp, path)?;
+            let size = fs::metadata(path)?.len();
+            published.push(ColdFile {
+                path: path.clone(),
+                size,
+                rows: *rows,
+            });
+        }
+        for partition_dir in staged.iter().filter_map(|(_, path, _)| path.parent()) {
+            File::open(partition_dir)?.sync_all()?;
+        }
+        Ok(published)
+    })();
+    if result.is_err() {
+        for (tmp, path, _) in &staged {
+            let _ = fs::remove_file(tmp);
+            let _ = fs::remove_file(path);
+        }
+    }
+    result
+}
+
+fn write_file(path: &Path, batch: &RecordBatch, props: WriterProperties) -> io::Result<()> {
+    let file = File::create(path)?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(io::Error::other)?;
+    writer.write(batch).map_err(io::Error::other)?;
+    let file = writer.into_inner().map_err(io::Error::other)?;
+    file.sync_all()
+}
+
+fn writer_properties(spec: &TableSpec, options: &WriteOptions) -> io::Result<WriterProperties> {
+    let level = ZstdLevel::try_new(options.zstd_level).map_err(io::Error::other)?;
+    let sorting = spec
+        .sort_columns
+        .iter()
+        .filter_map(|c| spec.schema.index_of(c).ok())
+        .map(|i| SortingColumn {
+            column_idx: i as i32,
+            descending: false,
+            nulls_first: false,
+        })
+        .collect();
+    let mut builder = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_row_count(Some(options.row_group_rows))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_sorting_columns(Some(sorting));
+    for column in &spec.bloom_filter_columns {
+        builder = builder.set_column_bloom_filter_enabled(ColumnPath::from(column.as_str()), true);
+    }
+    Ok(builder.build())
+}
+
+/// `date=YYYY-MM-DD/hour=HH` for an hour counted from the epoch.
+fn partition_path(hour: i64) -> PathBuf {
+    let start = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
+    PathBuf::from(start.format("date=%Y-%m-%d/hour=%H").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_paths_are_utc_dates_and_hours() {
+        assert_eq!(
+            partition_path(1_705_314_600 / 3600),
+            PathBuf::from("date=2024-01-15/hour=10")
+        );
+        assert_eq!(partition_path(0), PathBuf::from("date=1970-01-01/hour=00"));
+        assert_eq!(partition_path(-1), PathBuf::from("date=1969-12-31/hour=23"));
+    }
+}
