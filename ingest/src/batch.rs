@@ -8,8 +8,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayRef, BinaryBuilder, Float64Builder, MapBuilder, StringBuilder, TimestampNanosecondBuilder,
-    UInt64Builder,
+    Array, ArrayRef, BinaryBuilder, Float64Builder, MapBuilder, StringBuilder,
+    TimestampNanosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -364,7 +364,10 @@ mod tests {
     fn seals_by_age_counted_from_the_first_row() {
         let mut batcher = Batcher::new(TelemetryBuilder::default(), policy(1000, 200));
         let t0 = Instant::now();
-        assert!(batcher.poll(t0 + Duration::from_secs(10)).is_none(), "nothing open");
+        assert!(
+            batcher.poll(t0 + Duration::from_secs(10)).is_none(),
+            "nothing open"
+        );
         batcher.builder().append(&reading("d", 1), 0);
         batcher.appended(t0);
         batcher.builder().append(&reading("d", 2), 0);

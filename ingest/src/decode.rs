@@ -532,7 +532,10 @@ mod tests {
         let payload = r#"{"deviceId":"sensor-b","timestamp":"2024-01-15T10:30:00Z","type":"telemetry","payload":{"temperature":21.5,"co2":612,"pressure":1013.25}}"#;
         let r = ok(b"devices/sensor-b/telemetry", payload);
         assert_eq!(r.temperature, Some(21.5));
-        assert_eq!((r.humidity, r.battery, r.signal_strength), (None, None, None));
+        assert_eq!(
+            (r.humidity, r.battery, r.signal_strength),
+            (None, None, None)
+        );
         assert_eq!(
             r.extra,
             vec![(Cow::from("co2"), 612.0), (Cow::from("pressure"), 1013.25)]
@@ -642,7 +645,10 @@ mod tests {
         let big = vec![b' '; 101];
         let rejection = decode(b"devices/d/telemetry", &big, &limits).unwrap_err();
         assert_eq!(rejection.reason, RejectReason::TooLarge);
-        assert!(decode(b"devices/d/telemetry", &big[..100], &limits).is_err_and(|r| r.reason == RejectReason::InvalidJson));
+        assert!(
+            decode(b"devices/d/telemetry", &big[..100], &limits)
+                .is_err_and(|r| r.reason == RejectReason::InvalidJson)
+        );
     }
 
     #[test]
@@ -654,9 +660,15 @@ mod tests {
             b"devices/a/b/telemetry",
             b"devices/\xff/telemetry",
         ] {
-            assert_eq!(reason(topic, REFERENCE.as_bytes()), RejectReason::InvalidTopic);
+            assert_eq!(
+                reason(topic, REFERENCE.as_bytes()),
+                RejectReason::InvalidTopic
+            );
         }
-        assert_eq!(device_id_from_topic(b"devices/x y/telemetry").unwrap(), "x y");
+        assert_eq!(
+            device_id_from_topic(b"devices/x y/telemetry").unwrap(),
+            "x y"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ mod decode;
 mod pipeline;
 
 pub use batch::{
-    Batcher, RejectsBuilder, RowBuilder, SealPolicy, SealReason, TelemetryBuilder,
-    rejects_schema, telemetry_schema,
+    Batcher, RejectsBuilder, RowBuilder, SealPolicy, SealReason, TelemetryBuilder, rejects_schema,
+    telemetry_schema,
 };
 pub use decode::{DecodeLimits, Reading, RejectReason, Rejection, decode, device_id_from_topic};
 pub use pipeline::{BatchSink, IngestMetrics, Message, Pipeline, PipelineConfig};

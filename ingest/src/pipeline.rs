@@ -195,7 +195,10 @@ impl Worker {
             metrics,
             limits: config.limits,
             telemetry: Batcher::new(TelemetryBuilder::default(), config.seal),
-            rejects: Batcher::new(RejectsBuilder::new(config.reject_payload_bytes), config.seal),
+            rejects: Batcher::new(
+                RejectsBuilder::new(config.reject_payload_bytes),
+                config.seal,
+            ),
         }
     }
 

@@ -221,7 +221,9 @@ impl Storage {
             self.inner.metrics.backpressure(since.elapsed());
         }
         let hot_rows = table.append(batch)?;
-        self.inner.metrics.set_table(&table.spec.name, &table.stats());
+        self.inner
+            .metrics
+            .set_table(&table.spec.name, &table.stats());
         if hot_rows >= config.flush_rows {
             self.want_flush();
         }
@@ -259,7 +261,9 @@ impl Storage {
                     first_error.get_or_insert(e);
                 }
             }
-            self.inner.metrics.set_table(&table.spec.name, &table.stats());
+            self.inner
+                .metrics
+                .set_table(&table.spec.name, &table.stats());
         }
         match first_error {
             Some(e) => Err(e),

@@ -51,16 +51,36 @@ impl StorageMetrics {
             IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric")
         };
         StorageMetrics {
-            hot_rows: gauge("sluice_storage_hot_rows", "Rows in memory, not yet in Parquet"),
-            cold_rows: gauge("sluice_storage_cold_rows", "Rows in published Parquet files"),
+            hot_rows: gauge(
+                "sluice_storage_hot_rows",
+                "Rows in memory, not yet in Parquet",
+            ),
+            cold_rows: gauge(
+                "sluice_storage_cold_rows",
+                "Rows in published Parquet files",
+            ),
             files: gauge("sluice_storage_files", "Published Parquet files"),
-            rows_written: counter("sluice_storage_rows_written_total", "Rows written to Parquet"),
-            files_written: counter("sluice_storage_files_written_total", "Parquet files written"),
-            bytes_written: counter("sluice_storage_bytes_written_total", "Parquet bytes written"),
-            flush_errors: counter("sluice_storage_flush_errors_total", "Flushes that failed (rows stay in memory)"),
+            rows_written: counter(
+                "sluice_storage_rows_written_total",
+                "Rows written to Parquet",
+            ),
+            files_written: counter(
+                "sluice_storage_files_written_total",
+                "Parquet files written",
+            ),
+            bytes_written: counter(
+                "sluice_storage_bytes_written_total",
+                "Parquet bytes written",
+            ),
+            flush_errors: counter(
+                "sluice_storage_flush_errors_total",
+                "Flushes that failed (rows stay in memory)",
+            ),
             flush_seconds: HistogramVec::new(
                 HistogramOpts::new("sluice_storage_flush_seconds", "Time to flush a table")
-                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+                    .buckets(
+                        prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+                    ),
                 &["table"],
             )
             .expect("valid metric"),
@@ -75,8 +95,9 @@ impl StorageMetrics {
             )
             .expect("valid metric"),
             query_seconds: Histogram::with_opts(
-                HistogramOpts::new("sluice_query_seconds", "SQL query duration")
-                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+                HistogramOpts::new("sluice_query_seconds", "SQL query duration").buckets(
+                    prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+                ),
             )
             .expect("valid metric"),
         }
@@ -89,7 +110,9 @@ impl StorageMetrics {
         self.cold_rows
             .with_label_values(&[table])
             .set(stats.cold_rows as i64);
-        self.files.with_label_values(&[table]).set(stats.files as i64);
+        self.files
+            .with_label_values(&[table])
+            .set(stats.files as i64);
     }
 
     pub(crate) fn flushed(&self, table: &str, report: &FlushReport, took: Duration) {

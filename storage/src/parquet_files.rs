@@ -110,7 +110,11 @@ pub(crate) fn write_partitions(
             fs::create_dir_all(&partition_dir)?;
             let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
             let tmp = partition_dir.join(format!("{TMP_PREFIX}{name}"));
-            staged.push((tmp.clone(), partition_dir.join(&name), batch.num_rows() as u64));
+            staged.push((
+                tmp.clone(),
+                partition_dir.join(&name),
+                batch.num_rows() as u64,
+            ));
             write_file(&tmp, batch, props.clone())?;
         }
         let mut published = Vec::with_capacity(staged.len());
@@ -139,7 +143,8 @@ pub(crate) fn write_partitions(
 
 fn write_file(path: &Path, batch: &RecordBatch, props: WriterProperties) -> io::Result<()> {
     let file = File::create(path)?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(io::Error::other)?;
+    let mut writer =
+        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(io::Error::other)?;
     writer.write(batch).map_err(io::Error::other)?;
     let file = writer.into_inner().map_err(io::Error::other)?;
     file.sync_all()

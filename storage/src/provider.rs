@@ -88,9 +88,8 @@ impl TableProvider for SnapshotTable {
             let n = partitions.min(version.files.len());
             let mut groups = vec![Vec::new(); n];
             for (i, file) in version.files.iter().enumerate() {
-                let location = ObjectPath::from_absolute_path(&file.path).map_err(|e| {
-                    DataFusionError::External(Box::new(e))
-                })?;
+                let location = ObjectPath::from_absolute_path(&file.path)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 groups[i % n].push(PartitionedFile::new_from_meta(ObjectMeta {
                     location,
                     last_modified: chrono::DateTime::UNIX_EPOCH,

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
-use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::compute::{
+    SortColumn, SortOptions, concat_batches, lexsort_to_indices, take_record_batch,
+};
 use arrow::datatypes::{DataType, SchemaRef, TimestampNanosecondType};
 
 use crate::StorageError;
@@ -192,7 +194,10 @@ impl Table {
         };
         let batches: Vec<RecordBatch> = taken.iter().map(|h| h.batch.clone()).collect();
         let merged = concat_batches(&self.spec.schema, &batches).map_err(|e| {
-            StorageError::internal(format!("concatenating hot batches of {}: {e}", self.spec.name))
+            StorageError::internal(format!(
+                "concatenating hot batches of {}: {e}",
+                self.spec.name
+            ))
         })?;
         let partitions = self.partition_and_sort(&merged)?;
         let written = parquet_files::write_partitions(&self.dir, &self.spec, &partitions, options)

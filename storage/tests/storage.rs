@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampNanosecondArray};
+use arrow::array::{
+    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampNanosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit};
 use sluice_storage::{Storage, StorageConfig, StorageMetrics, TableSpec};
 
@@ -56,7 +58,10 @@ fn open(dir: &std::path::Path) -> (Storage, sluice_storage::Flusher) {
 
 async fn count(storage: &Storage) -> i64 {
     let out = storage.sql("SELECT count(*) FROM readings").await.unwrap();
-    out.batches[0].column(0).as_primitive::<Int64Type>().value(0)
+    out.batches[0]
+        .column(0)
+        .as_primitive::<Int64Type>()
+        .value(0)
 }
 
 async fn per_device(storage: &Storage) -> Vec<(String, i64, f64)> {
@@ -102,7 +107,10 @@ async fn the_same_query_answers_the_same_before_and_after_a_flush() {
         .append("readings", batch(&[("b", T0, 1.0), ("a", T0 + 1, 2.0)]))
         .unwrap();
     storage
-        .append("readings", batch(&[("a", T0 + HOUR_NS, 3.0), ("c", T0, 4.5)]))
+        .append(
+            "readings",
+            batch(&[("a", T0 + HOUR_NS, 3.0), ("c", T0, 4.5)]),
+        )
         .unwrap();
     let before = per_device(&storage).await;
     assert_eq!(
@@ -120,7 +128,9 @@ async fn the_same_query_answers_the_same_before_and_after_a_flush() {
     assert_eq!(per_device(&storage).await, before);
 
     // Half hot, half cold: still one table.
-    storage.append("readings", batch(&[("a", T0 + 5, 1.0)])).unwrap();
+    storage
+        .append("readings", batch(&[("a", T0 + 5, 1.0)]))
+        .unwrap();
     assert_eq!(count(&storage).await, 5);
     flusher.shutdown().unwrap();
     assert_eq!(storage.stats("readings").unwrap().hot_rows, 0);
@@ -238,7 +248,10 @@ async fn a_reopened_or_read_only_store_sees_the_published_files() {
 
     let read_only = Storage::open_read_only(dir.path(), vec![spec()]).unwrap();
     assert_eq!(count(&read_only).await, 2);
-    assert!(partition.join(".tmp-part-crashed.parquet").exists(), "read-only writes nothing");
+    assert!(
+        partition.join(".tmp-part-crashed.parquet").exists(),
+        "read-only writes nothing"
+    );
 
     let (reopened, _flusher) = open(dir.path());
     assert_eq!(count(&reopened).await, 2);
@@ -254,7 +267,9 @@ async fn a_failed_flush_keeps_the_rows_in_memory_and_a_later_flush_succeeds() {
     std::fs::create_dir_all(dir.path().join("readings")).unwrap();
     let blocker = dir.path().join("readings/date=2024-01-15");
     std::fs::write(&blocker, b"in the way").unwrap();
-    storage.append("readings", batch(&[("a", T0, 1.0)])).unwrap();
+    storage
+        .append("readings", batch(&[("a", T0, 1.0)]))
+        .unwrap();
 
     let error = storage.flush().unwrap_err();
     assert!(error.to_string().contains("rows stay in memory"), "{error}");
@@ -288,6 +303,9 @@ async fn bad_sql_is_a_user_error_and_writes_are_refused() {
         .sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
         .await
         .unwrap();
-    assert_eq!(out.batches[0].column(0).as_string::<i32>().value(0), "readings");
+    assert_eq!(
+        out.batches[0].column(0).as_string::<i32>().value(0),
+        "readings"
+    );
     assert!(out.batches[0].column(0).is_valid(0));
 }
