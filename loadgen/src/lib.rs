@@ -1,1 +1,483 @@
-pub fn x() {}
+//! A simulated device fleet publishing seed-schema telemetry over MQTT.
+//!
+//! Devices `device-000000`… are spread over a few MQTT connections (gateway style). Each
+//! connection sends on an open-loop schedule ([`Schedule`]) and measures latency from the
+//! scheduled time to the PUBACK (QoS 1) or to the write (QoS 0).
+
+mod fleet;
+mod schedule;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde::Serialize;
+
+pub use fleet::{Fleet, Reading, device_id};
+pub use schedule::Schedule;
+
+/// Errors that stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("invalid loadgen setting: {0}")]
+    Config(String),
+    #[error("cannot connect to the MQTT broker at {broker}: {detail}")]
+    Connect { broker: String, detail: String },
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct LoadgenConfig {
+    /// `host:port` of the MQTT broker (MQTT 3.1.1).
+    pub broker: String,
+    pub devices: u64,
+    /// Messages per second, all devices together.
+    pub rate: f64,
+    /// How long to send; `None` runs until stopped.
+    pub duration: Option<Duration>,
+    /// 0 or 1.
+    pub qos: u8,
+    pub seed: u64,
+    /// MQTT connections the devices are spread over.
+    pub connections: usize,
+    /// QoS 1 messages awaiting PUBACK per connection.
+    pub max_inflight: u16,
+    pub client_id_prefix: String,
+}
+
+impl LoadgenConfig {
+    pub fn new(broker: impl Into<String>) -> Self {
+        LoadgenConfig {
+            broker: broker.into(),
+            devices: 1000,
+            rate: 1000.0,
+            duration: Some(Duration::from_secs(10)),
+            qos: 1,
+            seed: 1,
+            connections: 4,
+            max_inflight: 100,
+            client_id_prefix: format!("sluice-loadgen-{}", std::process::id()),
+        }
+    }
+
+    fn validate(&self) -> Result<(String, u16), LoadgenError> {
+        let bad = |what: String| Err(LoadgenError::Config(what));
+        if self.devices == 0 {
+            return bad("--devices must be at least 1".into());
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            return bad(format!(
+                "--rate must be a positive number, got {}",
+                self.rate
+            ));
+        }
+        if self.qos > 1 {
+            return bad(format!("--qos must be 0 or 1, got {}", self.qos));
+        }
+        if self.connections == 0 || self.connections as u64 > self.devices {
+            return bad(format!(
+                "--connections must be between 1 and --devices ({}), got {}",
+                self.devices, self.connections
+            ));
+        }
+        if self.max_inflight == 0 {
+            return bad("--max-inflight must be at least 1".into());
+        }
+        let (host, port) = self
+            .broker
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_owned(), p.parse().ok()?)))
+            .ok_or_else(|| {
+                LoadgenError::Config(format!("--broker must be HOST:PORT, got {:?}", self.broker))
+            })?;
+        Ok((host, port))
+    }
+}
+
+/// Live counters of a run, readable while it goes.
+pub struct Progress {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    errors: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency_us: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// A moment's view of a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ProgressSnapshot {
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let sent = self.sent.load(Ordering::Relaxed);
+        let acked = self.acked.load(Ordering::Relaxed);
+        let latency = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        ProgressSnapshot {
+            sent,
+            acked,
+            errors: self.errors.load(Ordering::Relaxed),
+            in_flight: sent.saturating_sub(acked),
+            p50_us: latency.value_at_quantile(0.5),
+            p99_us: latency.value_at_quantile(0.99),
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencyReport {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub devices: u64,
+    pub connections: usize,
+    pub qos: u8,
+    pub target_rate: f64,
+    pub elapsed_s: f64,
+    /// Messages handed to the MQTT clients.
+    pub sent: u64,
+    /// QoS 1: PUBACKs received. QoS 0: messages written to the socket.
+    pub acked: u64,
+    pub errors: u64,
+    pub acked_rate: f64,
+    /// From the scheduled time to the PUBACK (QoS 1) or to the write (QoS 0).
+    pub latency: LatencyReport,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = &self.latency;
+        let what = if self.qos == 1 {
+            "publish→PUBACK"
+        } else {
+            "schedule→write"
+        };
+        writeln!(
+            f,
+            "{} devices over {} connections, QoS {}, target {:.0} msgs/s, {:.1} s",
+            self.devices, self.connections, self.qos, self.target_rate, self.elapsed_s
+        )?;
+        writeln!(
+            f,
+            "sent {}  acked {}  errors {}  rate {:.0} msgs/s",
+            self.sent, self.acked, self.errors, self.acked_rate
+        )?;
+        write!(
+            f,
+            "{what} latency: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            l.p50_us as f64 / 1e3,
+            l.p90_us as f64 / 1e3,
+            l.p99_us as f64 / 1e3,
+            l.p999_us as f64 / 1e3,
+            l.max_us as f64 / 1e3
+        )
+    }
+}
+
+/// Runs the fleet until `duration` passes or `stop` is set, then waits (up to 10 s) for
+/// outstanding acknowledgements and disconnects.
+pub async fn run(
+    config: LoadgenConfig,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+) -> Result<Report, LoadgenError> {
+    let (host, port) = config.validate()?;
+    let started = Instant::now();
+    let wall_start = SystemTime::now();
+    let connections = config.connections as u64;
+    let mut tasks = Vec::with_capacity(config.connections);
+    for c in 0..connections {
+        let schedule = Schedule::for_connection(c, connections, config.devices, config.rate);
+        let indices = (0..schedule.devices)
+            .map(|slot| Schedule::device_index(c, connections, slot))
+            .collect();
+        let mut options = MqttOptions::new(
+            format!("{}-{c}", config.client_id_prefix),
+            host.clone(),
+            port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(config.max_inflight)
+            .set_max_packet_size(1024 * 1024, 1024 * 1024);
+        let connection = Connection {
+            schedule,
+            fleet: Fleet::new(config.seed, indices),
+            qos: if config.qos == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+            started,
+            wall_start,
+            duration: config.duration,
+            progress: progress.clone(),
+            stop: stop.clone(),
+            broker: config.broker.clone(),
+        };
+        tasks.push(tokio::spawn(connection.run(options, config.max_inflight)));
+    }
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(join) => {
+                first_error.get_or_insert(LoadgenError::Connect {
+                    broker: config.broker.clone(),
+                    detail: format!("a connection task failed: {join}"),
+                });
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let snapshot = progress.snapshot();
+    let latency = progress
+        .latency_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    Ok(Report {
+        devices: config.devices,
+        connections: config.connections,
+        qos: config.qos,
+        target_rate: config.rate,
+        elapsed_s: elapsed,
+        sent: snapshot.sent,
+        acked: snapshot.acked,
+        errors: snapshot.errors,
+        acked_rate: snapshot.acked as f64 / elapsed.max(1e-9),
+        latency: LatencyReport {
+            count: latency.len(),
+            p50_us: latency.value_at_quantile(0.5),
+            p90_us: latency.value_at_quantile(0.9),
+            p99_us: latency.value_at_quantile(0.99),
+            p999_us: latency.value_at_quantile(0.999),
+            max_us: latency.max(),
+        },
+    })
+}
+
+struct Connection {
+    schedule: Schedule,
+    fleet: Fleet,
+    qos: QoS,
+    started: Instant,
+    wall_start: SystemTime,
+    duration: Option<Duration>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    broker: String,
+}
+
+/// State shared by a connection's sender and its event loop.
+#[derive(Default)]
+struct InFlight {
+    /// Scheduled times of messages handed to the client, not yet written.
+    queued: VecDeque<Instant>,
+    /// Scheduled times of QoS 1 messages written, by packet id, awaiting PUBACK.
+    unacked: HashMap<u16, Instant>,
+}
+
+impl Connection {
+    async fn run(mut self, options: MqttOptions, max_inflight: u16) -> Result<(), LoadgenError> {
+        let (client, mut eventloop) = AsyncClient::new(options, usize::from(max_inflight) * 2);
+        let in_flight = Arc::new(Mutex::new(InFlight::default()));
+
+        // Connect first, so a broker that is not there is an error, not a silent stall.
+        let connect = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        match connect {
+            Ok(Ok(())) => {}
+            Ok(Err(detail)) => {
+                return Err(LoadgenError::Connect {
+                    broker: self.broker,
+                    detail,
+                });
+            }
+            Err(_) => {
+                return Err(LoadgenError::Connect {
+                    broker: self.broker,
+                    detail: "no CONNACK within 10 s".into(),
+                });
+            }
+        }
+
+        let events = tokio::spawn(event_loop(
+            eventloop,
+            self.qos,
+            in_flight.clone(),
+            self.progress.clone(),
+        ));
+
+        let mut j: u64 = 0;
+        loop {
+            let due = self.schedule.due(j);
+            if self.duration.is_some_and(|d| due >= d) || self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let due_at = self.started + due;
+            if due_at > Instant::now() {
+                // Wake at least every 100 ms so a stop is honoured at low rates too.
+                let wake = due_at.min(Instant::now() + Duration::from_millis(100));
+                tokio::time::sleep_until(wake.into()).await;
+                if wake < due_at {
+                    continue;
+                }
+            }
+            let slot = self.schedule.slot(j) as usize;
+            let wall = self.wall_start + due;
+            let unix = wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let reading = self.fleet.next_reading(slot, unix);
+            let id = device_id(reading.device_index);
+            let timestamp = chrono::DateTime::<chrono::Utc>::from(wall)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let payload = self.fleet.payload(&reading, &id, &timestamp);
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queued
+                .push_back(due_at);
+            if client
+                .publish(format!("devices/{id}/telemetry"), self.qos, false, payload)
+                .await
+                .is_err()
+            {
+                break; // the event loop ended
+            }
+            self.progress.sent.fetch_add(1, Ordering::Relaxed);
+            j += 1;
+        }
+
+        // Let outstanding QoS 1 messages be acknowledged, then leave cleanly.
+        let drain_deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < drain_deadline {
+            let settled = {
+                let state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                state.queued.is_empty() && state.unacked.is_empty()
+            };
+            if settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+        Ok(())
+    }
+}
+
+async fn event_loop(
+    mut eventloop: rumqttc::EventLoop,
+    qos: QoS,
+    in_flight: Arc<Mutex<InFlight>>,
+    progress: Arc<Progress>,
+) {
+    let mut local = new_histogram();
+    let mut merged_at = Instant::now();
+    loop {
+        let event = eventloop.poll().await;
+        let now = Instant::now();
+        match event {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(due) = state.queued.pop_front() {
+                    if qos == QoS::AtMostOnce {
+                        drop(state);
+                        record(&mut local, now, due);
+                        progress.acked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        state.unacked.insert(pkid, due);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let due = in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unacked
+                    .remove(&ack.pkid);
+                if let Some(due) = due {
+                    record(&mut local, now, due);
+                    progress.acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "loadgen connection error; reconnecting");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if now.duration_since(merged_at) >= Duration::from_millis(200) {
+            merge(&progress, &mut local);
+            merged_at = now;
+        }
+    }
+    merge(&progress, &mut local);
+}
+
+fn record(histogram: &mut Histogram<u64>, now: Instant, due: Instant) {
+    let micros = now.saturating_duration_since(due).as_micros() as u64;
+    histogram.saturating_record(micros.max(1));
+}
+
+fn merge(progress: &Progress, local: &mut Histogram<u64>) {
+    if local.is_empty() {
+        return;
+    }
+    let mut global = progress
+        .latency_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let _ = global.add(&*local);
+    local.reset();
+}

@@ -1,0 +1,112 @@
+//! The load generator against the embedded broker on loopback.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use sluice_broker::{Broker, BrokerConfig};
+use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, run};
+
+fn broker() -> (Broker, sluice_broker::Subscription) {
+    let config = BrokerConfig {
+        mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        mqtt5_addr: None,
+        ..BrokerConfig::default()
+    };
+    let (broker, sub, _drain) = Broker::start(&config, "devices/+/telemetry").unwrap();
+    (broker, sub)
+}
+
+#[test]
+fn each_device_reports_once_per_interval_and_every_message_is_acked() {
+    let (broker, mut sub) = broker();
+    let mut config = LoadgenConfig::new(broker.addrs().mqtt.to_string());
+    config.devices = 300;
+    config.rate = 1500.0; // every device every 0.2 s
+    config.duration = Some(Duration::from_secs(2));
+    config.connections = 4;
+    config.seed = 42;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let report = runtime
+        .block_on(run(
+            config,
+            Arc::new(Progress::default()),
+            Arc::new(AtomicBool::new(false)),
+        ))
+        .unwrap();
+    assert_eq!(report.sent, 3000);
+    assert_eq!(report.acked, 3000);
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.latency.count, 3000);
+
+    let mut got = Vec::new();
+    let started = Instant::now();
+    while got.len() < 3000 && started.elapsed() < Duration::from_secs(10) {
+        sub.recv(&mut got, 1000, Instant::now() + Duration::from_millis(50))
+            .unwrap();
+    }
+    assert_eq!(got.len(), 3000);
+    let mut per_device: HashMap<String, usize> = HashMap::new();
+    for d in &got {
+        let json: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+        let id = json["deviceId"].as_str().unwrap().to_owned();
+        assert_eq!(d.topic, format!("devices/{id}/telemetry"));
+        *per_device.entry(id).or_default() += 1;
+    }
+    assert_eq!(per_device.len(), 300);
+    assert!(per_device.values().all(|&n| n == 10));
+    assert!(per_device.contains_key("device-000299"));
+}
+
+#[test]
+fn a_missing_broker_is_a_clear_error() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mut config = LoadgenConfig::new(addr.to_string());
+    config.connections = 1;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let error = runtime
+        .block_on(run(
+            config,
+            Arc::new(Progress::default()),
+            Arc::new(AtomicBool::new(false)),
+        ))
+        .unwrap_err();
+    assert!(matches!(error, LoadgenError::Connect { .. }), "{error}");
+    assert!(error.to_string().contains(&addr.to_string()));
+}
+
+#[test]
+fn bad_settings_are_refused_by_name() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (change, name) in [
+        (
+            Box::new(|c: &mut LoadgenConfig| c.devices = 0) as Box<dyn Fn(&mut LoadgenConfig)>,
+            "--devices",
+        ),
+        (Box::new(|c: &mut LoadgenConfig| c.rate = -1.0), "--rate"),
+        (Box::new(|c: &mut LoadgenConfig| c.qos = 2), "--qos"),
+        (
+            Box::new(|c: &mut LoadgenConfig| c.connections = 5000),
+            "--connections",
+        ),
+        (
+            Box::new(|c: &mut LoadgenConfig| c.broker = "nohost".into()),
+            "--broker",
+        ),
+    ] {
+        let mut config = LoadgenConfig::new("127.0.0.1:1");
+        change(&mut config);
+        let error = runtime
+            .block_on(run(
+                config,
+                Arc::new(Progress::default()),
+                Arc::new(AtomicBool::new(false)),
+            ))
+            .unwrap_err();
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
