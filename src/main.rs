@@ -1,1 +1,379 @@
-fn main() {}
+//! `sluice`: MQTT telemetry in, SQL out. This binary wires the library crates and holds
+//! the command line; see ARCHITECTURE.md for the map.
+
+mod config;
+mod http;
+mod output;
+mod server;
+mod sql;
+mod status;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+use crate::output::Format;
+use crate::server::Server;
+use crate::status::Sample;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "MQTT telemetry in, SQL out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: MQTT broker, ingestion, storage, HTTP query endpoint.
+    Serve(ServeArgs),
+    /// Run the server with a built-in simulated fleet and a live status line.
+    Demo(DemoArgs),
+    /// Run SQL against a live server (hot + cold data) or a data directory (Parquet).
+    Sql(SqlArgs),
+    /// Publish simulated seed-schema telemetry to an MQTT broker.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// TOML configuration file (settings: see README).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for Parquet files [default: sluice-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// MQTT 3.1.1 listener [default: 127.0.0.1:1883].
+    #[arg(long, value_name = "HOST:PORT")]
+    mqtt_addr: Option<SocketAddr>,
+    /// MQTT 5 listener [default: 127.0.0.1:1884].
+    #[arg(long, value_name = "HOST:PORT")]
+    mqtt5_addr: Option<SocketAddr>,
+    /// HTTP listener for /ready, /metrics, /query [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "HOST:PORT")]
+    http_addr: Option<SocketAddr>,
+}
+
+impl ServeArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &Overrides {
+                data_dir: self.data_dir.clone(),
+                mqtt_addr: self.mqtt_addr,
+                mqtt5_addr: self.mqtt5_addr,
+                http_addr: self.http_addr,
+            },
+        )
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 5000)]
+    devices: u64,
+    /// Messages per second from all devices together.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Stop after this long (e.g. 30s, 5m); by default run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[derive(Args)]
+struct SqlArgs {
+    /// A running sluice server, e.g. http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    server: Option<String>,
+    /// Query the Parquet files of a data directory (no server needed).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// The query; without it, an interactive prompt.
+    query: Option<String>,
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// MQTT broker, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: String,
+    #[arg(long, default_value_t = 1000)]
+    devices: u64,
+    /// Messages per second, all devices together [default: one per device every 30 s].
+    #[arg(long, value_name = "MSGS_PER_S")]
+    rate: Option<f64>,
+    /// Seconds to run.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// MQTT connections the devices are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// QoS 1 messages awaiting PUBACK per connection.
+    #[arg(long, default_value_t = 100)]
+    max_inflight: u16,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        // rumqttd logs every ordinary client disconnect as an error ("router-drop"): its
+        // connection module is silenced, the rest of it kept at warn.
+        Command::Serve(_) => "info,rumqttd=warn,rumqttd::server::broker=off",
+        _ => "warn,rumqttd=error,rumqttd::server::broker=off",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome = match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Demo(args) => demo(&args),
+        Command::Sql(args) => run_sql(args),
+        Command::Loadgen(args) => loadgen(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-rt")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves when SIGINT or SIGTERM arrives; a second signal exits at once.
+async fn shutdown_signal() {
+    async fn any_signal() {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    any_signal().await;
+    tokio::spawn(async {
+        any_signal().await;
+        eprintln!("second signal: exiting without finishing the flush");
+        std::process::exit(130);
+    });
+}
+
+fn print_ready(server: &Server, config: &Config) {
+    let addrs = server.addrs;
+    println!(
+        "sluice ready: mqtt={} mqtt5={} http=http://{} data_dir={}",
+        addrs.mqtt,
+        addrs.mqtt5.map(|a| a.to_string()).unwrap_or_default(),
+        addrs.http,
+        config.data_dir.display()
+    );
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = args.load()?;
+    let runtime = runtime()?;
+    let server = Server::start(&config, runtime.handle())?;
+    print_ready(&server, &config);
+    let status = spawn_status_log(&server);
+    runtime.block_on(shutdown_signal());
+    status.store(true, Ordering::SeqCst);
+    let report = server.shutdown()?;
+    println!(
+        "sluice stopped: {} rows written to {} Parquet files in the final flush",
+        report.flushed_rows, report.flushed_files
+    );
+    Ok(())
+}
+
+/// Logs a status line every 10 s while the server runs; set the flag to stop.
+fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let storage = server.storage.clone();
+    let counters = server.counters.clone();
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let mut last = (std::time::Instant::now(), counters.received.delivered());
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(500));
+            if last.0.elapsed() < Duration::from_secs(10) {
+                continue;
+            }
+            let received = counters.received.delivered();
+            let rate = (received - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            let telemetry = storage.stats(server::TELEMETRY).unwrap_or_default();
+            tracing::info!(
+                msgs_per_s = rate.round(),
+                hot_rows = telemetry.hot_rows,
+                cold_rows = telemetry.cold_rows,
+                rejects = counters.ingest.rejects_total(),
+                lost = counters.received.skipped(),
+                "status"
+            );
+            last = (std::time::Instant::now(), received);
+        }
+    });
+    stop
+}
+
+fn demo(args: &DemoArgs) -> anyhow::Result<()> {
+    let config = args.serve.load()?;
+    let runtime = runtime()?;
+    let server = Server::start(&config, runtime.handle())?;
+    print_ready(&server, &config);
+    println!(
+        "simulating {} devices at {} msgs/s over MQTT. Try, in another terminal:\n  \
+         cargo run --release -- sql --server http://{} \"SELECT device_id, count(*), avg(temperature) FROM telemetry GROUP BY device_id ORDER BY device_id LIMIT 10\"\n\
+         Ctrl-C stops the demo; everything received is flushed to {} first.\n",
+        args.devices,
+        args.rate,
+        server.addrs.http,
+        config.data_dir.display()
+    );
+
+    let mut loadgen = sluice_loadgen::LoadgenConfig::new(server.addrs.mqtt.to_string());
+    loadgen.devices = args.devices;
+    loadgen.rate = args.rate;
+    loadgen.duration = args.duration;
+    loadgen.connections = 4.min(args.devices as usize).max(1);
+    let progress = Arc::new(sluice_loadgen::Progress::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let fleet = runtime.spawn(sluice_loadgen::run(loadgen, progress.clone(), stop.clone()));
+    let signal = runtime.spawn(shutdown_signal());
+
+    let tty = std::io::stdout().is_terminal();
+    let mut previous = Sample::take(&server);
+    while !signal.is_finished() && !fleet.is_finished() {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = Sample::take(&server);
+        let p = progress.snapshot();
+        let line = format!(
+            "{} | publish→ack p99 {:.1} ms",
+            now.line(&previous),
+            p.p99_us as f64 / 1e3
+        );
+        if tty {
+            print!("\r\x1b[2K{line}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{line}");
+        }
+        previous = now;
+    }
+    if tty {
+        println!();
+    }
+    stop.store(true, Ordering::SeqCst);
+    match runtime.block_on(fleet) {
+        Ok(Ok(report)) => println!("loadgen: {report}"),
+        Ok(Err(e)) => eprintln!("loadgen stopped: {e}"),
+        Err(e) => eprintln!("loadgen failed: {e}"),
+    }
+    let report = server.shutdown()?;
+    let total = sluice_storage::Storage::open_read_only(&config.data_dir, server::table_specs())
+        .ok()
+        .and_then(|s| s.stats(server::TELEMETRY).ok())
+        .map(|s| s.cold_rows)
+        .unwrap_or_default();
+    println!(
+        "stopped: final flush wrote {} rows; {} telemetry rows on disk. Query them offline:\n  \
+         cargo run --release -- sql --data-dir {} \"SELECT count(*) FROM telemetry\"",
+        report.flushed_rows,
+        total,
+        config.data_dir.display()
+    );
+    Ok(())
+}
+
+fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
+    let backend = match (&args.server, &args.data_dir) {
+        (Some(url), _) => sql::Backend::server(url)?,
+        (None, Some(dir)) => sql::Backend::offline(dir.clone())?,
+        (None, None) => anyhow::bail!("give --server URL (a running sluice) or --data-dir DIR"),
+    };
+    match &args.query {
+        Some(query) => sql::run_one(&backend, query, args.format),
+        None => sql::repl(&backend, args.format),
+    }
+}
+
+fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    let mut config = sluice_loadgen::LoadgenConfig::new(args.broker);
+    config.devices = args.devices;
+    config.rate = args.rate.unwrap_or(args.devices as f64 / 30.0);
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        anyhow::bail!("--duration must be a positive number of seconds");
+    }
+    config.duration = Some(Duration::from_secs_f64(args.duration));
+    config.qos = args.qos;
+    config.seed = args.seed;
+    config.connections = args.connections;
+    config.max_inflight = args.max_inflight;
+    let runtime = runtime()?;
+    let progress = Arc::new(sluice_loadgen::Progress::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = runtime.spawn(sluice_loadgen::run(config, progress.clone(), stop.clone()));
+    let signal = runtime.spawn(shutdown_signal());
+    let tty = std::io::stderr().is_terminal();
+    while !run.is_finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        if signal.is_finished() {
+            stop.store(true, Ordering::SeqCst);
+        }
+        if tty {
+            let p = progress.snapshot();
+            eprint!(
+                "\r\x1b[2Ksent {}  acked {}  in flight {}  errors {}  p50 {:.2} ms  p99 {:.2} ms",
+                p.sent,
+                p.acked,
+                p.in_flight,
+                p.errors,
+                p.p50_us as f64 / 1e3,
+                p.p99_us as f64 / 1e3
+            );
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let report = runtime.block_on(run)??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}

@@ -14,11 +14,10 @@ mod probe;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus::{IntCounter, Registry};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
@@ -204,7 +203,6 @@ impl Broker {
         }
         tracing::info!(%mqtt, mqtt5 = ?mqtt5, "MQTT broker ready");
 
-        let skipped = Arc::new(AtomicU64::new(0));
         let marker = marker_topic(filter);
         Ok((
             Broker {
@@ -214,8 +212,7 @@ impl Broker {
             Subscription {
                 rx: link_rx,
                 last_offset: None,
-                skipped: skipped.clone(),
-                delivered: Arc::new(AtomicU64::new(0)),
+                counters: SubscriptionCounters::new(),
                 marker: marker.clone(),
             },
             Drain {
@@ -333,36 +330,53 @@ impl Drain {
 pub struct Subscription {
     rx: LinkRx,
     last_offset: Option<u64>,
-    skipped: Arc<AtomicU64>,
-    delivered: Arc<AtomicU64>,
+    counters: SubscriptionCounters,
     marker: Bytes,
 }
 
-/// Counters of a subscription, readable from any thread.
-#[derive(Debug, Clone)]
+/// Counters of a subscription (Prometheus counters, readable from any thread).
+#[derive(Clone)]
 pub struct SubscriptionCounters {
-    skipped: Arc<AtomicU64>,
-    delivered: Arc<AtomicU64>,
+    skipped: IntCounter,
+    delivered: IntCounter,
 }
 
 impl SubscriptionCounters {
+    fn new() -> Self {
+        SubscriptionCounters {
+            skipped: IntCounter::new(
+                "sluice_broker_skipped_messages_total",
+                "Messages the broker dropped before sluice read them (ingestion fell behind by more than mqtt.buffer_bytes)",
+            )
+            .expect("valid metric"),
+            delivered: IntCounter::new(
+                "sluice_broker_messages_total",
+                "Messages read from the broker",
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    /// Exports the counters through `registry`.
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.skipped.clone()))?;
+        registry.register(Box::new(self.delivered.clone()))
+    }
+
     /// Messages the broker dropped before this subscription read them.
     pub fn skipped(&self) -> u64 {
-        self.skipped.load(Ordering::Relaxed)
+        self.skipped.get()
     }
 
     /// Messages delivered to the caller.
     pub fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::Relaxed)
+        self.delivered.get()
     }
 }
 
 impl Subscription {
     pub fn counters(&self) -> SubscriptionCounters {
-        SubscriptionCounters {
-            skipped: self.skipped.clone(),
-            delivered: self.delivered.clone(),
-        }
+        self.counters.clone()
     }
 
     /// Appends up to `max` more deliveries to `out`, waiting until `deadline` for the
@@ -399,7 +413,7 @@ impl Subscription {
                     if forward.publish.topic == self.marker {
                         return Ok(Received::Drained);
                     }
-                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.counters.delivered.inc();
                     out.push(Delivery {
                         topic: forward.publish.topic,
                         payload: forward.publish.payload,
@@ -418,7 +432,7 @@ impl Subscription {
             && offset > last + 1
         {
             let lost = offset - last - 1;
-            self.skipped.fetch_add(lost, Ordering::Relaxed);
+            self.counters.skipped.inc_by(lost);
             tracing::error!(
                 lost,
                 "the broker dropped messages before sluice could read them (ingestion fell behind by more than broker.buffer_bytes)"

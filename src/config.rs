@@ -1,0 +1,368 @@
+//! The server's settings: one serde tree with documented defaults, layered
+//! defaults < TOML file (`--config`) < `SLUICE_*` environment < command-line flags.
+//! An unknown or invalid setting fails at start with a message naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Every setting of `sluice serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Config {
+    /// Where Parquet files are written (`<data_dir>/telemetry/date=…/hour=…/*.parquet`).
+    pub data_dir: PathBuf,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct MqttConfig {
+    /// MQTT 3.1.1 listener. Use 0.0.0.0:1883 to accept devices from the network.
+    pub addr: SocketAddr,
+    /// MQTT 5 listener.
+    pub v5_addr: SocketAddr,
+    /// Client connections accepted at once.
+    pub max_connections: usize,
+    /// Largest MQTT packet; a client sending a larger one is disconnected.
+    pub max_packet_bytes: usize,
+    /// Broker memory for messages not yet decoded. If ingestion falls further behind
+    /// than this, the oldest messages are lost and counted in
+    /// `sluice_broker_skipped_messages_total`.
+    pub buffer_bytes: usize,
+    pub segment_bytes: usize,
+    /// Threads serving MQTT connections.
+    pub io_threads: usize,
+    /// Time a new connection has to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct HttpConfig {
+    /// HTTP address for `/ready`, `/metrics`, `/query` and `/flush`.
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct IngestConfig {
+    /// Decoding threads.
+    pub workers: usize,
+    /// Chunks of messages queued in front of the decoders (back-pressure beyond).
+    pub queue_chunks: usize,
+    /// A batch is sealed (made queryable) at this many rows…
+    pub batch_rows: usize,
+    /// …or when its oldest row has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub batch_age: Duration,
+    /// Larger payloads are rejected as `too_large`.
+    pub max_message_bytes: usize,
+    /// How much of a rejected payload is kept in `rejects.payload`.
+    pub reject_payload_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct StorageConfig {
+    /// In-memory rows are written to Parquet at least this often.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// …and as soon as a table holds this many in-memory rows.
+    pub flush_rows: usize,
+    /// Ingestion waits while a table holds this many in-memory rows (flushes failing).
+    pub max_hot_rows: usize,
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("sluice-data"),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            ingest: IngestConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        let broker = sluice_broker::BrokerConfig::default();
+        MqttConfig {
+            addr: broker.mqtt_addr,
+            v5_addr: broker.mqtt5_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            max_connections: broker.max_connections,
+            max_packet_bytes: broker.max_packet_bytes,
+            buffer_bytes: broker.buffer_bytes,
+            segment_bytes: broker.segment_bytes,
+            io_threads: broker.io_threads,
+            connect_timeout: broker.connect_timeout,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        let pipeline = sluice_ingest::PipelineConfig::default();
+        IngestConfig {
+            workers: pipeline.workers,
+            queue_chunks: pipeline.queue_chunks,
+            batch_rows: pipeline.seal.max_rows,
+            batch_age: pipeline.seal.max_age,
+            max_message_bytes: pipeline.limits.max_payload_bytes,
+            reject_payload_bytes: pipeline.reject_payload_bytes,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let storage = sluice_storage::StorageConfig::new("");
+        StorageConfig {
+            flush_interval: storage.flush_interval,
+            flush_rows: storage.flush_rows,
+            max_hot_rows: storage.max_hot_rows,
+            row_group_rows: storage.write.row_group_rows,
+            zstd_level: storage.write.zstd_level,
+        }
+    }
+}
+
+/// Settings given as command-line flags: the top layer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt5_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads the layers: defaults, then `file`, then `SLUICE_*` variables from `env`
+    /// (`SLUICE_DATA_DIR`, `SLUICE_MQTT__ADDR`, `SLUICE_STORAGE__FLUSH_INTERVAL`, …:
+    /// a double underscore separates sections), then `overrides`.
+    pub(crate) fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                anyhow::bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SLUICE_"))
+            .collect();
+        for (key, value) in env {
+            let path = key["SLUICE_".len()..].to_ascii_lowercase().replace("__", ".");
+            let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+            figment = figment.merge(Serialized::default(&path, value));
+        }
+        let mut config: Config = figment.extract().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid configuration: {}",
+                e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+            )
+        })?;
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(addr) = overrides.mqtt_addr {
+            config.mqtt.addr = addr;
+        }
+        if let Some(addr) = overrides.mqtt5_addr {
+            config.mqtt.v5_addr = addr;
+        }
+        if let Some(addr) = overrides.http_addr {
+            config.http.addr = addr;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("mqtt.max_connections", self.mqtt.max_connections),
+            ("mqtt.io_threads", self.mqtt.io_threads),
+            ("ingest.workers", self.ingest.workers),
+            ("ingest.queue_chunks", self.ingest.queue_chunks),
+            ("ingest.batch_rows", self.ingest.batch_rows),
+            ("ingest.max_message_bytes", self.ingest.max_message_bytes),
+            ("storage.flush_rows", self.storage.flush_rows),
+            ("storage.row_group_rows", self.storage.row_group_rows),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                anyhow::bail!("invalid configuration: {name} must be at least 1");
+            }
+        }
+        if self.storage.max_hot_rows < self.storage.flush_rows {
+            anyhow::bail!(
+                "invalid configuration: storage.max_hot_rows ({}) must be at least storage.flush_rows ({})",
+                self.storage.max_hot_rows,
+                self.storage.flush_rows
+            );
+        }
+        if !(1..=22).contains(&self.storage.zstd_level) {
+            anyhow::bail!(
+                "invalid configuration: storage.zstd_level must be 1..=22, got {}",
+                self.storage.zstd_level
+            );
+        }
+        if self.mqtt.max_packet_bytes < self.ingest.max_message_bytes {
+            anyhow::bail!(
+                "invalid configuration: mqtt.max_packet_bytes ({}) must be at least ingest.max_message_bytes ({}), or oversized messages disconnect their device instead of landing in rejects",
+                self.mqtt.max_packet_bytes,
+                self.ingest.max_message_bytes
+            );
+        }
+        if self.ingest.batch_age.is_zero() || self.storage.flush_interval.is_zero() {
+            anyhow::bail!(
+                "invalid configuration: ingest.batch_age and storage.flush_interval must be more than 0"
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn broker(&self) -> sluice_broker::BrokerConfig {
+        sluice_broker::BrokerConfig {
+            mqtt_addr: self.mqtt.addr,
+            mqtt5_addr: Some(self.mqtt.v5_addr),
+            max_connections: self.mqtt.max_connections,
+            max_packet_bytes: self.mqtt.max_packet_bytes,
+            buffer_bytes: self.mqtt.buffer_bytes,
+            segment_bytes: self.mqtt.segment_bytes,
+            io_threads: self.mqtt.io_threads,
+            connect_timeout: self.mqtt.connect_timeout,
+            ..sluice_broker::BrokerConfig::default()
+        }
+    }
+
+    pub(crate) fn pipeline(&self) -> sluice_ingest::PipelineConfig {
+        sluice_ingest::PipelineConfig {
+            workers: self.ingest.workers,
+            queue_chunks: self.ingest.queue_chunks,
+            seal: sluice_ingest::SealPolicy {
+                max_rows: self.ingest.batch_rows,
+                max_age: self.ingest.batch_age,
+            },
+            limits: sluice_ingest::DecodeLimits {
+                max_payload_bytes: self.ingest.max_message_bytes,
+            },
+            reject_payload_bytes: self.ingest.reject_payload_bytes,
+        }
+    }
+
+    pub(crate) fn storage(&self) -> sluice_storage::StorageConfig {
+        sluice_storage::StorageConfig {
+            data_dir: self.data_dir.clone(),
+            flush_interval: self.storage.flush_interval,
+            flush_rows: self.storage.flush_rows,
+            max_hot_rows: self.storage.max_hot_rows,
+            write: sluice_storage::WriteOptions {
+                row_group_rows: self.storage.row_group_rows,
+                zstd_level: self.storage.zstd_level,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\n[mqtt]\naddr = \"127.0.0.1:1000\"\n[storage]\nflush_interval = \"5s\"\nflush_rows = 10\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("SLUICE_MQTT__ADDR", "127.0.0.1:2000"),
+                ("SLUICE_INGEST__BATCH_AGE", "50ms"),
+                ("OTHER", "ignored"),
+            ]),
+            &Overrides {
+                data_dir: Some("/from/flag".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.mqtt.addr, "127.0.0.1:2000".parse().unwrap());
+        assert_eq!(config.ingest.batch_age, Duration::from_millis(50));
+        assert_eq!(config.storage.flush_interval, Duration::from_secs(5));
+        assert_eq!(config.storage.flush_rows, 10);
+        assert_eq!(config.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn unknown_and_invalid_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(&file, "[mqtt]\nadress = \"x\"\n").unwrap();
+        let error = Config::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("adress"), "{error}");
+
+        let error = Config::load(None, env(&[("SLUICE_MQTT__ADDR", "not-an-address")]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("mqtt.addr") || error.contains("addr"), "{error}");
+
+        let error = Config::load(None, env(&[("SLUICE_STORAGE__FLUSH_INTERVAL", "soon")]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("flush_interval"), "{error}");
+
+        let error = Config::load(None, env(&[("SLUICE_INGEST__WORKERS", "0")]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("ingest.workers"), "{error}");
+
+        let error = Config::load(Some(Path::new("/no/such/file.toml")), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/no/such/file.toml"), "{error}");
+    }
+}

@@ -1,0 +1,153 @@
+//! HTTP endpoints: `/ready`, `/metrics`, `/query`, `/flush`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Deserialize;
+use sluice_storage::Storage;
+
+use crate::output::{self, Format};
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub storage: Storage,
+    pub registry: Registry,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub(crate) struct HttpServer {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    stopped: std::sync::mpsc::Receiver<()>,
+}
+
+impl HttpServer {
+    /// Binds `addr` (port 0 allowed) and serves on `runtime`.
+    pub(crate) fn start(
+        runtime: &tokio::runtime::Handle,
+        addr: SocketAddr,
+        state: AppState,
+    ) -> std::io::Result<HttpServer> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let app = Router::new()
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .route("/query", get(query_get).post(query_post))
+            .route("/flush", post(flush))
+            .with_state(state);
+        let (stop, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, stopped) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped_rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            let _ = done_tx.send(());
+        });
+        tracing::info!(%addr, "HTTP ready");
+        Ok(HttpServer {
+            addr,
+            stop,
+            stopped,
+        })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving; in-flight requests finish first (up to 5 s). Blocks.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.stopped.recv_timeout(std::time::Duration::from_secs(5));
+    }
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut body = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct QueryParams {
+    sql: Option<String>,
+    format: Option<Format>,
+}
+
+async fn query_get(State(state): State<AppState>, Query(params): Query<QueryParams>) -> Response {
+    match params.sql {
+        Some(sql) => run_query(&state, &sql, params.format).await,
+        None => error(StatusCode::BAD_REQUEST, "missing the sql parameter".into()),
+    }
+}
+
+async fn query_post(
+    State(state): State<AppState>,
+    Query(params): Query<QueryParams>,
+    body: Bytes,
+) -> Response {
+    match std::str::from_utf8(&body) {
+        Ok(sql) if !sql.trim().is_empty() => run_query(&state, sql, params.format).await,
+        Ok(_) => error(StatusCode::BAD_REQUEST, "the request body must hold a SQL query".into()),
+        Err(_) => error(StatusCode::BAD_REQUEST, "the SQL query is not UTF-8".into()),
+    }
+}
+
+async fn run_query(state: &AppState, sql: &str, format: Option<Format>) -> Response {
+    let format = format.unwrap_or(Format::Json);
+    match state.storage.sql(sql).await {
+        Ok(result) => match output::encode(format, &result.schema, &result.batches) {
+            Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the result: {e}")),
+        },
+        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn flush(State(state): State<AppState>) -> Response {
+    let storage = state.storage.clone();
+    match tokio::task::spawn_blocking(move || storage.flush()).await {
+        Ok(Ok(report)) => axum::Json(serde_json::json!({
+            "rows": report.rows,
+            "files": report.files,
+            "bytes": report.bytes,
+        }))
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}

@@ -1,0 +1,427 @@
+//! End to end: the real `sluice` binary on port 0, real MQTT clients, SQL over HTTP and
+//! through the CLI, SIGTERM, and the Parquet files read back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
+use common::{Sluice, cli, publish, telemetry};
+use rumqttc::QoS;
+
+const T0: i64 = 1_705_312_800; // 2024-01-15T10:00:00Z
+
+/// Deterministic values that use every bit of the mantissa.
+fn value(seed: u64) -> f64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    match seed % 97 {
+        0 => -0.0,
+        1 => 1e-300,
+        2 => -123_456_789.000_000_1,
+        _ => (z as f64 / u64::MAX as f64 - 0.5) * 200.0,
+    }
+}
+
+fn rfc3339(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+struct Sent {
+    temperature: f64,
+    battery: f64,
+    co2: Option<f64>,
+}
+
+fn strings(batches: &[RecordBatch]) -> String {
+    arrow::util::pretty::pretty_format_batches(batches)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let (devices, per_device) = (500, 20);
+
+    // 500 devices × 20 readings, 190 s apart from 10:00, so the hour 10 → 11 boundary
+    // is crossed; every 5th reading also carries an extra metric.
+    let mut messages = Vec::new();
+    let mut sent: HashMap<(String, i64), Sent> = HashMap::new();
+    for d in 0..devices {
+        let device = format!("dev-{d:04}");
+        for i in 0..per_device {
+            let ts_ns = (T0 + i * 190) * 1_000_000_000 + d * 1_000_003;
+            let seed = (d * 1000 + i) as u64;
+            let reading = Sent {
+                temperature: value(seed),
+                battery: (d + i) as f64,
+                co2: (i % 5 == 0).then(|| value(seed + 7_777_777)),
+            };
+            let mut payload = serde_json::json!({
+                "deviceId": device,
+                "timestamp": rfc3339(ts_ns),
+                "type": "telemetry",
+                "payload": {"temperature": reading.temperature, "battery": reading.battery},
+            });
+            if let Some(co2) = reading.co2 {
+                payload["payload"]["co2"] = co2.into();
+            }
+            messages.push((
+                format!("devices/{device}/telemetry"),
+                serde_json::to_vec(&payload).unwrap(),
+            ));
+            sent.insert((device.clone(), ts_ns), reading);
+        }
+    }
+    let total = (devices * per_device) as i64;
+    assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 8), total as usize);
+
+    let count = "SELECT count(*) FROM telemetry";
+    assert_eq!(sluice.wait_for(count, total, Duration::from_secs(30)), total);
+
+    // Exact per-device counts.
+    let per_device_counts = sluice.query(
+        "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id ORDER BY device_id",
+    );
+    let rows: usize = per_device_counts.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, devices as usize);
+    for b in &per_device_counts {
+        let n = b.column(1).as_primitive::<Int64Type>();
+        assert!(n.values().iter().all(|&n| n == per_device), "{:?}", n);
+    }
+
+    // Values round-trip bit for bit, extra metrics included.
+    let check_values = |batches: &[RecordBatch]| {
+        let mut seen = 0;
+        for b in batches {
+            let device = b.column(0).as_string::<i32>();
+            let ts = b.column(1).as_primitive::<TimestampNanosecondType>();
+            let temperature = b.column(2).as_primitive::<Float64Type>();
+            let battery = b.column(3).as_primitive::<Float64Type>();
+            let co2 = b.column(4).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                let key = (device.value(i).to_owned(), ts.value(i));
+                let expected = sent.get(&key).unwrap_or_else(|| panic!("unexpected row {key:?}"));
+                assert_eq!(temperature.value(i).to_bits(), expected.temperature.to_bits(), "{key:?}");
+                assert_eq!(battery.value(i).to_bits(), expected.battery.to_bits());
+                match expected.co2 {
+                    Some(v) => assert_eq!(co2.value(i).to_bits(), v.to_bits(), "{key:?}"),
+                    None => assert!(co2.is_null(i), "{key:?}"),
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, total);
+    };
+    let values = "SELECT device_id, ts, temperature, battery, extra['co2'] AS co2 FROM telemetry";
+    check_values(&sluice.query(values));
+
+    // The same answer from memory, then from Parquet.
+    let summary = "SELECT device_id, count(*), min(temperature), max(temperature), sum(battery), \
+                   min(ts), max(ts), count(extra['co2']) FROM telemetry GROUP BY device_id ORDER BY device_id";
+    let before = strings(&sluice.query(summary));
+    let (status, body) = sluice.post("/flush");
+    assert_eq!(status, 200, "{body}");
+    let flushed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(flushed["rows"], total);
+    let partitions = dir.path().join("data/telemetry/date=2024-01-15");
+    assert!(partitions.join("hour=10").is_dir() && partitions.join("hour=11").is_dir());
+    assert_eq!(strings(&sluice.query(summary)), before);
+    check_values(&sluice.query(values));
+
+    // One more reading: part hot, part cold, one table.
+    let (topic, payload) = telemetry("dev-0000", "2024-01-15T12:00:00Z", 1.0, 1.0);
+    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1), 1);
+    assert_eq!(sluice.wait_for(count, total + 1, Duration::from_secs(10)), total + 1);
+
+    let metrics = sluice.get("/metrics").1;
+    assert!(metrics.contains("sluice_broker_skipped_messages_total 0"), "{metrics}");
+    assert!(metrics.contains(&format!("sluice_ingest_rows_total {}", total + 1)));
+
+    let data_dir = sluice.data_dir.clone();
+    assert!(sluice.terminate().success());
+    let (ok, stdout, stderr) = cli(&[
+        "sql",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT count(*) AS n FROM telemetry",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, format!("n\n{}\n", total + 1));
+}
+
+#[test]
+fn sigterm_flushes_everything_acknowledged_to_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let messages: Vec<_> = (0..3000)
+        .map(|i| {
+            let ts = rfc3339((T0 + i / 300) * 1_000_000_000 + i * 1000);
+            telemetry(&format!("d{}", i % 300), &ts, i as f64 / 8.0, 50.0)
+        })
+        .collect();
+    // QoS 1: acknowledged means the broker has it; SIGTERM right after must lose nothing.
+    assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 4), 3000);
+    let data_dir = sluice.data_dir.clone();
+    let status = sluice.terminate();
+    assert!(status.success(), "exit status {status}");
+
+    let (ok, stdout, stderr) = cli(&[
+        "sql",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT count(*) AS n, count(DISTINCT device_id) AS devices, sum(temperature) * 8 AS s FROM telemetry",
+    ]);
+    assert!(ok, "{stderr}");
+    let expected_sum: i64 = (0..3000).sum();
+    assert_eq!(stdout, format!("n,devices,s\n3000,300,{expected_sum}.0\n"));
+
+    // No temporary file is left behind, and every file is readable.
+    let mut pending = vec![data_dir.clone()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                pending.push(p);
+            } else {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(name.starts_with("part-") && name.ends_with(".parquet"), "{name}");
+            }
+        }
+    }
+    read_with_pyarrow(&data_dir, 3000);
+}
+
+/// The files are ordinary Parquet: pyarrow (the C++ implementation) reads the Hive
+/// layout, UTC timestamps, zstd pages and the sort order. Skipped only where pyarrow is
+/// not installed (`.ci/run` installs it).
+fn read_with_pyarrow(data_dir: &std::path::Path, rows: usize) {
+    let script = r#"
+import sys, pyarrow.dataset as ds, pyarrow.parquet as pq, pyarrow as pa
+root = sys.argv[1] + "/telemetry"
+d = ds.dataset(root, format="parquet", partitioning="hive")
+t = d.to_table()
+assert t.schema.field("ts").type == pa.timestamp("ns", tz="UTC"), t.schema.field("ts").type
+assert "date" in t.column_names and "hour" in t.column_names
+for f in d.files:
+    meta = pq.ParquetFile(f).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD", meta.row_group(0).column(0).compression
+    part = pq.read_table(f)
+    keys = list(zip(part.column("device_id").to_pylist(), part.column("ts").cast(pa.int64()).to_pylist()))
+    assert keys == sorted(keys), "rows are not sorted by device then time"
+print(t.num_rows)
+"#;
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import pyarrow"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: pyarrow is not installed (pip install pyarrow)");
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), rows.to_string());
+}
+
+#[test]
+fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+
+    // The shared examples, each bad one followed by a valid one.
+    let mut messages = Vec::new();
+    let mut expected_reasons: Vec<(Vec<u8>, Vec<String>)> = Vec::new();
+    let mut valid = 0;
+    let bad = include_str!("fixtures/bad.jsonl");
+    for (i, line) in bad.lines().enumerate() {
+        let case: serde_json::Value = serde_json::from_str(line).unwrap();
+        let topic = case["topic"].as_str().unwrap().to_owned();
+        let body: Vec<u8> = if let Some(raw) = case["raw"].as_str() {
+            raw.as_bytes().to_vec()
+        } else if let Some(hex) = case["raw_hex"].as_str() {
+            (0..hex.len())
+                .step_by(2)
+                .map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap())
+                .collect()
+        } else if let Some(n) = case["oversize_bytes"].as_u64() {
+            vec![b'x'; n as usize]
+        } else {
+            serde_json::to_vec(&case["payload"]).unwrap()
+        };
+        let mut reasons = vec![case["reason"].as_str().unwrap().to_owned()];
+        let note = case["note"].as_str().unwrap_or_default();
+        if note.contains("invalid_json") {
+            reasons.push("invalid_json".into());
+        }
+        if note.contains("non_finite") {
+            reasons.push("non_finite".into());
+        }
+        expected_reasons.push((body.clone(), reasons));
+        messages.push((topic, body));
+        messages.push(telemetry(&format!("ok-{i}"), "2024-01-15T10:30:00Z", i as f64, 1.0));
+        valid += 1;
+    }
+    // A topic outside the contract is kept too, not dropped.
+    let stray = br#"{"hello":"world"}"#.to_vec();
+    messages.push(("devices/d1/status".into(), stray.clone()));
+    expected_reasons.push((stray, vec!["invalid_topic".into()]));
+
+    let good = include_str!("fixtures/good.jsonl");
+    for line in good.lines() {
+        let case: serde_json::Value = serde_json::from_str(line).unwrap();
+        messages.push((
+            case["topic"].as_str().unwrap().to_owned(),
+            serde_json::to_vec(&case["payload"]).unwrap(),
+        ));
+        valid += 1;
+    }
+    let total = messages.len();
+    assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 1), total);
+
+    let rejects = expected_reasons.len() as i64;
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM rejects", rejects, Duration::from_secs(20)),
+        rejects
+    );
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", valid, Duration::from_secs(20)),
+        valid
+    );
+
+    let batches = sluice.query("SELECT payload, payload_bytes, reason, detail, topic FROM rejects");
+    let mut stored: Vec<(Vec<u8>, u64, String)> = Vec::new();
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            assert!(!b.column(3).as_string::<i32>().value(i).is_empty(), "a detail is given");
+            stored.push((
+                b.column(0).as_binary::<i32>().value(i).to_vec(),
+                b.column(1).as_primitive::<arrow::datatypes::UInt64Type>().value(i),
+                b.column(2).as_string::<i32>().value(i).to_owned(),
+            ));
+        }
+    }
+    for (body, reasons) in &expected_reasons {
+        let kept = &body[..body.len().min(1024)];
+        let row = stored
+            .iter()
+            .find(|(payload, size, _)| payload == kept && *size == body.len() as u64)
+            .unwrap_or_else(|| panic!("no reject for {:?}", String::from_utf8_lossy(kept)));
+        assert!(reasons.contains(&row.2), "{:?}: got {}, want {reasons:?}", String::from_utf8_lossy(kept), row.2);
+    }
+
+    // The good examples are stored as their notes say.
+    let good_rows = sluice.query(
+        "SELECT device_id, CAST(ts AS BIGINT), temperature, humidity, firmware_version, lat, \
+         extra['co2'], extra['pressure'] FROM telemetry \
+         WHERE device_id IN ('device-000001', 'sensor-a', 'sensor-b', 'sensor-c') ORDER BY device_id",
+    );
+    let b = arrow::compute::concat_batches(&good_rows[0].schema(), &good_rows).unwrap();
+    let ts = b.column(1).as_primitive::<Int64Type>();
+    let temperature = b.column(2).as_primitive::<Float64Type>();
+    assert_eq!(ts.value(0), 1_705_314_600_123_000_000, "offset converted to UTC");
+    assert!(b.column(4).is_null(1) && b.column(5).is_null(1), "sensor-a has no metadata");
+    assert!(b.column(3).is_null(2), "sensor-b has no humidity");
+    assert_eq!(b.column(6).as_primitive::<Float64Type>().value(2), 612.0);
+    assert_eq!(b.column(7).as_primitive::<Float64Type>().value(2), 1013.25);
+    assert_eq!(ts.value(3), 1_705_314_600_000_000_001, "nanoseconds kept");
+    assert_eq!(temperature.value(3).to_bits(), 1e-7f64.to_bits());
+
+    // Still serving after all that.
+    assert_eq!(sluice.get("/ready").0, 200);
+    let (topic, payload) = telemetry("after", "2024-01-15T11:00:00Z", 2.0, 2.0);
+    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtMostOnce, 1), 1);
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry WHERE device_id = 'after'", 1, Duration::from_secs(10)),
+        1
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert!(metrics.contains("sluice_ingest_rejects_total{reason=\"too_large\"} 1"), "{metrics}");
+}
+
+#[test]
+fn the_sql_command_reports_errors_clearly_and_formats_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let (topic, payload) = telemetry("d1", "2024-01-15T10:30:00Z", 21.5, 80.0);
+    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1), 1);
+    sluice.wait_for("SELECT count(*) FROM telemetry", 1, Duration::from_secs(10));
+    let server = sluice.http.clone();
+
+    let (ok, stdout, _) = cli(&["sql", "--server", &server, "--format", "json", "SELECT device_id, temperature FROM telemetry"]);
+    assert!(ok);
+    assert_eq!(stdout.trim(), r#"[{"device_id":"d1","temperature":21.5}]"#);
+    let (ok, stdout, _) = cli(&["sql", "--server", &server, "SELECT device_id FROM telemetry"]);
+    assert!(ok && stdout.contains("| d1        |"), "{stdout}");
+
+    for (args, message) in [
+        (vec!["sql", "--server", &server, "SELEC 1"], "SQL error"),
+        (vec!["sql", "--server", &server, "SELECT nope FROM telemetry"], "nope"),
+        (vec!["sql", "--server", &server, "DROP TABLE telemetry"], "not supported"),
+        (vec!["sql", "--server", "http://127.0.0.1:1", "SELECT 1"], "cannot reach"),
+        (vec!["sql", "SELECT 1"], "--server"),
+        (vec!["sql", "--data-dir", "/no/such/dir", "SELECT 1"], "/no/such/dir"),
+    ] {
+        let (ok, _, stderr) = cli(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+
+    // The prompt reads statements ending with ';' from standard input.
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["sql", "--server", &server, "--format", "csv"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT count(*) AS n\n  FROM telemetry;\nSELEC;\nSELECT 2 AS two;\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(stdout, "n\n1\ntwo\n2\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: SQL error"));
+}
+
+#[test]
+fn bad_configuration_fails_at_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "[storage]\nflush_intervall = \"5s\"\n").unwrap();
+    let (ok, _, stderr) = cli(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("flush_intervall"), "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let (ok, _, stderr) = cli(&[
+        "serve", "--data-dir", data.to_str().unwrap(), "--mqtt-addr", &addr,
+        "--mqtt5-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains(&addr), "{stderr}");
+}
