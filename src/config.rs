@@ -101,7 +101,9 @@ impl Default for MqttConfig {
         let broker = sluice_broker::BrokerConfig::default();
         MqttConfig {
             addr: broker.mqtt_addr,
-            v5_addr: broker.mqtt5_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            v5_addr: broker
+                .mqtt5_addr
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1884))),
             max_connections: broker.max_connections,
             max_packet_bytes: broker.max_packet_bytes,
             buffer_bytes: broker.buffer_bytes,
@@ -181,14 +183,19 @@ impl Config {
             .filter(|(k, _)| k.starts_with("SLUICE_"))
             .collect();
         for (key, value) in env {
-            let path = key["SLUICE_".len()..].to_ascii_lowercase().replace("__", ".");
+            let path = key["SLUICE_".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
             let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
             figment = figment.merge(Serialized::default(&path, value));
         }
         let mut config: Config = figment.extract().map_err(|e| {
             anyhow::anyhow!(
                 "invalid configuration: {}",
-                e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )
         })?;
         if let Some(dir) = &overrides.data_dir {
@@ -345,24 +352,43 @@ mod tests {
             .to_string();
         assert!(error.contains("adress"), "{error}");
 
-        let error = Config::load(None, env(&[("SLUICE_MQTT__ADDR", "not-an-address")]), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("mqtt.addr") || error.contains("addr"), "{error}");
+        let error = Config::load(
+            None,
+            env(&[("SLUICE_MQTT__ADDR", "not-an-address")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("mqtt.addr") || error.contains("addr"),
+            "{error}"
+        );
 
-        let error = Config::load(None, env(&[("SLUICE_STORAGE__FLUSH_INTERVAL", "soon")]), &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let error = Config::load(
+            None,
+            env(&[("SLUICE_STORAGE__FLUSH_INTERVAL", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("flush_interval"), "{error}");
 
-        let error = Config::load(None, env(&[("SLUICE_INGEST__WORKERS", "0")]), &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let error = Config::load(
+            None,
+            env(&[("SLUICE_INGEST__WORKERS", "0")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("ingest.workers"), "{error}");
 
-        let error = Config::load(Some(Path::new("/no/such/file.toml")), env(&[]), &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let error = Config::load(
+            Some(Path::new("/no/such/file.toml")),
+            env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("/no/such/file.toml"), "{error}");
     }
 }

@@ -117,7 +117,10 @@ async fn query_post(
 ) -> Response {
     match std::str::from_utf8(&body) {
         Ok(sql) if !sql.trim().is_empty() => run_query(&state, sql, params.format).await,
-        Ok(_) => error(StatusCode::BAD_REQUEST, "the request body must hold a SQL query".into()),
+        Ok(_) => error(
+            StatusCode::BAD_REQUEST,
+            "the request body must hold a SQL query".into(),
+        ),
         Err(_) => error(StatusCode::BAD_REQUEST, "the SQL query is not UTF-8".into()),
     }
 }
@@ -127,7 +130,10 @@ async fn run_query(state: &AppState, sql: &str, format: Option<Format>) -> Respo
     match state.storage.sql(sql).await {
         Ok(result) => match output::encode(format, &result.schema, &result.batches) {
             Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the result: {e}")),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding the result: {e}"),
+            ),
         },
         Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

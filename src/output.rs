@@ -30,12 +30,18 @@ impl Format {
 
 /// Encodes a result. An empty result still carries its columns (table header, CSV
 /// header, Arrow schema).
-pub(crate) fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn encode(
+    format: Format,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     match format {
         Format::Table => {
             let text = if batches.iter().all(|b| b.num_rows() == 0) {
-                arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(schema.clone())])?
+                arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(
+                    schema.clone(),
+                )])?
             } else {
                 arrow::util::pretty::pretty_format_batches(batches)?
             };
@@ -44,7 +50,9 @@ pub(crate) fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]
         }
         Format::Csv => {
             let flat_schema = flat_schema(schema);
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
             if batches.is_empty() {
                 writer.write(&RecordBatch::new_empty(flat_schema.clone()))?;
             }
@@ -166,7 +174,10 @@ mod tests {
             serde_json::from_slice(&encode(Format::Json, &schema, &batches).unwrap()).unwrap();
         assert_eq!(json[0]["x"], 0.30000000000000004);
         assert_eq!(json[1]["n"], 2);
-        assert!(json[1]["x"].is_null() && json[1].get("x").is_some(), "nulls are explicit");
+        assert!(
+            json[1]["x"].is_null() && json[1].get("x").is_some(),
+            "nulls are explicit"
+        );
         let table = String::from_utf8(encode(Format::Table, &schema, &batches).unwrap()).unwrap();
         assert!(table.contains("| n | x"), "{table}");
         let (decoded_schema, decoded) =

@@ -107,7 +107,10 @@ impl Server {
     /// Starts everything; returns once the broker accepts connections, the subscription
     /// exists and `/ready` answers 200. Must be called outside async code (it blocks);
     /// `runtime` serves HTTP and queries.
-    pub(crate) fn start(config: &Config, runtime: &tokio::runtime::Handle) -> anyhow::Result<Server> {
+    pub(crate) fn start(
+        config: &Config,
+        runtime: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Server> {
         let registry = Registry::new();
         let (storage, flusher) = Storage::open(
             config.storage(),
@@ -123,8 +126,8 @@ impl Server {
         )
         .context("starting the ingest workers")?;
 
-        let (broker, subscription, drain) =
-            Broker::start(&config.broker(), SUBSCRIPTION_FILTER).context("starting the MQTT broker")?;
+        let (broker, subscription, drain) = Broker::start(&config.broker(), SUBSCRIPTION_FILTER)
+            .context("starting the MQTT broker")?;
         let received = subscription.counters();
         received.register(&registry)?;
         let queue_depth = IntGauge::new(

@@ -97,7 +97,11 @@ pub(crate) fn repl(backend: &Backend, format: Format) -> anyhow::Result<()> {
     eprintln!("sluice SQL. Tables: telemetry, rejects. End statements with ';', \\q to quit.");
     let mut statement = String::new();
     loop {
-        let prompt = if statement.is_empty() { "sluice> " } else { "   ...> " };
+        let prompt = if statement.is_empty() {
+            "sluice> "
+        } else {
+            "   ...> "
+        };
         match editor.readline(prompt) {
             Ok(line) => {
                 let trimmed = line.trim();

@@ -79,11 +79,17 @@ fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush()
             sent.insert((device.clone(), ts_ns), reading);
         }
     }
-    let total = (devices * per_device) as i64;
-    assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 8), total as usize);
+    let total = devices * per_device;
+    assert_eq!(
+        publish(sluice.mqtt, messages, QoS::AtLeastOnce, 8),
+        total as usize
+    );
 
     let count = "SELECT count(*) FROM telemetry";
-    assert_eq!(sluice.wait_for(count, total, Duration::from_secs(30)), total);
+    assert_eq!(
+        sluice.wait_for(count, total, Duration::from_secs(30)),
+        total
+    );
 
     // Exact per-device counts.
     let per_device_counts = sluice.query(
@@ -107,8 +113,14 @@ fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush()
             let co2 = b.column(4).as_primitive::<Float64Type>();
             for i in 0..b.num_rows() {
                 let key = (device.value(i).to_owned(), ts.value(i));
-                let expected = sent.get(&key).unwrap_or_else(|| panic!("unexpected row {key:?}"));
-                assert_eq!(temperature.value(i).to_bits(), expected.temperature.to_bits(), "{key:?}");
+                let expected = sent
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("unexpected row {key:?}"));
+                assert_eq!(
+                    temperature.value(i).to_bits(),
+                    expected.temperature.to_bits(),
+                    "{key:?}"
+                );
                 assert_eq!(battery.value(i).to_bits(), expected.battery.to_bits());
                 match expected.co2 {
                     Some(v) => assert_eq!(co2.value(i).to_bits(), v.to_bits(), "{key:?}"),
@@ -137,11 +149,20 @@ fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush()
 
     // One more reading: part hot, part cold, one table.
     let (topic, payload) = telemetry("dev-0000", "2024-01-15T12:00:00Z", 1.0, 1.0);
-    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1), 1);
-    assert_eq!(sluice.wait_for(count, total + 1, Duration::from_secs(10)), total + 1);
+    assert_eq!(
+        publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1),
+        1
+    );
+    assert_eq!(
+        sluice.wait_for(count, total + 1, Duration::from_secs(10)),
+        total + 1
+    );
 
     let metrics = sluice.get("/metrics").1;
-    assert!(metrics.contains("sluice_broker_skipped_messages_total 0"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_broker_skipped_messages_total 0"),
+        "{metrics}"
+    );
     assert!(metrics.contains(&format!("sluice_ingest_rows_total {}", total + 1)));
 
     let data_dir = sluice.data_dir.clone();
@@ -195,7 +216,10 @@ fn sigterm_flushes_everything_acknowledged_to_parquet() {
                 pending.push(p);
             } else {
                 let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                assert!(name.starts_with("part-") && name.ends_with(".parquet"), "{name}");
+                assert!(
+                    name.starts_with("part-") && name.ends_with(".parquet"),
+                    "{name}"
+                );
             }
         }
     }
@@ -238,7 +262,10 @@ print(t.num_rows)
         "pyarrow: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), rows.to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        rows.to_string()
+    );
 }
 
 #[test]
@@ -276,7 +303,12 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
         }
         expected_reasons.push((body.clone(), reasons));
         messages.push((topic, body));
-        messages.push(telemetry(&format!("ok-{i}"), "2024-01-15T10:30:00Z", i as f64, 1.0));
+        messages.push(telemetry(
+            &format!("ok-{i}"),
+            "2024-01-15T10:30:00Z",
+            i as f64,
+            1.0,
+        ));
         valid += 1;
     }
     // A topic outside the contract is kept too, not dropped.
@@ -298,11 +330,19 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
 
     let rejects = expected_reasons.len() as i64;
     assert_eq!(
-        sluice.wait_for("SELECT count(*) FROM rejects", rejects, Duration::from_secs(20)),
+        sluice.wait_for(
+            "SELECT count(*) FROM rejects",
+            rejects,
+            Duration::from_secs(20)
+        ),
         rejects
     );
     assert_eq!(
-        sluice.wait_for("SELECT count(*) FROM telemetry", valid, Duration::from_secs(20)),
+        sluice.wait_for(
+            "SELECT count(*) FROM telemetry",
+            valid,
+            Duration::from_secs(20)
+        ),
         valid
     );
 
@@ -310,10 +350,15 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
     let mut stored: Vec<(Vec<u8>, u64, String)> = Vec::new();
     for b in &batches {
         for i in 0..b.num_rows() {
-            assert!(!b.column(3).as_string::<i32>().value(i).is_empty(), "a detail is given");
+            assert!(
+                !b.column(3).as_string::<i32>().value(i).is_empty(),
+                "a detail is given"
+            );
             stored.push((
                 b.column(0).as_binary::<i32>().value(i).to_vec(),
-                b.column(1).as_primitive::<arrow::datatypes::UInt64Type>().value(i),
+                b.column(1)
+                    .as_primitive::<arrow::datatypes::UInt64Type>()
+                    .value(i),
                 b.column(2).as_string::<i32>().value(i).to_owned(),
             ));
         }
@@ -324,7 +369,12 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
             .iter()
             .find(|(payload, size, _)| payload == kept && *size == body.len() as u64)
             .unwrap_or_else(|| panic!("no reject for {:?}", String::from_utf8_lossy(kept)));
-        assert!(reasons.contains(&row.2), "{:?}: got {}, want {reasons:?}", String::from_utf8_lossy(kept), row.2);
+        assert!(
+            reasons.contains(&row.2),
+            "{:?}: got {}, want {reasons:?}",
+            String::from_utf8_lossy(kept),
+            row.2
+        );
     }
 
     // The good examples are stored as their notes say.
@@ -336,8 +386,15 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
     let b = arrow::compute::concat_batches(&good_rows[0].schema(), &good_rows).unwrap();
     let ts = b.column(1).as_primitive::<Int64Type>();
     let temperature = b.column(2).as_primitive::<Float64Type>();
-    assert_eq!(ts.value(0), 1_705_314_600_123_000_000, "offset converted to UTC");
-    assert!(b.column(4).is_null(1) && b.column(5).is_null(1), "sensor-a has no metadata");
+    assert_eq!(
+        ts.value(0),
+        1_705_314_600_123_000_000,
+        "offset converted to UTC"
+    );
+    assert!(
+        b.column(4).is_null(1) && b.column(5).is_null(1),
+        "sensor-a has no metadata"
+    );
     assert!(b.column(3).is_null(2), "sensor-b has no humidity");
     assert_eq!(b.column(6).as_primitive::<Float64Type>().value(2), 612.0);
     assert_eq!(b.column(7).as_primitive::<Float64Type>().value(2), 1013.25);
@@ -347,13 +404,23 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
     // Still serving after all that.
     assert_eq!(sluice.get("/ready").0, 200);
     let (topic, payload) = telemetry("after", "2024-01-15T11:00:00Z", 2.0, 2.0);
-    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtMostOnce, 1), 1);
     assert_eq!(
-        sluice.wait_for("SELECT count(*) FROM telemetry WHERE device_id = 'after'", 1, Duration::from_secs(10)),
+        publish(sluice.mqtt, vec![(topic, payload)], QoS::AtMostOnce, 1),
+        1
+    );
+    assert_eq!(
+        sluice.wait_for(
+            "SELECT count(*) FROM telemetry WHERE device_id = 'after'",
+            1,
+            Duration::from_secs(10)
+        ),
         1
     );
     let metrics = sluice.get("/metrics").1;
-    assert!(metrics.contains("sluice_ingest_rejects_total{reason=\"too_large\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_ingest_rejects_total{reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -361,23 +428,50 @@ fn the_sql_command_reports_errors_clearly_and_formats_results() {
     let dir = tempfile::tempdir().unwrap();
     let sluice = Sluice::start(&dir.path().join("data"), &[]);
     let (topic, payload) = telemetry("d1", "2024-01-15T10:30:00Z", 21.5, 80.0);
-    assert_eq!(publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1), 1);
+    assert_eq!(
+        publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1),
+        1
+    );
     sluice.wait_for("SELECT count(*) FROM telemetry", 1, Duration::from_secs(10));
     let server = sluice.http.clone();
 
-    let (ok, stdout, _) = cli(&["sql", "--server", &server, "--format", "json", "SELECT device_id, temperature FROM telemetry"]);
+    let (ok, stdout, _) = cli(&[
+        "sql",
+        "--server",
+        &server,
+        "--format",
+        "json",
+        "SELECT device_id, temperature FROM telemetry",
+    ]);
     assert!(ok);
     assert_eq!(stdout.trim(), r#"[{"device_id":"d1","temperature":21.5}]"#);
-    let (ok, stdout, _) = cli(&["sql", "--server", &server, "SELECT device_id FROM telemetry"]);
+    let (ok, stdout, _) = cli(&[
+        "sql",
+        "--server",
+        &server,
+        "SELECT device_id FROM telemetry",
+    ]);
     assert!(ok && stdout.contains("| d1        |"), "{stdout}");
 
     for (args, message) in [
         (vec!["sql", "--server", &server, "SELEC 1"], "SQL error"),
-        (vec!["sql", "--server", &server, "SELECT nope FROM telemetry"], "nope"),
-        (vec!["sql", "--server", &server, "DROP TABLE telemetry"], "not supported"),
-        (vec!["sql", "--server", "http://127.0.0.1:1", "SELECT 1"], "cannot reach"),
+        (
+            vec!["sql", "--server", &server, "SELECT nope FROM telemetry"],
+            "nope",
+        ),
+        (
+            vec!["sql", "--server", &server, "DROP TABLE telemetry"],
+            "not supported",
+        ),
+        (
+            vec!["sql", "--server", "http://127.0.0.1:1", "SELECT 1"],
+            "cannot reach",
+        ),
         (vec!["sql", "SELECT 1"], "--server"),
-        (vec!["sql", "--data-dir", "/no/such/dir", "SELECT 1"], "/no/such/dir"),
+        (
+            vec!["sql", "--data-dir", "/no/such/dir", "SELECT 1"],
+            "/no/such/dir",
+        ),
     ] {
         let (ok, _, stderr) = cli(&args);
         assert!(!ok, "{args:?} should fail");
@@ -419,8 +513,15 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
     let addr = taken.local_addr().unwrap().to_string();
     let data = dir.path().join("data");
     let (ok, _, stderr) = cli(&[
-        "serve", "--data-dir", data.to_str().unwrap(), "--mqtt-addr", &addr,
-        "--mqtt5-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mqtt-addr",
+        &addr,
+        "--mqtt5-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
     ]);
     assert!(!ok);
     assert!(stderr.contains(&addr), "{stderr}");

@@ -43,7 +43,7 @@ pub enum BrokerError {
     #[error("invalid broker setting: {0}")]
     Config(String),
     #[error("the broker's router stopped: {0}")]
-    Router(#[from] LinkError),
+    Router(String),
     #[error("cannot start the broker's threads: {0}")]
     Runtime(std::io::Error),
 }
@@ -243,6 +243,13 @@ impl Drop for Broker {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+impl From<LinkError> for BrokerError {
+    fn from(e: LinkError) -> Self {
+        // LinkError can carry a whole router event; the message is what a caller uses.
+        BrokerError::Router(e.to_string())
     }
 }
 

@@ -68,6 +68,9 @@ pub fn rejects_schema() -> SchemaRef {
 pub trait RowBuilder {
     /// Rows appended since the last `finish`.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Returns the appended rows as a batch and starts a new one.
     fn finish(&mut self) -> RecordBatch;
 }
@@ -307,7 +310,7 @@ impl<B: RowBuilder> Batcher<B> {
 
     /// Seals whatever is open (on shutdown); `None` if the batch is empty.
     pub fn drain(&mut self) -> Option<RecordBatch> {
-        (self.builder.len() > 0).then(|| self.seal())
+        (!self.builder.is_empty()).then(|| self.seal())
     }
 
     fn seal(&mut self) -> RecordBatch {

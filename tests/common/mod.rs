@@ -27,7 +27,13 @@ impl Sluice {
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Sluice {
         let log = data_dir.with_extension("log");
         let mut child = Command::new(BIN)
-            .args(["serve", "--mqtt-addr", "127.0.0.1:0", "--mqtt5-addr", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--mqtt5-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
@@ -75,7 +81,11 @@ impl Sluice {
             .unwrap();
         let status = response.status();
         let body = response.bytes().unwrap();
-        assert!(status.is_success(), "{sql}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            status.is_success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&body)
+        );
         let reader =
             arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
         reader.map(|b| b.unwrap()).collect()
@@ -151,7 +161,10 @@ pub fn int_at(batches: &[RecordBatch], column: usize, row: usize) -> i64 {
     let mut row = row;
     for b in batches {
         if row < b.num_rows() {
-            return b.column(column).as_primitive::<arrow::datatypes::Int64Type>().value(row);
+            return b
+                .column(column)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(row);
         }
         row -= b.num_rows();
     }
