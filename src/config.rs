@@ -165,7 +165,8 @@ pub(crate) struct Overrides {
 impl Config {
     /// Loads the layers: defaults, then `file`, then `SLUICE_*` variables from `env`
     /// (`SLUICE_DATA_DIR`, `SLUICE_MQTT__ADDR`, `SLUICE_STORAGE__FLUSH_INTERVAL`, …:
-    /// a double underscore separates sections), then `overrides`.
+    /// a double underscore separates sections; the flags' names `SLUICE_MQTT_ADDR`,
+    /// `SLUICE_MQTT5_ADDR`, `SLUICE_HTTP_ADDR` work too), then `overrides`.
     pub(crate) fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -183,9 +184,15 @@ impl Config {
             .filter(|(k, _)| k.starts_with("SLUICE_"))
             .collect();
         for (key, value) in env {
-            let path = key["SLUICE_".len()..]
-                .to_ascii_lowercase()
-                .replace("__", ".");
+            let path = match key.as_str() {
+                // The flags' names work as variables too.
+                "SLUICE_MQTT_ADDR" => "mqtt.addr".to_owned(),
+                "SLUICE_MQTT5_ADDR" => "mqtt.v5_addr".to_owned(),
+                "SLUICE_HTTP_ADDR" => "http.addr".to_owned(),
+                _ => key["SLUICE_".len()..]
+                    .to_ascii_lowercase()
+                    .replace("__", "."),
+            };
             let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
             figment = figment.merge(Serialized::default(&path, value));
         }
@@ -326,6 +333,7 @@ mod tests {
             env(&[
                 ("SLUICE_MQTT__ADDR", "127.0.0.1:2000"),
                 ("SLUICE_INGEST__BATCH_AGE", "50ms"),
+                ("SLUICE_HTTP_ADDR", "127.0.0.1:3000"),
                 ("OTHER", "ignored"),
             ]),
             &Overrides {
@@ -339,7 +347,8 @@ mod tests {
         assert_eq!(config.ingest.batch_age, Duration::from_millis(50));
         assert_eq!(config.storage.flush_interval, Duration::from_secs(5));
         assert_eq!(config.storage.flush_rows, 10);
-        assert_eq!(config.http, HttpConfig::default());
+        assert_eq!(config.http.addr, "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(config.mqtt.v5_addr, MqttConfig::default().v5_addr);
     }
 
     #[test]

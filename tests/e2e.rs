@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
-use common::{Sluice, cli, publish, telemetry};
+use common::{Sluice, cli, offline_csv, publish, telemetry};
 use rumqttc::QoS;
 
 const T0: i64 = 1_705_312_800; // 2024-01-15T10:00:00Z
@@ -167,16 +167,15 @@ fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush()
 
     let data_dir = sluice.data_dir.clone();
     assert!(sluice.terminate().success());
-    let (ok, stdout, stderr) = cli(&[
-        "sql",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--format",
-        "csv",
-        "SELECT count(*) AS n FROM telemetry",
-    ]);
-    assert!(ok, "{stderr}");
-    assert_eq!(stdout, format!("n\n{}\n", total + 1));
+    assert_eq!(
+        offline_csv(&data_dir, "SELECT count(*) AS n FROM telemetry"),
+        format!(
+            "n
+{}
+",
+            total + 1
+        )
+    );
 }
 
 #[test]
@@ -195,17 +194,14 @@ fn sigterm_flushes_everything_acknowledged_to_parquet() {
     let status = sluice.terminate();
     assert!(status.success(), "exit status {status}");
 
-    let (ok, stdout, stderr) = cli(&[
-        "sql",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--format",
-        "csv",
-        "SELECT count(*) AS n, count(DISTINCT device_id) AS devices, sum(temperature) * 8 AS s FROM telemetry",
-    ]);
-    assert!(ok, "{stderr}");
     let expected_sum: i64 = (0..3000).sum();
-    assert_eq!(stdout, format!("n,devices,s\n3000,300,{expected_sum}.0\n"));
+    assert_eq!(
+        offline_csv(
+            &data_dir,
+            "SELECT count(*) AS n, count(DISTINCT device_id) AS devices, sum(temperature) * 8 AS s FROM telemetry"
+        ),
+        format!("n,devices,s\n3000,300,{expected_sum}.0\n")
+    );
 
     // No temporary file is left behind, and every file is readable.
     let mut pending = vec![data_dir.clone()];

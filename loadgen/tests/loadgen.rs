@@ -19,6 +19,15 @@ fn broker() -> (Broker, sluice_broker::Subscription) {
     (broker, sub)
 }
 
+/// Runs the loadgen on a runtime of its own until it ends.
+fn run_to_end(config: LoadgenConfig) -> Result<sluice_loadgen::Report, LoadgenError> {
+    tokio::runtime::Runtime::new().unwrap().block_on(run(
+        config,
+        Arc::new(Progress::default()),
+        Arc::new(AtomicBool::new(false)),
+    ))
+}
+
 #[test]
 fn each_device_reports_once_per_interval_and_every_message_is_acked() {
     let (broker, mut sub) = broker();
@@ -28,14 +37,7 @@ fn each_device_reports_once_per_interval_and_every_message_is_acked() {
     config.duration = Some(Duration::from_secs(2));
     config.connections = 4;
     config.seed = 42;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let report = runtime
-        .block_on(run(
-            config,
-            Arc::new(Progress::default()),
-            Arc::new(AtomicBool::new(false)),
-        ))
-        .unwrap();
+    let report = run_to_end(config).unwrap();
     assert_eq!(report.sent, 3000);
     assert_eq!(report.acked, 3000);
     assert_eq!(report.errors, 0);
@@ -67,21 +69,13 @@ fn a_missing_broker_is_a_clear_error() {
     drop(free);
     let mut config = LoadgenConfig::new(addr.to_string());
     config.connections = 1;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let error = runtime
-        .block_on(run(
-            config,
-            Arc::new(Progress::default()),
-            Arc::new(AtomicBool::new(false)),
-        ))
-        .unwrap_err();
+    let error = run_to_end(config).unwrap_err();
     assert!(matches!(error, LoadgenError::Connect { .. }), "{error}");
     assert!(error.to_string().contains(&addr.to_string()));
 }
 
 #[test]
 fn bad_settings_are_refused_by_name() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     for (change, name) in [
         (
             Box::new(|c: &mut LoadgenConfig| c.devices = 0) as Box<dyn Fn(&mut LoadgenConfig)>,
@@ -100,13 +94,7 @@ fn bad_settings_are_refused_by_name() {
     ] {
         let mut config = LoadgenConfig::new("127.0.0.1:1");
         change(&mut config);
-        let error = runtime
-            .block_on(run(
-                config,
-                Arc::new(Progress::default()),
-                Arc::new(AtomicBool::new(false)),
-            ))
-            .unwrap_err();
+        let error = run_to_end(config).unwrap_err();
         assert!(error.to_string().contains(name), "{error}");
     }
 }

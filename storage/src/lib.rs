@@ -204,7 +204,7 @@ impl Storage {
         let config = &self.inner.config;
         let mut waited_since: Option<Instant> = None;
         let mut warned_at = Instant::now();
-        while table.stats().hot_rows >= config.max_hot_rows {
+        while table.snapshot().hot_rows() >= config.max_hot_rows {
             self.want_flush();
             let since = *waited_since.get_or_insert_with(Instant::now);
             if warned_at.elapsed() >= Duration::from_secs(5) {

@@ -258,3 +258,17 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `sluice sql --data-dir DIR --format csv SQL` and returns its output.
+pub fn offline_csv(data_dir: &Path, sql: &str) -> String {
+    let (ok, stdout, stderr) = cli(&[
+        "sql",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--format",
+        "csv",
+        sql,
+    ]);
+    assert!(ok, "{sql}: {stderr}");
+    stdout
+}
