@@ -224,7 +224,7 @@ fn sigterm_flushes_everything_acknowledged_to_parquet() {
 
 /// The files are ordinary Parquet: pyarrow (the C++ implementation) reads the Hive
 /// layout, UTC timestamps, zstd pages and the sort order. Skipped where pyarrow is not
-/// installed, except when `SLUICE_REQUIRE_PYARROW` is set (as `.ci/run` does).
+/// installed, except when `CI_REQUIRE_PYARROW` is set (as `.ci/run` does).
 fn read_with_pyarrow(data_dir: &std::path::Path, rows: usize) {
     let script = r#"
 import sys, pyarrow.dataset as ds, pyarrow.parquet as pq, pyarrow as pa
@@ -246,8 +246,8 @@ print(t.num_rows)
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
         assert!(
-            std::env::var_os("SLUICE_REQUIRE_PYARROW").is_none(),
-            "SLUICE_REQUIRE_PYARROW is set but python3 cannot import pyarrow"
+            std::env::var_os("CI_REQUIRE_PYARROW").is_none(),
+            "CI_REQUIRE_PYARROW is set but python3 cannot import pyarrow"
         );
         eprintln!("skipped the pyarrow check: pyarrow is not installed (pip install pyarrow)");
         return;
@@ -479,7 +479,7 @@ fn the_sql_command_reports_errors_clearly_and_formats_results() {
     }
 
     // The prompt reads statements ending with ';' from standard input.
-    let mut child = std::process::Command::new(common::BIN)
+    let mut child = common::sluice_command()
         .args(["sql", "--server", &server, "--format", "csv"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -12,6 +12,18 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
+/// The `sluice` binary with no `SLUICE_*` settings inherited from the caller's
+/// environment: tests configure it through flags only.
+pub fn sluice_command() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SLUICE_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A `sluice serve` child process.
 pub struct Sluice {
     child: Option<Child>,
@@ -26,7 +38,7 @@ impl Sluice {
     /// Starts `sluice serve` on port 0 everywhere and waits for its ready line.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Sluice {
         let log = data_dir.with_extension("log");
-        let mut child = Command::new(BIN)
+        let mut child = sluice_command()
             .args([
                 "serve",
                 "--mqtt-addr",
@@ -251,7 +263,7 @@ pub fn telemetry(device: &str, ts: &str, temperature: f64, battery: f64) -> (Str
 
 /// Runs the `sluice` binary with `args`; returns (success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = sluice_command().args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
