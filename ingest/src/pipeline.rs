@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use arrow::array::AsArray;
+use arrow::datatypes::TimestampNanosecondType;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -15,6 +17,9 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Regi
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
 use crate::decode::{DecodeLimits, RejectReason, decode};
+
+/// Index of `ts` in the telemetry schema.
+const TS_COLUMN: usize = 1;
 
 /// One message as it came off the broker.
 #[derive(Debug, Clone)]
@@ -64,6 +69,7 @@ pub struct IngestMetrics {
     rejects: IntCounterVec,
     batches: IntCounterVec,
     batch_rows: Histogram,
+    queryable_lag: Histogram,
 }
 
 impl IngestMetrics {
@@ -95,7 +101,17 @@ impl IngestMetrics {
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(rejects.clone()))?;
         registry.register(Box::new(batches.clone()))?;
+        // From event time (the message's timestamp) to the moment the row is queryable.
+        // For a device with a good clock this is publish → queryable.
+        let queryable_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_ingest_queryable_lag_seconds",
+                "Time from a reading's event time to when it became queryable",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
+        )?;
         registry.register(Box::new(batch_rows.clone()))?;
+        registry.register(Box::new(queryable_lag.clone()))?;
         // Every reason is present from the start, so a rate over it is never "no data".
         for reason in RejectReason::ALL {
             rejects.with_label_values(&[reason.as_str()]);
@@ -106,6 +122,7 @@ impl IngestMetrics {
             rejects,
             batches,
             batch_rows,
+            queryable_lag,
         })
     }
 
@@ -269,7 +286,20 @@ impl Worker {
 
     fn emit_telemetry(&self, batch: RecordBatch, reason: SealReason) {
         self.metrics.sealed("telemetry", reason, &batch);
+        let ts = batch
+            .column(TS_COLUMN)
+            .as_primitive::<TimestampNanosecondType>()
+            .clone();
         self.sink.append_telemetry(batch);
+        let now_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or_default();
+        let lag = self.metrics.queryable_lag.local();
+        for event_ns in ts.values() {
+            lag.observe(now_ns.saturating_sub(*event_ns).max(0) as f64 / 1e9);
+        }
+        lag.flush();
     }
 
     fn emit_rejects(&self, batch: RecordBatch, reason: SealReason) {
@@ -361,6 +391,11 @@ mod tests {
                 .iter()
                 .all(|b| b.num_rows() <= 100)
         );
+    }
+
+    #[test]
+    fn the_ts_column_index_matches_the_schema() {
+        assert_eq!(crate::telemetry_schema().index_of("ts").unwrap(), TS_COLUMN);
     }
 
     #[test]
