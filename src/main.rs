@@ -113,9 +113,18 @@ struct LoadgenArgs {
     broker: String,
     #[arg(long, default_value_t = 1000)]
     devices: u64,
-    /// Messages per second, all devices together [default: one per device every 30 s].
+    /// Messages per second, all devices together [default: devices / interval].
     #[arg(long, value_name = "MSGS_PER_S")]
     rate: Option<f64>,
+    /// Seconds between two readings of one device (when --rate is not given).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    interval: f64,
+    /// Fraction of messages sent malformed, cycling through every reject reason.
+    #[arg(long, default_value_t = 0.0)]
+    bad_rate: f64,
+    /// Fraction of devices that run hot (82–90 °C) 3 minutes in every 10.
+    #[arg(long, default_value_t = 0.0)]
+    anomaly_rate: f64,
     /// Seconds to run.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     duration: f64,
@@ -336,7 +345,12 @@ fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
 fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let mut config = sluice_loadgen::LoadgenConfig::new(args.broker);
     config.devices = args.devices;
-    config.rate = args.rate.unwrap_or(args.devices as f64 / 30.0);
+    if args.rate.is_none() && !(args.interval.is_finite() && args.interval > 0.0) {
+        anyhow::bail!("--interval must be a positive number of seconds");
+    }
+    config.rate = args.rate.unwrap_or(args.devices as f64 / args.interval);
+    config.bad_rate = args.bad_rate;
+    config.anomaly_rate = args.anomaly_rate;
     if !(args.duration.is_finite() && args.duration > 0.0) {
         anyhow::bail!("--duration must be a positive number of seconds");
     }

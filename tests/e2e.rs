@@ -526,3 +526,73 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
     assert!(!ok);
     assert!(stderr.contains(&addr), "{stderr}");
 }
+
+#[test]
+fn a_short_fleet_run_loses_nothing_and_every_malformed_message_is_a_reject() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let broker = sluice.mqtt.to_string();
+    let (ok, stdout, stderr) = cli(&[
+        "loadgen",
+        "--broker",
+        &broker,
+        "--devices",
+        "10000",
+        "--rate",
+        "3000",
+        "--duration",
+        "3",
+        "--connections",
+        "8",
+        "--bad-rate",
+        "0.05",
+        "--seed",
+        "7",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let acked = report["acked"].as_i64().unwrap();
+    let bad = report["bad"].as_i64().unwrap();
+    assert_eq!(acked, 9000, "{report}");
+    assert!(bad > 300 && bad < 600, "about 5 % malformed: {bad}");
+
+    let within = Duration::from_secs(20);
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM rejects", bad, within),
+        bad
+    );
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", acked - bad, within),
+        acked - bad
+    );
+    let by_reason =
+        sluice.query("SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason");
+    let mut reasons = Vec::new();
+    for b in &by_reason {
+        for i in 0..b.num_rows() {
+            reasons.push((
+                b.column(0).as_string::<i32>().value(i).to_owned(),
+                b.column(1).as_primitive::<Int64Type>().value(i),
+            ));
+        }
+    }
+    let mut kinds: Vec<&str> = sluice_loadgen::BAD_KINDS.to_vec();
+    kinds.sort();
+    assert_eq!(
+        reasons.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
+        kinds
+    );
+    let per_kind = bad / kinds.len() as i64;
+    assert!(
+        reasons
+            .iter()
+            .all(|(_, n)| (per_kind..=per_kind + 1).contains(n)),
+        "{reasons:?}"
+    );
+    // 10,000 devices every 3.3 s for 3 s: each of the 9,000 messages is another device's.
+    assert_eq!(
+        sluice.scalar("SELECT count(DISTINCT device_id) FROM telemetry"),
+        acked - bad
+    );
+}

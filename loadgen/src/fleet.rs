@@ -22,6 +22,8 @@ struct Traits {
     lat: f64,
     lng: f64,
     firmware: &'static str,
+    /// Uniform in [0, 1): the device is anomalous when this is below the anomaly rate.
+    anomaly_draw: f64,
 }
 
 /// What changes from reading to reading.
@@ -34,6 +36,7 @@ struct State {
 /// A set of devices with consecutive indices, simulated by one connection.
 pub struct Fleet {
     seed: u64,
+    anomaly_rate: f64,
     indices: Vec<u64>,
     states: Vec<State>,
     rng: ChaCha8Rng,
@@ -64,6 +67,7 @@ fn traits(seed: u64, index: u64) -> Traits {
         lat: rng.random_range(-60.0..70.0),
         lng: rng.random_range(-180.0..180.0),
         firmware,
+        anomaly_draw: rng.random_range(0.0..1.0),
     }
 }
 
@@ -129,10 +133,18 @@ impl Fleet {
             .collect();
         Fleet {
             seed,
+            anomaly_rate: 0.0,
             rng: ChaCha8Rng::seed_from_u64(seed ^ indices.first().copied().unwrap_or(0)),
             indices,
             states,
         }
+    }
+
+    /// Makes about this fraction of the devices anomalous: every 10 minutes they run hot
+    /// (82–90 °C) for 3 minutes, crossing typical alert thresholds and coming back.
+    pub fn with_anomaly_rate(mut self, rate: f64) -> Fleet {
+        self.anomaly_rate = rate;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -155,11 +167,16 @@ impl Fleet {
             state.battery = 100.0; // recharged
         }
         let day_phase = (unix_seconds % 86_400.0) / 86_400.0 * std::f64::consts::TAU;
+        let overheating = traits.anomaly_draw < self.anomaly_rate
+            && (unix_seconds + index as f64 * 37.0) % 600.0 < 180.0;
+        let temperature = if overheating {
+            self.rng.random_range(82.0..90.0)
+        } else {
+            traits.base_temperature + 5.0 * day_phase.sin() + f64::from(state.temperature_walk)
+        };
         Reading {
             device_index: index,
-            temperature: round2(
-                traits.base_temperature + 5.0 * day_phase.sin() + f64::from(state.temperature_walk),
-            ),
+            temperature: round2(temperature),
             humidity: round2(traits.base_humidity + self.rng.random_range(-2.0..2.0)),
             battery: f64::from(state.battery.round()),
             signal_strength: (traits.base_signal + self.rng.random_range(-3.0..3.0)).round(),
@@ -233,6 +250,28 @@ mod tests {
         assert!(json["payload"]["signalStrength"].is_number());
         assert!(json["metadata"]["firmwareVersion"].is_string());
         assert!(json["metadata"]["location"]["lat"].is_number());
+    }
+
+    #[test]
+    fn anomalous_devices_run_hot_for_3_of_every_10_minutes() {
+        let indices: Vec<u64> = (0..200).collect();
+        let mut normal = Fleet::new(9, indices.clone());
+        assert!((0..6000).all(|s| normal.next_reading(s % 200, s as f64).temperature < 40.0));
+        let mut fleet = Fleet::new(9, indices).with_anomaly_rate(0.1);
+        let hot: std::collections::HashMap<u64, usize> = (0..600 * 200)
+            .map(|i| fleet.next_reading(i % 200, (i / 200) as f64))
+            .filter(|r| r.temperature > 80.0)
+            .fold(Default::default(), |mut m, r| {
+                *m.entry(r.device_index).or_default() += 1;
+                m
+            });
+        // About 10 % of 200 devices (±3σ).
+        assert!(
+            (8..=35).contains(&hot.len()),
+            "{} anomalous devices",
+            hot.len()
+        );
+        assert!(hot.values().all(|&n| n == 180), "3 minutes in every 10");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! connection sends on an open-loop schedule ([`Schedule`]) and measures latency from the
 //! scheduled time to the PUBACK (QoS 1) or to the write (QoS 0).
 
+mod bad;
 mod fleet;
 mod schedule;
 
@@ -13,9 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
 
+pub use bad::{BAD_KINDS, bad_message};
 pub use fleet::{Fleet, Reading, device_id};
 pub use schedule::Schedule;
 
@@ -46,6 +50,10 @@ pub struct LoadgenConfig {
     /// QoS 1 messages awaiting PUBACK per connection.
     pub max_inflight: u16,
     pub client_id_prefix: String,
+    /// Fraction of messages replaced by malformed ones, cycling through [`BAD_KINDS`].
+    pub bad_rate: f64,
+    /// Fraction of devices that periodically run hot (see [`Fleet::with_anomaly_rate`]).
+    pub anomaly_rate: f64,
 }
 
 impl LoadgenConfig {
@@ -60,6 +68,8 @@ impl LoadgenConfig {
             connections: 4,
             max_inflight: 100,
             client_id_prefix: format!("sluice-loadgen-{}", std::process::id()),
+            bad_rate: 0.0,
+            anomaly_rate: 0.0,
         }
     }
 
@@ -83,6 +93,14 @@ impl LoadgenConfig {
                 self.devices, self.connections
             ));
         }
+        for (name, value) in [
+            ("--bad-rate", self.bad_rate),
+            ("--anomaly-rate", self.anomaly_rate),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return bad(format!("{name} must be between 0 and 1, got {value}"));
+            }
+        }
         if self.max_inflight == 0 {
             return bad("--max-inflight must be at least 1".into());
         }
@@ -100,6 +118,7 @@ impl LoadgenConfig {
 /// Live counters of a run, readable while it goes.
 pub struct Progress {
     sent: AtomicU64,
+    bad: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
@@ -109,6 +128,7 @@ impl Default for Progress {
     fn default() -> Self {
         Progress {
             sent: AtomicU64::new(0),
+            bad: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
@@ -124,6 +144,8 @@ fn new_histogram() -> Histogram<u64> {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ProgressSnapshot {
     pub sent: u64,
+    /// Of those sent, malformed on purpose (`--bad-rate`).
+    pub bad: u64,
     pub acked: u64,
     pub errors: u64,
     pub in_flight: u64,
@@ -138,6 +160,7 @@ impl Progress {
         let latency = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         ProgressSnapshot {
             sent,
+            bad: self.bad.load(Ordering::Relaxed),
             acked,
             errors: self.errors.load(Ordering::Relaxed),
             in_flight: sent.saturating_sub(acked),
@@ -168,6 +191,8 @@ pub struct Report {
     pub elapsed_s: f64,
     /// Messages handed to the MQTT clients.
     pub sent: u64,
+    /// Of those, malformed on purpose (`bad_rate`).
+    pub bad: u64,
     /// QoS 1: PUBACKs received. QoS 0: messages written to the socket.
     pub acked: u64,
     pub errors: u64,
@@ -191,8 +216,8 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "sent {}  acked {}  errors {}  rate {:.0} msgs/s",
-            self.sent, self.acked, self.errors, self.acked_rate
+            "sent {} (malformed {})  acked {}  errors {}  rate {:.0} msgs/s",
+            self.sent, self.bad, self.acked, self.errors, self.acked_rate
         )?;
         write!(
             f,
@@ -234,7 +259,9 @@ pub async fn run(
             .set_max_packet_size(1024 * 1024, 1024 * 1024);
         let connection = Connection {
             schedule,
-            fleet: Fleet::new(config.seed, indices),
+            fleet: Fleet::new(config.seed, indices).with_anomaly_rate(config.anomaly_rate),
+            bad_rate: config.bad_rate,
+            rng: ChaCha8Rng::seed_from_u64(config.seed.wrapping_add(c)),
             qos: if config.qos == 1 {
                 QoS::AtLeastOnce
             } else {
@@ -280,6 +307,7 @@ pub async fn run(
         target_rate: config.rate,
         elapsed_s: elapsed,
         sent: snapshot.sent,
+        bad: snapshot.bad,
         acked: snapshot.acked,
         errors: snapshot.errors,
         acked_rate: snapshot.acked as f64 / elapsed.max(1e-9),
@@ -297,6 +325,9 @@ pub async fn run(
 struct Connection {
     schedule: Schedule,
     fleet: Fleet,
+    bad_rate: f64,
+    /// Decides which messages are malformed, reproducibly from the seed.
+    rng: ChaCha8Rng,
     qos: QoS,
     started: Instant,
     wall_start: SystemTime,
@@ -379,14 +410,23 @@ impl Connection {
             let id = device_id(reading.device_index);
             let timestamp = chrono::DateTime::<chrono::Utc>::from(wall)
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let payload = self.fleet.payload(&reading, &id, &timestamp);
+            let malformed = self.bad_rate > 0.0 && self.rng.random_range(0.0..1.0) < self.bad_rate;
+            let (topic, payload) = if malformed {
+                let kind = self.progress.bad.fetch_add(1, Ordering::Relaxed) as usize;
+                bad_message(kind, &id, &timestamp)
+            } else {
+                (
+                    format!("devices/{id}/telemetry"),
+                    self.fleet.payload(&reading, &id, &timestamp),
+                )
+            };
             in_flight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .queued
                 .push_back(due_at);
             if client
-                .publish(format!("devices/{id}/telemetry"), self.qos, false, payload)
+                .publish(topic, self.qos, false, payload)
                 .await
                 .is_err()
             {

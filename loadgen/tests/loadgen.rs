@@ -84,6 +84,10 @@ fn bad_settings_are_refused_by_name() {
         (Box::new(|c: &mut LoadgenConfig| c.rate = -1.0), "--rate"),
         (Box::new(|c: &mut LoadgenConfig| c.qos = 2), "--qos"),
         (
+            Box::new(|c: &mut LoadgenConfig| c.bad_rate = 1.5),
+            "--bad-rate",
+        ),
+        (
             Box::new(|c: &mut LoadgenConfig| c.connections = 5000),
             "--connections",
         ),
