@@ -200,6 +200,16 @@ impl Broker {
                     waited,
                     detail,
                 })?;
+            // With a port resolved from 0, another process could have bound it first and
+            // answered the probe: our listener then fails to bind, at once. Give it a
+            // moment to say so.
+            if let Ok(detail) = failed.recv_timeout(Duration::from_millis(50)) {
+                return Err(BrokerError::NotReady {
+                    addr: *addr,
+                    waited,
+                    detail,
+                });
+            }
         }
         tracing::info!(%mqtt, mqtt5 = ?mqtt5, "MQTT broker ready");
 

@@ -23,6 +23,22 @@ pub use bad::{BAD_KINDS, bad_message};
 pub use fleet::{Fleet, Reading, device_id};
 pub use schedule::Schedule;
 
+/// `sluice-loadgen-<pid>-<n>`: unique per configuration made in this process, so two runs
+/// against one broker never share a client id (the broker would drop the older one).
+fn unique_client_prefix() -> String {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "sluice-loadgen-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Connections connecting at once.
+const CONCURRENT_CONNECTS: usize = 64;
+/// Attempts to connect one connection before the run fails.
+const CONNECT_ATTEMPTS: u64 = 3;
+
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
@@ -67,7 +83,7 @@ impl LoadgenConfig {
             seed: 1,
             connections: 4,
             max_inflight: 100,
-            client_id_prefix: format!("sluice-loadgen-{}", std::process::id()),
+            client_id_prefix: unique_client_prefix(),
             bad_rate: 0.0,
             anomaly_rate: 0.0,
         }
@@ -243,6 +259,7 @@ pub async fn run(
     let wall_start = SystemTime::now();
     let connections = config.connections as u64;
     let mut tasks = Vec::with_capacity(config.connections);
+    let connecting = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CONNECTS));
     for c in 0..connections {
         let schedule = Schedule::for_connection(c, connections, config.devices, config.rate);
         let indices = (0..schedule.devices)
@@ -274,7 +291,11 @@ pub async fn run(
             stop: stop.clone(),
             broker: config.broker.clone(),
         };
-        tasks.push(tokio::spawn(connection.run(options, config.max_inflight)));
+        tasks.push(tokio::spawn(connection.run(
+            options,
+            config.max_inflight,
+            connecting.clone(),
+        )));
     }
     let mut first_error = None;
     for task in tasks {
@@ -347,36 +368,62 @@ struct InFlight {
 }
 
 impl Connection {
-    async fn run(mut self, options: MqttOptions, max_inflight: u16) -> Result<(), LoadgenError> {
-        let (client, mut eventloop) = AsyncClient::new(options, usize::from(max_inflight) * 2);
+    async fn run(
+        mut self,
+        options: MqttOptions,
+        max_inflight: u16,
+        connecting: Arc<tokio::sync::Semaphore>,
+    ) -> Result<(), LoadgenError> {
         let in_flight = Arc::new(Mutex::new(InFlight::default()));
 
         // Connect first, so a broker that is not there is an error, not a silent stall.
-        let connect = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
+        // Only a few connections connect at once (a broker's listen backlog is small),
+        // and a refused or timed-out attempt is retried a few times.
+        let permit = connecting
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let mut attempts = 0;
+        let connected = loop {
+            attempts += 1;
+            // A fresh client id per attempt: rumqttd 0.20 panics when a client id comes
+            // back after a failed connection setup (see ARCHITECTURE.md).
+            let mut options = options.clone();
+            if attempts > 1 {
+                options.set_client_id(format!("{}-retry{attempts}", options.client_id()));
+            }
+            let (client, mut eventloop) = AsyncClient::new(options, usize::from(max_inflight) * 2);
+            let attempt = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
+            })
+            .await
+            .unwrap_or_else(|_| Err("no CONNACK within 10 s".into()));
+            match attempt {
+                Ok(()) => break Ok((client, eventloop)),
+                Err(detail) if attempts >= CONNECT_ATTEMPTS => break Err(detail),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempts)).await,
             }
-        })
-        .await;
-        match connect {
-            Ok(Ok(())) => {}
-            Ok(Err(detail)) => {
+        };
+        drop(permit);
+        let (client, eventloop) = match connected {
+            Ok(connection) => connection,
+            Err(detail) => {
                 return Err(LoadgenError::Connect {
                     broker: self.broker,
-                    detail,
+                    detail: format!("{detail} (after {attempts} attempts)"),
                 });
             }
-            Err(_) => {
-                return Err(LoadgenError::Connect {
-                    broker: self.broker,
-                    detail: "no CONNACK within 10 s".into(),
-                });
-            }
-        }
+        };
+        // This connection's schedule starts now: connecting thousands of connections takes
+        // a while, and latency is measured from the schedule.
+        self.started = Instant::now();
+        self.wall_start = SystemTime::now();
 
         let events = tokio::spawn(event_loop(
             eventloop,
