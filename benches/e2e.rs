@@ -12,15 +12,15 @@
 //! comes from `sluice_ingest_queryable_lag_seconds` (the loadgen's timestamps are its
 //! scheduled publish times). Every scenario stops by itself.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_loadgen::{LoadgenConfig, Progress, Report};
 
-const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Args {
     scenario: String,
@@ -73,64 +73,31 @@ fn main() {
     }
 }
 
-/// A `sluice serve` child on port 0.
+/// The harness of the end-to-end tests: `sluice serve` on port 0 in a temporary
+/// directory, with a few measurements added here.
 struct Sluice {
-    child: Child,
+    server: common::Sluice,
     mqtt: String,
-    http: String,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Sluice {
     fn start() -> Sluice {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(SLUICE)
-            .args([
-                "serve",
-                "--mqtt-addr",
-                "127.0.0.1:0",
-                "--mqtt5-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sluice starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines
-            .find_map(|l| l.ok().filter(|l| l.starts_with("sluice ready:")))
-            .expect("sluice is ready");
-        std::thread::spawn(move || for _ in lines {});
-        let field = |name: &str| {
-            ready
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name))
-                .unwrap()
-                .to_owned()
-        };
+        let server = common::Sluice::start(&dir.path().join("data"), &[]);
         Sluice {
-            child,
-            mqtt: field("mqtt="),
-            http: field("http="),
-            dir,
+            mqtt: server.mqtt.to_string(),
+            server,
+            _dir: dir,
         }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.server.pid()
     }
 
     fn count(&self) -> u64 {
-        let body = reqwest::blocking::Client::new()
-            .post(format!("{}/query?format=csv", self.http))
-            .body("SELECT count(*) FROM telemetry")
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        body.lines().nth(1).unwrap().trim().parse().unwrap()
+        self.server.scalar("SELECT count(*) FROM telemetry") as u64
     }
 
     /// Waits until the stored count reaches `want` or stops moving for 5 s.
@@ -147,21 +114,14 @@ impl Sluice {
     }
 
     fn metrics(&self) -> Metrics {
-        Metrics(
-            reqwest::blocking::get(format!("{}/metrics", self.http))
-                .unwrap()
-                .text()
-                .unwrap(),
-        )
+        Metrics(self.server.get("/metrics").1)
     }
 
-    fn stop(mut self) -> u64 {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        self.child.wait().unwrap();
-        parquet_bytes(&self.dir.path().join("telemetry"))
+    /// SIGTERM (final flush), then the Parquet bytes written.
+    fn stop(self) -> u64 {
+        let data_dir = self.server.data_dir.clone();
+        assert!(self.server.terminate().success());
+        parquet_bytes(&data_dir.join("telemetry"))
     }
 }
 

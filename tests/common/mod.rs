@@ -84,6 +84,10 @@ impl Sluice {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Runs a query through `/query` and decodes the Arrow answer.
     pub fn query(&self, sql: &str) -> Vec<RecordBatch> {
         let response = reqwest::blocking::Client::new()
