@@ -365,6 +365,7 @@ fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let run = runtime.spawn(sluice_loadgen::run(config, progress.clone(), stop.clone()));
     let signal = runtime.spawn(shutdown_signal());
     let tty = std::io::stderr().is_terminal();
+    let mut window = (std::time::Instant::now(), 0u64, 0.0f64);
     while !run.is_finished() {
         std::thread::sleep(Duration::from_millis(250));
         if signal.is_finished() {
@@ -372,8 +373,17 @@ fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         }
         if tty {
             let p = progress.snapshot();
+            // Acknowledged messages per second over the last second.
+            if window.0.elapsed() >= Duration::from_secs(1) {
+                window = (
+                    std::time::Instant::now(),
+                    p.acked,
+                    (p.acked - window.1) as f64 / window.0.elapsed().as_secs_f64(),
+                );
+            }
             eprint!(
-                "\r\x1b[2Ksent {}  acked {}  in flight {}  errors {}  p50 {:.2} ms  p99 {:.2} ms",
+                "\r\x1b[2Krate {:.0} msgs/s  sent {}  acked {}  in flight {}  errors {}  p50 {:.2} ms  p99 {:.2} ms",
+                window.2,
                 p.sent,
                 p.acked,
                 p.in_flight,
