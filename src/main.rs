@@ -234,27 +234,28 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let storage = server.storage.clone();
-    let counters = server.counters.clone();
+    let received = server.received.clone();
     let flag = stop.clone();
     std::thread::spawn(move || {
-        let mut last = (std::time::Instant::now(), counters.received.delivered());
+        let mut last = Sample::take(&storage, &received);
+        let mut waited = Duration::ZERO;
         while !flag.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(500));
-            if last.0.elapsed() < Duration::from_secs(10) {
+            waited += Duration::from_millis(500);
+            if waited < Duration::from_secs(10) {
                 continue;
             }
-            let received = counters.received.delivered();
-            let rate = (received - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            let telemetry = storage.stats(server::TELEMETRY).unwrap_or_default();
+            let now = Sample::take(&storage, &received);
             tracing::info!(
-                msgs_per_s = rate.round(),
-                hot_rows = telemetry.hot_rows,
-                cold_rows = telemetry.cold_rows,
-                rejects = counters.ingest.rejects_total(),
-                lost = counters.received.skipped(),
+                msgs_per_s = now.rate_since(&last).round(),
+                hot_rows = now.hot_rows,
+                cold_rows = now.cold_rows,
+                rejects = now.rejects,
+                lost = now.skipped,
                 "status"
             );
-            last = (std::time::Instant::now(), received);
+            last = now;
+            waited = Duration::ZERO;
         }
     });
     stop
@@ -286,10 +287,10 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let signal = runtime.spawn(shutdown_signal());
 
     let tty = std::io::stdout().is_terminal();
-    let mut previous = Sample::take(&server);
+    let mut previous = Sample::take(&server.storage, &server.received);
     while !signal.is_finished() && !fleet.is_finished() {
         std::thread::sleep(Duration::from_secs(1));
-        let now = Sample::take(&server);
+        let now = Sample::take(&server.storage, &server.received);
         let p = progress.snapshot();
         let line = format!(
             "{} | publish→ack p99 {:.1} ms",
@@ -314,10 +315,11 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         Ok(Err(e)) => eprintln!("loadgen stopped: {e}"),
         Err(e) => eprintln!("loadgen failed: {e}"),
     }
+    // Kept past the shutdown: after the final flush its counts are what is on disk.
+    let storage = server.storage.clone();
     let report = server.shutdown()?;
-    let total = sluice_storage::Storage::open_read_only(&config.data_dir, server::table_specs())
-        .ok()
-        .and_then(|s| s.stats(server::TELEMETRY).ok())
+    let total = storage
+        .stats(server::TELEMETRY)
         .map(|s| s.cold_rows)
         .unwrap_or_default();
     println!(

@@ -75,18 +75,12 @@ pub(crate) struct Addrs {
     pub http: SocketAddr,
 }
 
-/// What the status line and `/metrics` read.
-#[derive(Clone)]
-pub(crate) struct Counters {
-    pub received: SubscriptionCounters,
-    pub ingest: IngestMetrics,
-}
-
 /// A running server.
 pub(crate) struct Server {
     pub addrs: Addrs,
     pub storage: Storage,
-    pub counters: Counters,
+    /// What was read from the broker, and what it dropped.
+    pub received: SubscriptionCounters,
     broker: Broker,
     drain: Drain,
     consumer: JoinHandle<()>,
@@ -122,7 +116,7 @@ impl Server {
         let pipeline = Pipeline::start(
             config.pipeline(),
             Arc::new(StorageSink(storage.clone())),
-            ingest_metrics.clone(),
+            ingest_metrics,
         )
         .context("starting the ingest workers")?;
 
@@ -158,10 +152,7 @@ impl Server {
                 http: http.addr(),
             },
             storage,
-            counters: Counters {
-                received,
-                ingest: ingest_metrics,
-            },
+            received,
             broker,
             drain,
             consumer,

@@ -2,7 +2,11 @@
 
 use std::time::Instant;
 
-use crate::server::{REJECTS, Server, TELEMETRY};
+use sluice_storage::Storage;
+
+use sluice_broker::SubscriptionCounters;
+
+use crate::server::{REJECTS, TELEMETRY};
 
 /// Counters at one moment.
 #[derive(Debug, Clone, Copy)]
@@ -17,15 +21,15 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
-    pub(crate) fn take(server: &Server) -> Sample {
-        let telemetry = server.storage.stats(TELEMETRY).unwrap_or_default();
-        let rejects = server.storage.stats(REJECTS).unwrap_or_default();
+    pub(crate) fn take(storage: &Storage, received: &SubscriptionCounters) -> Sample {
+        let telemetry = storage.stats(TELEMETRY).unwrap_or_default();
+        let rejects = storage.stats(REJECTS).unwrap_or_default();
         Sample {
             at: Instant::now(),
-            received: server.counters.received.delivered(),
+            received: received.delivered(),
             rows: telemetry.hot_rows as u64 + telemetry.cold_rows,
             rejects: rejects.hot_rows as u64 + rejects.cold_rows,
-            skipped: server.counters.received.skipped(),
+            skipped: received.skipped(),
             hot_rows: telemetry.hot_rows,
             cold_rows: telemetry.cold_rows,
         }

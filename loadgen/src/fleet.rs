@@ -112,6 +112,10 @@ pub struct Reading {
     pub humidity: f64,
     pub battery: f64,
     pub signal_strength: f64,
+    /// The device's fixed metadata, carried along so the payload need not derive it again.
+    pub firmware_version: &'static str,
+    pub lat: f64,
+    pub lng: f64,
 }
 
 fn round2(x: f64) -> f64 {
@@ -180,12 +184,14 @@ impl Fleet {
             humidity: round2(traits.base_humidity + self.rng.random_range(-2.0..2.0)),
             battery: f64::from(state.battery.round()),
             signal_strength: (traits.base_signal + self.rng.random_range(-3.0..3.0)).round(),
+            firmware_version: traits.firmware,
+            lat: round2(traits.lat * 1000.0) / 1000.0,
+            lng: round2(traits.lng * 1000.0) / 1000.0,
         }
     }
 
     /// The seed-schema JSON of `reading` taken at `timestamp` (RFC 3339).
     pub fn payload(&self, reading: &Reading, device_id: &str, timestamp: &str) -> Vec<u8> {
-        let traits = traits(self.seed, reading.device_index);
         let message = Message {
             device_id,
             timestamp,
@@ -197,10 +203,10 @@ impl Fleet {
                 signal_strength: reading.signal_strength,
             },
             metadata: Metadata {
-                firmware_version: traits.firmware,
+                firmware_version: reading.firmware_version,
                 location: Location {
-                    lat: round2(traits.lat * 1000.0) / 1000.0,
-                    lng: round2(traits.lng * 1000.0) / 1000.0,
+                    lat: reading.lat,
+                    lng: reading.lng,
                 },
             },
         };
