@@ -111,6 +111,9 @@ struct LoadgenArgs {
     /// MQTT broker, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     broker: String,
+    /// MQTT protocol version (sluice serves MQTT 5 on its `mqtt5` address, :1884).
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    protocol: String,
     #[arg(long, default_value_t = 1000)]
     devices: u64,
     /// Messages per second, all devices together [default: devices / interval].
@@ -346,6 +349,10 @@ fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
 
 fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let mut config = sluice_loadgen::LoadgenConfig::new(args.broker);
+    config.protocol = match args.protocol.as_str() {
+        "5" => sluice_loadgen::Protocol::V5,
+        _ => sluice_loadgen::Protocol::V311,
+    };
     config.devices = args.devices;
     if args.rate.is_none() && !(args.interval.is_finite() && args.interval > 0.0) {
         anyhow::bail!("--interval must be a positive number of seconds");

@@ -266,22 +266,50 @@ impl From<LinkError> for BrokerError {
 fn validate(config: &BrokerConfig) -> Result<(), BrokerError> {
     if config.segment_bytes < 1024 {
         return Err(BrokerError::Config(format!(
-            "broker.segment_bytes is {}, it must be at least 1024",
+            "mqtt.segment_bytes is {}, it must be at least 1024",
             config.segment_bytes
         )));
     }
     if config.buffer_bytes < config.segment_bytes {
         return Err(BrokerError::Config(format!(
-            "broker.buffer_bytes ({}) must be at least broker.segment_bytes ({})",
+            "mqtt.buffer_bytes ({}) must be at least mqtt.segment_bytes ({})",
             config.buffer_bytes, config.segment_bytes
         )));
     }
     if config.max_connections == 0 {
         return Err(BrokerError::Config(
-            "broker.max_connections must be at least 1".into(),
+            "mqtt.max_connections must be at least 1".into(),
         ));
     }
+    // Every connection is a file descriptor. Past the process's limit accept() fails, and
+    // rumqttd retries it at once, forever: refuse such a setting instead.
+    if let Some(limit) = raise_open_files_limit() {
+        let room = limit.saturating_sub(RESERVED_FILES);
+        if config.max_connections as u64 > room {
+            return Err(BrokerError::Config(format!(
+                "mqtt.max_connections is {}, but this process may open {limit} files \
+                 (ulimit -n) and keeps {RESERVED_FILES} for Parquet files and HTTP clients: \
+                 lower mqtt.max_connections to {room} or raise the limit",
+                config.max_connections
+            )));
+        }
+    }
     Ok(())
+}
+
+/// File descriptors kept for everything but MQTT connections (Parquet files being written
+/// and read, HTTP clients, the runtime's own).
+const RESERVED_FILES: u64 = 1000;
+
+/// Raises this process's soft open-files limit to the hard one (as servers commonly do)
+/// and returns it; `None` where it cannot be read.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 fn settings(name: &str, listen: SocketAddr, connections: &ConnectionSettings) -> ServerSettings {
@@ -452,7 +480,7 @@ impl Subscription {
             self.counters.skipped.inc_by(lost);
             tracing::error!(
                 lost,
-                "the broker dropped messages before sluice could read them (ingestion fell behind by more than broker.buffer_bytes)"
+                "the broker dropped messages before sluice could read them (ingestion fell behind by more than mqtt.buffer_bytes)"
             );
         }
         self.last_offset = Some(offset);

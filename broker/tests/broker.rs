@@ -168,3 +168,21 @@ fn a_taken_port_is_a_clear_error() {
         "{text}"
     );
 }
+
+#[test]
+fn more_connections_than_open_files_is_refused_at_start() {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let config = BrokerConfig {
+        max_connections: usize::try_from(hard).unwrap_or(usize::MAX),
+        ..config()
+    };
+    let error = Broker::start(&config, "devices/+/telemetry")
+        .err()
+        .expect("more connections than files");
+    let text = error.to_string();
+    assert!(
+        text.contains("ulimit -n") && text.contains("max_connections"),
+        "{text}"
+    );
+}

@@ -6,6 +6,7 @@
 
 mod bad;
 mod fleet;
+mod mqtt;
 mod schedule;
 
 use std::collections::{HashMap, VecDeque};
@@ -16,11 +17,11 @@ use std::time::{Duration, Instant, SystemTime};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
 
 pub use bad::{BAD_KINDS, bad_message};
 pub use fleet::{Fleet, Reading, device_id};
+pub use mqtt::Protocol;
 pub use schedule::Schedule;
 
 /// `sluice-loadgen-<pid>-<n>`: unique per configuration made in this process, so two runs
@@ -39,6 +40,19 @@ const CONCURRENT_CONNECTS: usize = 64;
 /// Attempts to connect one connection before the run fails.
 const CONNECT_ATTEMPTS: u64 = 3;
 
+/// File descriptors kept for everything but the MQTT connections.
+const RESERVED_FILES: u64 = 64;
+
+/// Raises the soft open-files limit to the hard one and returns it (`None`: unknown).
+fn open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
+}
+
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
@@ -51,8 +65,10 @@ pub enum LoadgenError {
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
-    /// `host:port` of the MQTT broker (MQTT 3.1.1).
+    /// `host:port` of the MQTT broker.
     pub broker: String,
+    /// MQTT 3.1.1 or 5.
+    pub protocol: Protocol,
     pub devices: u64,
     /// Messages per second, all devices together.
     pub rate: f64,
@@ -76,6 +92,7 @@ impl LoadgenConfig {
     pub fn new(broker: impl Into<String>) -> Self {
         LoadgenConfig {
             broker: broker.into(),
+            protocol: Protocol::V311,
             devices: 1000,
             rate: 1000.0,
             duration: Some(Duration::from_secs(10)),
@@ -115,6 +132,17 @@ impl LoadgenConfig {
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return bad(format!("{name} must be between 0 and 1, got {value}"));
+            }
+        }
+        if let Some(limit) = open_files_limit() {
+            let room = limit.saturating_sub(RESERVED_FILES);
+            if self.connections as u64 > room {
+                return bad(format!(
+                    "--connections {} needs as many open files, but this process may open \
+                     {limit} (ulimit -n): use at most {room} per loadgen process and run \
+                     several",
+                    self.connections
+                ));
             }
         }
         if self.max_inflight == 0 {
@@ -202,6 +230,7 @@ pub struct LatencyReport {
 pub struct Report {
     pub devices: u64,
     pub connections: usize,
+    pub protocol: Protocol,
     pub qos: u8,
     pub target_rate: f64,
     pub elapsed_s: f64,
@@ -227,8 +256,13 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "{} devices over {} connections, QoS {}, target {:.0} msgs/s, {:.1} s",
-            self.devices, self.connections, self.qos, self.target_rate, self.elapsed_s
+            "{} devices over {} MQTT {} connections, QoS {}, target {:.0} msgs/s, {:.1} s",
+            self.devices,
+            self.connections,
+            self.protocol,
+            self.qos,
+            self.target_rate,
+            self.elapsed_s
         )?;
         writeln!(
             f,
@@ -265,25 +299,19 @@ pub async fn run(
         let indices = (0..schedule.devices)
             .map(|slot| Schedule::device_index(c, connections, slot))
             .collect();
-        let mut options = MqttOptions::new(
-            format!("{}-{c}", config.client_id_prefix),
-            host.clone(),
+        let options = mqtt::Options {
+            protocol: config.protocol,
+            client_id: format!("{}-{c}", config.client_id_prefix),
+            host: host.clone(),
             port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_inflight(config.max_inflight)
-            .set_max_packet_size(1024 * 1024, 1024 * 1024);
+            max_inflight: config.max_inflight,
+        };
         let connection = Connection {
             schedule,
             fleet: Fleet::new(config.seed, indices).with_anomaly_rate(config.anomaly_rate),
             bad_rate: config.bad_rate,
             rng: ChaCha8Rng::seed_from_u64(config.seed.wrapping_add(c)),
-            qos: if config.qos == 1 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            },
+            qos1: config.qos == 1,
             started,
             wall_start,
             duration: config.duration,
@@ -291,11 +319,7 @@ pub async fn run(
             stop: stop.clone(),
             broker: config.broker.clone(),
         };
-        tasks.push(tokio::spawn(connection.run(
-            options,
-            config.max_inflight,
-            connecting.clone(),
-        )));
+        tasks.push(tokio::spawn(connection.run(options, connecting.clone())));
     }
     let mut first_error = None;
     for task in tasks {
@@ -324,6 +348,7 @@ pub async fn run(
     Ok(Report {
         devices: config.devices,
         connections: config.connections,
+        protocol: config.protocol,
         qos: config.qos,
         target_rate: config.rate,
         elapsed_s: elapsed,
@@ -349,7 +374,8 @@ struct Connection {
     bad_rate: f64,
     /// Decides which messages are malformed, reproducibly from the seed.
     rng: ChaCha8Rng,
-    qos: QoS,
+    /// QoS 1 (else 0).
+    qos1: bool,
     started: Instant,
     wall_start: SystemTime,
     duration: Option<Duration>,
@@ -370,8 +396,7 @@ struct InFlight {
 impl Connection {
     async fn run(
         mut self,
-        options: MqttOptions,
-        max_inflight: u16,
+        options: mqtt::Options,
         connecting: Arc<tokio::sync::Semaphore>,
     ) -> Result<(), LoadgenError> {
         let in_flight = Arc::new(Mutex::new(InFlight::default()));
@@ -388,17 +413,18 @@ impl Connection {
             attempts += 1;
             // A fresh client id per attempt: rumqttd 0.20 panics when a client id comes
             // back after a failed connection setup (see ARCHITECTURE.md).
-            let mut options = options.clone();
-            if attempts > 1 {
-                options.set_client_id(format!("{}-retry{attempts}", options.client_id()));
-            }
-            let (client, mut eventloop) = AsyncClient::new(options, usize::from(max_inflight) * 2);
+            let (client, mut eventloop) = mqtt::client(&mqtt::Options {
+                client_id: match attempts {
+                    1 => options.client_id.clone(),
+                    n => format!("{}-retry{n}", options.client_id),
+                },
+                host: options.host.clone(),
+                ..options
+            });
             let attempt = tokio::time::timeout(Duration::from_secs(10), async {
                 loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) => return Err(e.to_string()),
+                    if let mqtt::Event::ConnAck = eventloop.poll().await? {
+                        return Ok::<(), String>(());
                     }
                 }
             })
@@ -427,7 +453,7 @@ impl Connection {
 
         let events = tokio::spawn(event_loop(
             eventloop,
-            self.qos,
+            self.qos1,
             in_flight.clone(),
             self.progress.clone(),
         ));
@@ -472,11 +498,7 @@ impl Connection {
                 .unwrap_or_else(|p| p.into_inner())
                 .queued
                 .push_back(due_at);
-            if client
-                .publish(topic, self.qos, false, payload)
-                .await
-                .is_err()
-            {
+            if client.publish(topic, self.qos1, payload).await.is_err() {
                 break; // the event loop ended
             }
             self.progress.sent.fetch_add(1, Ordering::Relaxed);
@@ -495,15 +517,15 @@ impl Connection {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = client.disconnect().await;
+        client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
         Ok(())
     }
 }
 
 async fn event_loop(
-    mut eventloop: rumqttc::EventLoop,
-    qos: QoS,
+    mut eventloop: mqtt::EventLoop,
+    qos1: bool,
     in_flight: Arc<Mutex<InFlight>>,
     progress: Arc<Progress>,
 ) {
@@ -513,10 +535,10 @@ async fn event_loop(
         let event = eventloop.poll().await;
         let now = Instant::now();
         match event {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Ok(mqtt::Event::Published(pkid)) => {
                 let mut state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(due) = state.queued.pop_front() {
-                    if qos == QoS::AtMostOnce {
+                    if !qos1 {
                         drop(state);
                         record(&mut local, now, due);
                         progress.acked.fetch_add(1, Ordering::Relaxed);
@@ -525,18 +547,27 @@ async fn event_loop(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+            Ok(mqtt::Event::PubAck(pkid)) => {
                 let due = in_flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .unacked
-                    .remove(&ack.pkid);
+                    .remove(&pkid);
                 if let Some(due) = due {
                     record(&mut local, now, due);
                     progress.acked.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(mqtt::Event::Refused(pkid, reason)) => {
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unacked
+                    .remove(&pkid);
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%reason, "the broker refused a message");
+            }
+            Ok(mqtt::Event::Disconnected) => break,
             Ok(_) => {}
             Err(e) => {
                 progress.errors.fetch_add(1, Ordering::Relaxed);

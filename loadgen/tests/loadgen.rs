@@ -7,12 +7,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use sluice_broker::{Broker, BrokerConfig};
-use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, run};
+use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, Protocol, run};
 
 fn broker() -> (Broker, sluice_broker::Subscription) {
     let config = BrokerConfig {
         mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        mqtt5_addr: None,
+        mqtt5_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         ..BrokerConfig::default()
     };
     let (broker, sub, _drain) = Broker::start(&config, "devices/+/telemetry").unwrap();
@@ -30,8 +30,24 @@ fn run_to_end(config: LoadgenConfig) -> Result<sluice_loadgen::Report, LoadgenEr
 
 #[test]
 fn each_device_reports_once_per_interval_and_every_message_is_acked() {
+    fleet_is_delivered_exactly(Protocol::V311);
+}
+
+#[test]
+fn mqtt5_devices_are_delivered_exactly_too() {
+    fleet_is_delivered_exactly(Protocol::V5);
+}
+
+/// 300 devices report every 0.2 s for 2 s: 10 messages each, all acknowledged, all
+/// delivered by the broker with the right topic.
+fn fleet_is_delivered_exactly(protocol: Protocol) {
     let (broker, mut sub) = broker();
-    let mut config = LoadgenConfig::new(broker.addrs().mqtt.to_string());
+    let addr = match protocol {
+        Protocol::V311 => broker.addrs().mqtt,
+        Protocol::V5 => broker.addrs().mqtt5.unwrap(),
+    };
+    let mut config = LoadgenConfig::new(addr.to_string());
+    config.protocol = protocol;
     config.devices = 300;
     config.rate = 1500.0; // every device every 0.2 s
     config.duration = Some(Duration::from_secs(2));
@@ -74,6 +90,18 @@ fn a_missing_broker_is_a_clear_error() {
     let error = run_to_end(config).unwrap_err();
     assert!(matches!(error, LoadgenError::Connect { .. }), "{error}");
     assert!(error.to_string().contains(addr));
+}
+
+#[test]
+fn more_connections_than_open_files_is_refused_before_connecting() {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let mut config = LoadgenConfig::new("127.0.0.1:1");
+    config.connections = usize::try_from(hard).unwrap_or(usize::MAX / 2);
+    config.devices = config.connections as u64;
+    let error = run_to_end(config).unwrap_err();
+    assert!(matches!(error, LoadgenError::Config(_)), "{error}");
+    assert!(error.to_string().contains("ulimit -n"), "{error}");
 }
 
 #[test]
