@@ -224,6 +224,7 @@ impl Broker {
                 last_offset: None,
                 counters: SubscriptionCounters::new(),
                 marker: marker.clone(),
+                resumed: false,
             },
             Drain {
                 tx: link_tx,
@@ -377,6 +378,9 @@ pub struct Subscription {
     last_offset: Option<u64>,
     counters: SubscriptionCounters,
     marker: Bytes,
+    /// The last read found the link paused by the router (its buffer was full) and
+    /// resumed it: more is waiting right now.
+    resumed: bool,
 }
 
 /// Counters of a subscription (Prometheus counters, readable from any thread).
@@ -465,8 +469,50 @@ impl Subscription {
                     });
                 }
                 // The router paused this link because its buffer filled: ask for more.
-                Some(Notification::Unschedule) => self.rx.ready()?,
+                Some(Notification::Unschedule) => {
+                    self.rx.ready()?;
+                    self.resumed = true;
+                }
                 Some(_) | None => {}
+            }
+        }
+        Ok(Received::Open)
+    }
+
+    /// Like [`recv`](Self::recv), then keeps collecting for `linger` after the first
+    /// delivery (or until `max`). It sleeps meanwhile instead of waking for each of the
+    /// router's hand-offs, and the router buffers for it (up to 200 messages, then the
+    /// link is paused and resumed here without sleeping). At tens of thousands of messages
+    /// a second this turns thousands of thread wake-ups into a few hundred.
+    pub fn recv_batch(
+        &mut self,
+        out: &mut Vec<Delivery>,
+        max: usize,
+        deadline: Instant,
+        linger: Duration,
+    ) -> Result<Received, BrokerError> {
+        let limit = out.len() + max;
+        let before = out.len();
+        self.resumed = false;
+        match self.recv(out, max, deadline)? {
+            Received::Drained => return Ok(Received::Drained),
+            Received::Open if out.len() == before => return Ok(Received::Open),
+            Received::Open => {}
+        }
+        let until = Instant::now() + linger;
+        while out.len() < limit {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let wait = if std::mem::take(&mut self.resumed) {
+                until
+            } else {
+                std::thread::sleep(until - now);
+                Instant::now()
+            };
+            if self.recv(out, limit - out.len(), wait)? == Received::Drained {
+                return Ok(Received::Drained);
             }
         }
         Ok(Received::Open)

@@ -152,6 +152,54 @@ fn draining_delivers_everything_acknowledged_before_the_listeners_stopped() {
 }
 
 #[test]
+fn batched_reads_collect_past_the_routers_pauses_and_stop_at_the_drain_marker() {
+    let (mut broker, mut sub, drain) = Broker::start(&config(), "devices/+/telemetry").unwrap();
+    // 3,000 messages waiting: far more than the 200 the router hands a link before
+    // pausing it, so one batched read must resume the link to get past 200.
+    assert_eq!(publish(broker.addrs().mqtt, "d2", 3000), 3000);
+    let mut got = Vec::new();
+    let outcome = sub
+        .recv_batch(
+            &mut got,
+            2500,
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(
+        (outcome, got.len()),
+        (Received::Open, 2500),
+        "max is honoured"
+    );
+    broker.stop_listeners();
+    drain.start().unwrap();
+    let started = Instant::now();
+    let outcome = loop {
+        let outcome = sub
+            .recv_batch(
+                &mut got,
+                10_000,
+                Instant::now() + Duration::from_millis(100),
+                Duration::from_millis(5),
+            )
+            .unwrap();
+        if outcome == Received::Drained || started.elapsed() > Duration::from_secs(20) {
+            break outcome;
+        }
+    };
+    assert_eq!((outcome, got.len()), (Received::Drained, 3000));
+    let payloads: Vec<usize> = got
+        .iter()
+        .map(|d| std::str::from_utf8(&d.payload).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..3000).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+}
+
+#[test]
 fn a_taken_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let config = BrokerConfig {
