@@ -5,6 +5,7 @@
 //! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
 //! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
+//! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! ```
 //!
 //! What counts as stored is counted in SQL at the end (`lost = acked − stored`); CPU and
@@ -64,12 +65,16 @@ fn args() -> Args {
 }
 
 fn main() {
+    if std::env::var_os(SINK_ENV).is_some() {
+        return discarding_sink();
+    }
     let args = args();
     match args.scenario.as_str() {
         "reference" => reference(&args),
         "max" => max(&args),
         "mosquitto" => mosquitto(&args),
-        other => panic!("unknown scenario {other}: reference, max or mosquitto"),
+        "loadgen" => loadgen_alone(&args),
+        other => panic!("unknown scenario {other}: reference, max, mosquitto or loadgen"),
     }
 }
 
@@ -82,9 +87,20 @@ struct Sluice {
 }
 
 impl Sluice {
-    fn start() -> Sluice {
+    /// Started with room for `connections` MQTT connections.
+    fn start(connections: usize) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
-        let server = common::Sluice::start(&dir.path().join("data"), &[]);
+        let config = dir.path().join("sluice.toml");
+        let max_connections = (connections + 100).max(10_000);
+        std::fs::write(
+            &config,
+            format!("[mqtt]\nmax_connections = {max_connections}\n"),
+        )
+        .unwrap();
+        let server = common::Sluice::start(
+            &dir.path().join("data"),
+            &["--config", config.to_str().unwrap()],
+        );
         Sluice {
             mqtt: server.mqtt.to_string(),
             server,
@@ -254,7 +270,7 @@ fn reference(args: &Args) {
         "reference: {} devices, {} msgs/s, QoS 1, {} s, {} connections",
         args.devices, args.rate, args.secs, args.connections
     );
-    let sluice = Sluice::start();
+    let sluice = Sluice::start(args.connections);
     let pid = sluice.pid();
     let before = sluice.metrics();
     let cpu0 = cpu_seconds(pid);
@@ -342,7 +358,7 @@ fn max(args: &Args) {
         "max: QoS 1, {} connections, {} s per step from {} msgs/s",
         args.connections, args.secs, args.from
     );
-    let sluice = Sluice::start();
+    let sluice = Sluice::start(args.connections);
     let devices = 100_000;
     let mut best = 0.0;
     let mut rate = args.from;
@@ -477,4 +493,110 @@ fn mosquitto(args: &Args) {
     let _ = broker.kill();
     let _ = broker.wait();
     println!("mosquitto highest sustained relay rate: {best:.0} msgs/s");
+}
+
+/// Set in the environment of the child process that plays the discarding sink.
+const SINK_ENV: &str = "SLUICE_BENCH_SINK";
+
+/// The load generator alone: against a stand-in broker (this benchmark re-run as a child
+/// process) that answers CONNECT, PUBLISH and PINGREQ with rumqttc's own MQTT codec and
+/// throws the messages away. Steps the rate up until the loadgen stops keeping up.
+fn loadgen_alone(args: &Args) {
+    let mut sink = Command::new(std::env::current_exe().unwrap())
+        .env(SINK_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", port.trim());
+    println!(
+        "loadgen alone: 100,000 devices, QoS 1, {} connections, {} s per step, against a sink that acknowledges and discards",
+        args.connections, args.secs
+    );
+    let me = std::process::id();
+    let mut rate = args.from;
+    let mut best = 0.0;
+    loop {
+        let cpu = (cpu_seconds(me), cpu_seconds(sink.id()));
+        let report = run_loadgen(&addr, 100_000, rate, args.secs, args.connections);
+        let (loadgen_cpu, sink_cpu) = (
+            (cpu_seconds(me) - cpu.0) / report.elapsed_s,
+            (cpu_seconds(sink.id()) - cpu.1) / report.elapsed_s,
+        );
+        let acked_rate = report.acked as f64 / args.secs;
+        // Kept up: 99 % of the target acknowledged within the run, p99 within 1 s.
+        let sustained = acked_rate >= 0.99 * rate && report.latency.p99_us <= 1_000_000;
+        println!(
+            "{rate:>8.0} msgs/s target: acked {acked_rate:>8.0}/s  PUBACK p50 {:.1} ms p99 {:.1} ms  loadgen {loadgen_cpu:.2} cores  sink {sink_cpu:.2} cores  peak RSS {} MiB  {}",
+            report.latency.p50_us as f64 / 1e3,
+            report.latency.p99_us as f64 / 1e3,
+            status_kib(me, "VmHWM:") / 1024,
+            if sustained { "kept up" } else { "FELL BEHIND" }
+        );
+        if !sustained {
+            break;
+        }
+        best = rate;
+        rate += args.step;
+    }
+    drop(sink.stdin.take()); // the sink exits when its stdin closes
+    let _ = sink.wait();
+    println!("loadgen alone keeps up to: {best:.0} msgs/s");
+}
+
+/// The sink's process: prints its port, serves until stdin closes.
+fn discarding_sink() {
+    use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck, QoS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    println!("{}", listener.local_addr().unwrap().port());
+    runtime.spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut input = bytes::BytesMut::with_capacity(64 * 1024);
+                let mut output = bytes::BytesMut::new();
+                while socket.read_buf(&mut input).await.is_ok_and(|n| n > 0) {
+                    loop {
+                        let reply = match Packet::read(&mut input, 1 << 20) {
+                            Ok(Packet::Connect(_)) => {
+                                Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+                            }
+                            Ok(Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
+                                Packet::PubAck(PubAck::new(p.pkid))
+                            }
+                            Ok(Packet::PingReq) => Packet::PingResp,
+                            Ok(Packet::Disconnect) => return,
+                            Ok(_) => continue,
+                            Err(rumqttc::Error::InsufficientBytes(_)) => break,
+                            Err(_) => return,
+                        };
+                        reply.write(&mut output, 1 << 20).unwrap();
+                    }
+                    if !output.is_empty() {
+                        if socket.write_all(&output).await.is_err() {
+                            return;
+                        }
+                        output.clear();
+                    }
+                }
+            });
+        }
+    });
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
 }
