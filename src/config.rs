@@ -68,6 +68,10 @@ pub(crate) struct IngestConfig {
     pub max_message_bytes: usize,
     /// How much of a rejected payload is kept in `rejects.payload`.
     pub reject_payload_bytes: usize,
+    /// Readings timestamped further ahead of their arrival are rejected
+    /// (`invalid_timestamp`).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -132,6 +136,7 @@ impl Default for IngestConfig {
             batch_age: pipeline.seal.max_age,
             max_message_bytes: pipeline.limits.max_payload_bytes,
             reject_payload_bytes: pipeline.reject_payload_bytes,
+            max_clock_skew: pipeline.limits.max_clock_skew,
         }
     }
 }
@@ -289,6 +294,7 @@ impl Config {
             },
             limits: sluice_ingest::DecodeLimits {
                 max_payload_bytes: self.ingest.max_message_bytes,
+                max_clock_skew: self.ingest.max_clock_skew,
             },
             reject_payload_bytes: self.ingest.reject_payload_bytes,
         }

@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -81,6 +82,28 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// `Ok` unless the reading's event time is more than `limits.max_clock_skew` ahead of
+    /// `received_at_ns`, the time sluice received it.
+    pub fn check_clock_skew(
+        reading: &Reading<'_>,
+        received_at_ns: i64,
+        limits: &DecodeLimits,
+    ) -> Result<(), Rejection> {
+        let skew = i64::try_from(limits.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
+        let ahead = reading.ts_ns.saturating_sub(received_at_ns);
+        if ahead > skew {
+            return Err(Rejection::new(
+                RejectReason::InvalidTimestamp,
+                format!(
+                    "timestamp is {} ahead of the server clock (ingest.max_clock_skew is {})",
+                    humantime::format_duration(Duration::from_secs(ahead as u64 / 1_000_000_000)),
+                    humantime::format_duration(limits.max_clock_skew)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Rejection {
             reason,
@@ -94,12 +117,16 @@ impl Rejection {
 pub struct DecodeLimits {
     /// Payloads larger than this are rejected as `too_large` without being parsed.
     pub max_payload_bytes: usize,
+    /// Readings timestamped further than this ahead of their arrival are rejected as
+    /// `invalid_timestamp` (a device clock gone wrong would hold windows open forever).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
             max_payload_bytes: 64 * 1024,
+            max_clock_skew: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -638,9 +665,29 @@ mod tests {
     }
 
     #[test]
+    fn readings_from_too_far_in_the_future_are_invalid_timestamps() {
+        let limits = DecodeLimits::default(); // 5 minutes of skew allowed
+        let message = br#"{"deviceId":"d","timestamp":"2024-01-15T10:30:00Z","type":"telemetry","payload":{}}"#;
+        let reading = decode(b"devices/d/telemetry", message, &limits).unwrap();
+        let at = |h: i64, m: i64| reading.ts_ns - (h * 3600 + m * 60) * 1_000_000_000;
+        assert!(Rejection::check_clock_skew(&reading, at(0, 5), &limits).is_ok());
+        assert!(
+            Rejection::check_clock_skew(&reading, at(-1, 0), &limits).is_ok(),
+            "past"
+        );
+        let rejection = Rejection::check_clock_skew(&reading, at(3, 0), &limits).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidTimestamp);
+        assert_eq!(
+            rejection.detail,
+            "timestamp is 3h ahead of the server clock (ingest.max_clock_skew is 5m)"
+        );
+    }
+
+    #[test]
     fn oversized_payloads_are_rejected_before_parsing() {
         let limits = DecodeLimits {
             max_payload_bytes: 100,
+            ..DecodeLimits::default()
         };
         let big = vec![b' '; 101];
         let rejection = decode(b"devices/d/telemetry", &big, &limits).unwrap_err();

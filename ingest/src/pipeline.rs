@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
-use crate::decode::{DecodeLimits, RejectReason, decode};
+use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
 
 /// Index of `ts` in the telemetry schema.
 const TS_COLUMN: usize = 1;
@@ -257,7 +257,10 @@ impl Worker {
         // line between the workers.
         let mut rows = 0;
         for message in chunk {
-            match decode(&message.topic, &message.payload, &self.limits) {
+            let decoded = decode(&message.topic, &message.payload, &self.limits).and_then(|r| {
+                Rejection::check_clock_skew(&r, message.received_at_ns, &self.limits).map(|()| r)
+            });
+            match decoded {
                 Ok(reading) => {
                     self.telemetry
                         .builder()
@@ -345,7 +348,8 @@ mod tests {
         Message {
             topic: Bytes::from(format!("devices/d{device}/telemetry")),
             payload: Bytes::from(payload),
-            received_at_ns: 1,
+            // 2024-01-15T10:31:00Z, just after the readings' event time.
+            received_at_ns: 1_705_314_660_000_000_000,
         }
     }
 
