@@ -1,0 +1,17 @@
+//! Per-device event-time windows computed as telemetry flows.
+//!
+//! The aggregator reads the sealed `telemetry` batches the ingest stage produces and keeps,
+//! per device, the open windows of `telemetry_1m` and the rollup of `telemetry_1h`
+//! ([`Windows`]). Closed windows become rows of those tables; readings whose window had
+//! already closed become rows of `telemetry_late`. It knows Arrow and the telemetry
+//! schema; it knows nothing of files, the broker or SQL.
+
+mod acc;
+mod window;
+
+pub use acc::{MetricAcc, WindowAcc};
+pub use window::{Observation, WindowConfig, WindowSink, Windows};
+
+/// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'
+/// column groups.
+pub const METRICS: [&str; 4] = ["temperature", "humidity", "battery", "signal_strength"];

@@ -1,0 +1,410 @@
+//! Tumbling event-time windows per device, and their rollup.
+//!
+//! Each device has a watermark: the latest event time it has sent, minus the allowed
+//! lateness. A window closes (is emitted, once, never to change) when the watermark
+//! passes its end. A device that goes quiet for `idle_timeout` of processing time has its
+//! watermark follow the server clock instead (`now − idle_timeout − lateness`), so its
+//! last window still closes. The watermark never goes back. A reading whose window has
+//! already closed (its end is at or before the watermark) is late: it is kept by the
+//! caller (it is in `telemetry`) and reported through [`WindowSink::late`], but changes
+//! no window. Rollup windows are built only from closed minute windows, so a rollup row
+//! is exactly the sum of its minute rows.
+//!
+//! Time is passed in (`now`, ns since the epoch), so all of this is tested without
+//! sleeping.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::acc::WindowAcc;
+
+/// Window sizes and closing rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowConfig {
+    /// Size of the windows of `telemetry_1m`.
+    pub size: Duration,
+    /// Size of the rollup windows of `telemetry_1h`; a multiple of `size`.
+    pub rollup: Duration,
+    /// How far behind a device's latest event time a reading may be and still count.
+    pub lateness: Duration,
+    /// After this long without a reading (processing time), a device's watermark follows
+    /// the server clock.
+    pub idle_timeout: Duration,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            size: Duration::from_secs(60),
+            rollup: Duration::from_secs(3600),
+            lateness: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl WindowConfig {
+    /// Checks the sizes; the error names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let ns = |d: Duration| d.as_nanos();
+        if ns(self.size) < 1_000_000 {
+            return Err(format!(
+                "windows.size must be at least 1ms, got {:?}",
+                self.size
+            ));
+        }
+        if ns(self.rollup) < ns(self.size) || ns(self.rollup) % ns(self.size) != 0 {
+            return Err(format!(
+                "windows.rollup ({:?}) must be a multiple of windows.size ({:?})",
+                self.rollup, self.size
+            ));
+        }
+        if ns(self.rollup) > ns(Duration::from_secs(7 * 24 * 3600)) {
+            return Err(format!(
+                "windows.rollup must be at most 7 days, got {:?}",
+                self.rollup
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("windows.idle_timeout must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where closed windows and late readings go.
+pub trait WindowSink {
+    /// A closed window of `[acc.start, end)`; `rollup` tells which table.
+    fn window(&mut self, rollup: bool, device: &str, end: i64, acc: &WindowAcc);
+    /// A reading whose window had already closed.
+    fn late(&mut self, device: &str, ts: i64, received_at: i64);
+}
+
+/// One reading, as the windows see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub device: &'a str,
+    /// Event time, ns since the epoch.
+    pub ts: i64,
+    pub received_at: i64,
+    /// The four known metrics, in [`crate::METRICS`] order.
+    pub known: [Option<f64>; 4],
+    pub extra: &'a [(&'a str, f64)],
+}
+
+struct Device {
+    /// Latest event time seen.
+    max_event: i64,
+    /// Processing time of the latest reading.
+    last_seen: i64,
+    /// Windows ending at or before this are closed; only rises.
+    watermark: i64,
+    /// Open windows, by start.
+    open: Vec<WindowAcc>,
+    /// The rollup window being built from closed windows.
+    rollup: Option<WindowAcc>,
+}
+
+/// The open windows of every device.
+pub struct Windows {
+    size: i64,
+    rollup: i64,
+    lateness: i64,
+    idle: i64,
+    devices: HashMap<Box<str>, Device>,
+    open_windows: usize,
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn floor(ts: i64, size: i64) -> i64 {
+    ts - ts.rem_euclid(size)
+}
+
+impl Windows {
+    pub fn new(config: WindowConfig) -> Self {
+        Windows {
+            size: nanos(config.size),
+            rollup: nanos(config.rollup),
+            lateness: nanos(config.lateness),
+            idle: nanos(config.idle_timeout),
+            devices: HashMap::new(),
+            open_windows: 0,
+        }
+    }
+
+    /// Devices with state.
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Windows (not rollups) open right now.
+    pub fn open_windows(&self) -> usize {
+        self.open_windows
+    }
+
+    /// Adds a reading received at processing time `now`. Returns `false` if it was late.
+    pub fn observe(&mut self, r: &Observation<'_>, now: i64, sink: &mut impl WindowSink) -> bool {
+        let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
+        if !self.devices.contains_key(r.device) {
+            self.devices.insert(
+                r.device.into(),
+                Device {
+                    max_event: i64::MIN,
+                    last_seen: now,
+                    watermark: i64::MIN,
+                    open: Vec::new(),
+                    rollup: None,
+                },
+            );
+        }
+        let device = self.devices.get_mut(r.device).expect("inserted above");
+        let start = floor(r.ts, size);
+        // Catch up with the idle rule before judging lateness: a device back from a long
+        // silence must not reopen windows that were closed meanwhile.
+        device.advance(now, lateness, idle);
+        if start.saturating_add(size) <= device.watermark {
+            device.last_seen = now;
+            sink.late(r.device, r.ts, r.received_at);
+            return false;
+        }
+        device.last_seen = now;
+        device.max_event = device.max_event.max(r.ts);
+        let i = match device.open.binary_search_by_key(&start, |w| w.start) {
+            Ok(i) => i,
+            Err(i) => {
+                device.open.insert(i, WindowAcc::new(start));
+                self.open_windows += 1;
+                i
+            }
+        };
+        let window = &mut device.open[i];
+        window.readings += 1;
+        for (acc, value) in window.known.iter_mut().zip(r.known) {
+            if let Some(v) = value {
+                acc.add(v, r.ts);
+            }
+        }
+        for &(name, value) in r.extra {
+            window.add_extra(name, value, r.ts);
+        }
+        device.advance(now, lateness, idle);
+        self.open_windows -= device.close(r.device, size, rollup, sink);
+        true
+    }
+
+    /// Closes what the passing of processing time closes (idle devices).
+    pub fn tick(&mut self, now: i64, sink: &mut impl WindowSink) {
+        let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
+        for (name, device) in &mut self.devices {
+            if device.open.is_empty() && device.rollup.is_none() {
+                continue;
+            }
+            device.advance(now, lateness, idle);
+            self.open_windows -= device.close(name, size, rollup, sink);
+        }
+    }
+
+    /// Closes every open window now, whatever the watermarks (used when state cannot be
+    /// kept, e.g. at a stop without a state file).
+    pub fn close_all(&mut self, sink: &mut impl WindowSink) {
+        let (size, rollup) = (self.size, self.rollup);
+        for (name, device) in &mut self.devices {
+            device.watermark = i64::MAX;
+            self.open_windows -= device.close(name, size, rollup, sink);
+        }
+    }
+}
+
+impl Device {
+    fn advance(&mut self, now: i64, lateness: i64, idle: i64) {
+        let mut event = self.max_event;
+        if now.saturating_sub(self.last_seen) >= idle {
+            event = event.max(now.saturating_sub(idle));
+        }
+        if event != i64::MIN {
+            self.watermark = self.watermark.max(event.saturating_sub(lateness));
+        }
+    }
+
+    /// Emits the windows the watermark has passed, folding each into the rollup; returns
+    /// how many windows closed.
+    fn close(&mut self, name: &str, size: i64, rollup: i64, sink: &mut impl WindowSink) -> usize {
+        let mut closed = 0;
+        while let Some(first) = self.open.first()
+            && first.start.saturating_add(size) <= self.watermark
+        {
+            let window = self.open.remove(0);
+            closed += 1;
+            let end = window.start + size;
+            sink.window(false, name, end, &window);
+            let hour = floor(window.start, rollup);
+            match &mut self.rollup {
+                Some(r) if r.start == hour => r.merge(&window),
+                slot => {
+                    if let Some(previous) = slot.take() {
+                        sink.window(true, name, previous.start + rollup, &previous);
+                    }
+                    let mut r = WindowAcc::new(hour);
+                    r.merge(&window);
+                    *slot = Some(r);
+                }
+            }
+        }
+        if let Some(r) = &self.rollup
+            && r.start.saturating_add(rollup) <= self.watermark
+        {
+            let r = self.rollup.take().expect("checked");
+            sink.window(true, name, r.start + rollup, &r);
+        }
+        closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000_000_000;
+    const SEC: i64 = 1_000_000_000;
+    /// 2024-01-15T10:00:00Z
+    const T0: i64 = 1_705_312_800 * SEC;
+
+    #[derive(Default)]
+    struct Collect {
+        windows: Vec<(bool, String, i64, i64, u64)>, // rollup, device, start, end, readings
+        accs: Vec<WindowAcc>,
+        late: Vec<(String, i64)>,
+    }
+
+    impl WindowSink for Collect {
+        fn window(&mut self, rollup: bool, device: &str, end: i64, acc: &WindowAcc) {
+            self.windows
+                .push((rollup, device.into(), acc.start, end, acc.readings));
+            self.accs.push(acc.clone());
+        }
+        fn late(&mut self, device: &str, ts: i64, _received_at: i64) {
+            self.late.push((device.into(), ts));
+        }
+    }
+
+    fn reading(device: &str, ts: i64, temperature: f64) -> Observation<'_> {
+        Observation {
+            device,
+            ts,
+            received_at: ts,
+            known: [Some(temperature), None, None, None],
+            extra: &[],
+        }
+    }
+
+    /// Observes a reading that arrives exactly at its event time.
+    fn at(w: &mut Windows, sink: &mut Collect, device: &str, ts: i64, t: f64) -> bool {
+        w.observe(&reading(device, ts, t), ts, sink)
+    }
+
+    #[test]
+    fn a_window_is_start_inclusive_end_exclusive_and_closes_when_the_watermark_passes_its_end() {
+        let mut w = Windows::new(WindowConfig::default());
+        let mut out = Collect::default();
+        at(&mut w, &mut out, "d", T0, 1.0);
+        at(&mut w, &mut out, "d", T0 + MIN - 1, 2.0);
+        at(&mut w, &mut out, "d", T0 + MIN, 3.0); // the next window
+        at(&mut w, &mut out, "d", T0 + 2 * MIN - 1, 4.0); // watermark T0 + MIN − 1 ns
+        assert!(out.windows.is_empty(), "not closed yet: {:?}", out.windows);
+        at(&mut w, &mut out, "d", T0 + 2 * MIN, 5.0); // watermark reaches T0 + MIN
+        assert_eq!(out.windows, vec![(false, "d".into(), T0, T0 + MIN, 2)]);
+        let t = &out.accs[0].known[0];
+        assert_eq!(
+            (t.min, t.max, t.sum, t.first, t.last),
+            (1.0, 2.0, 3.0, 1.0, 2.0)
+        );
+        assert_eq!((t.first_ts, t.last_ts), (T0, T0 + MIN - 1));
+        assert_eq!(w.open_windows(), 2);
+    }
+
+    #[test]
+    fn readings_out_of_order_within_the_lateness_still_count_later_ones_are_late() {
+        let mut w = Windows::new(WindowConfig::default());
+        let mut out = Collect::default();
+        at(&mut w, &mut out, "d", T0 + 70 * SEC, 1.0);
+        // 60 s behind the latest event, its window [T0, T0+1m) is still open.
+        assert!(w.observe(&reading("d", T0 + 10 * SEC, 2.0), T0 + 71 * SEC, &mut out));
+        at(&mut w, &mut out, "d", T0 + 130 * SEC, 3.0); // closes [T0, T0+1m)
+        assert_eq!(out.windows, vec![(false, "d".into(), T0, T0 + MIN, 1)]);
+        // Its window has closed: late, reported, and the window is not emitted again.
+        assert!(!w.observe(&reading("d", T0 + 59 * SEC, 9.0), T0 + 131 * SEC, &mut out));
+        assert_eq!(out.late, vec![("d".into(), T0 + 59 * SEC)]);
+        // Also late: a window that never had a reading but is behind the watermark.
+        assert!(!w.observe(&reading("d", T0 - 5 * MIN, 9.0), T0 + 132 * SEC, &mut out));
+        at(&mut w, &mut out, "d", T0 + 10 * MIN, 4.0);
+        let minutes: Vec<_> = out.windows.iter().filter(|x| !x.0).map(|x| x.2).collect();
+        assert_eq!(minutes, vec![T0, T0 + MIN, T0 + 2 * MIN], "each once");
+        assert_eq!(out.late.len(), 2);
+    }
+
+    #[test]
+    fn a_device_that_goes_quiet_gets_its_last_window_after_the_idle_timeout() {
+        let mut w = Windows::new(WindowConfig::default()); // lateness 1m, idle 2m
+        let mut out = Collect::default();
+        at(&mut w, &mut out, "quiet", T0 + 10 * SEC, 1.0);
+        at(&mut w, &mut out, "busy", T0 + 10 * SEC, 1.0);
+        w.tick(T0 + 2 * MIN, &mut out);
+        assert!(out.windows.is_empty(), "idle for less than the timeout");
+        w.tick(T0 + 3 * MIN, &mut out); // watermark now − 2m − 1m = T0
+        assert!(out.windows.is_empty(), "the window ends at T0 + 1m");
+        w.tick(T0 + 4 * MIN, &mut out);
+        let closed: Vec<_> = out.windows.iter().filter(|x| !x.0).collect();
+        assert_eq!(closed.len(), 2, "both devices are quiet: {closed:?}");
+        // Back after the silence with current readings: on time, a new window.
+        assert!(at(&mut w, &mut out, "quiet", T0 + 4 * MIN + SEC, 2.0));
+        // A reading from the closed window is late, though the device had been idle.
+        assert!(!w.observe(
+            &reading("quiet", T0 + 20 * SEC, 3.0),
+            T0 + 4 * MIN + 2 * SEC,
+            &mut out
+        ));
+    }
+
+    #[test]
+    fn the_rollup_is_built_from_closed_windows_and_closes_after_its_hour() {
+        let mut w = Windows::new(WindowConfig::default());
+        let mut out = Collect::default();
+        for m in 0..60 {
+            at(&mut w, &mut out, "d", T0 + m * MIN + 30 * SEC, m as f64);
+        }
+        at(&mut w, &mut out, "d", T0 + 60 * MIN + 30 * SEC, 100.0); // closes minute 58
+        assert_eq!(out.windows.len(), 59);
+        assert!(
+            out.windows.iter().all(|x| !x.0),
+            "the hour ends at T0 + 60m"
+        );
+        at(&mut w, &mut out, "d", T0 + 61 * MIN, 100.0); // watermark T0 + 60m: both close
+        let hours: Vec<_> = out.windows.iter().filter(|x| x.0).collect();
+        assert_eq!(hours, vec![&(true, "d".into(), T0, T0 + 60 * MIN, 60)]);
+        let i = out.windows.iter().position(|x| x.0).unwrap();
+        let t = &out.accs[i].known[0];
+        assert_eq!((t.count, t.min, t.max, t.sum), (60, 0.0, 59.0, 1770.0));
+        assert_eq!(
+            (t.first_ts, t.last_ts),
+            (T0 + 30 * SEC, T0 + 59 * MIN + 30 * SEC)
+        );
+    }
+
+    #[test]
+    fn sizes_are_validated_by_name() {
+        let bad = WindowConfig {
+            rollup: Duration::from_secs(90),
+            ..WindowConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("windows.rollup"));
+        let bad = WindowConfig {
+            size: Duration::ZERO,
+            ..WindowConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("windows.size"));
+        assert!(WindowConfig::default().validate().is_ok());
+    }
+}
