@@ -20,6 +20,37 @@ pub(crate) struct Config {
     pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
+    pub windows: WindowsConfig,
+}
+
+/// Per-device event-time windows (`telemetry_1m`, `telemetry_1h`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct WindowsConfig {
+    /// Size of the windows of `telemetry_1m`.
+    #[serde(with = "humantime_serde")]
+    pub size: Duration,
+    /// Size of the rollup windows of `telemetry_1h`, a multiple of `size`.
+    #[serde(with = "humantime_serde")]
+    pub rollup: Duration,
+    /// Readings up to this far behind a device's latest event time still count.
+    #[serde(with = "humantime_serde")]
+    pub lateness: Duration,
+    /// After this long without a reading, a device's windows close by the server clock.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        let w = sluice_aggregator::WindowConfig::default();
+        WindowsConfig {
+            size: w.size,
+            rollup: w.rollup,
+            lateness: w.lateness,
+            idle_timeout: w.idle_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +127,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
+            windows: WindowsConfig::default(),
         }
     }
 }
@@ -262,6 +294,10 @@ impl Config {
                 self.ingest.max_message_bytes
             );
         }
+        self.aggregator()
+            .windows
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         if self.ingest.batch_age.is_zero() || self.storage.flush_interval.is_zero() {
             anyhow::bail!(
                 "invalid configuration: ingest.batch_age and storage.flush_interval must be more than 0"
@@ -297,6 +333,18 @@ impl Config {
                 max_clock_skew: self.ingest.max_clock_skew,
             },
             reject_payload_bytes: self.ingest.reject_payload_bytes,
+        }
+    }
+
+    pub(crate) fn aggregator(&self) -> sluice_aggregator::AggregatorConfig {
+        sluice_aggregator::AggregatorConfig {
+            windows: sluice_aggregator::WindowConfig {
+                size: self.windows.size,
+                rollup: self.windows.rollup,
+                lateness: self.windows.lateness,
+                idle_timeout: self.windows.idle_timeout,
+            },
+            ..sluice_aggregator::AggregatorConfig::default()
         }
     }
 

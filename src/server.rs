@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::{IntGauge, Registry};
+use sluice_aggregator::{Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE};
 use sluice_broker::{Broker, Delivery, Drain, Received, Subscription, SubscriptionCounters};
 use sluice_ingest::{BatchSink, IngestMetrics, Message, Pipeline};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
@@ -43,15 +44,37 @@ pub(crate) fn table_specs() -> Vec<TableSpec> {
             sort_columns: vec!["received_at".into()],
             bloom_filter_columns: vec![],
         },
+        window_table(MINUTE_TABLE),
+        window_table(ROLLUP_TABLE),
+        TableSpec {
+            name: LATE_TABLE.into(),
+            schema: sluice_aggregator::late_schema(),
+            time_column: "ts".into(),
+            sort_columns: vec!["device_id".into(), "ts".into()],
+            bloom_filter_columns: vec![],
+        },
     ]
 }
 
-/// Sealed batches go to the storage's hot store.
-struct StorageSink(Storage);
+fn window_table(name: &str) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        schema: sluice_aggregator::window_schema(),
+        time_column: "window_start".into(),
+        sort_columns: vec!["device_id".into(), "window_start".into()],
+        bloom_filter_columns: vec!["device_id".into()],
+    }
+}
+
+/// Sealed batches go to the storage's hot store; telemetry also to the aggregator.
+struct StorageSink {
+    storage: Storage,
+    aggregator: Arc<Aggregator>,
+}
 
 impl StorageSink {
     fn append(&self, table: &str, batch: RecordBatch) {
-        if let Err(e) = self.0.append(table, batch) {
+        if let Err(e) = self.storage.append(table, batch) {
             // Only a schema mismatch can fail here, which would be a bug in sluice.
             tracing::error!(table, error = %e, "cannot store a batch");
         }
@@ -60,10 +83,22 @@ impl StorageSink {
 
 impl BatchSink for StorageSink {
     fn append_telemetry(&self, batch: RecordBatch) {
-        self.append(TELEMETRY, batch);
+        self.append(TELEMETRY, batch.clone());
+        self.aggregator.observe(batch);
     }
     fn append_rejects(&self, batch: RecordBatch) {
         self.append(REJECTS, batch);
+    }
+}
+
+/// Window rows go to the storage's hot store.
+struct WindowSink(Storage);
+
+impl sluice_aggregator::TableSink for WindowSink {
+    fn append(&self, table: &str, batch: RecordBatch) {
+        if let Err(e) = self.0.append(table, batch) {
+            tracing::error!(table, error = %e, "cannot store a batch");
+        }
     }
 }
 
@@ -85,6 +120,7 @@ pub(crate) struct Server {
     drain: Drain,
     consumer: JoinHandle<()>,
     pipeline: Pipeline,
+    aggregator: Arc<Aggregator>,
     flusher: Flusher,
     http: http::HttpServer,
     ready: Arc<AtomicBool>,
@@ -112,10 +148,21 @@ impl Server {
             StorageMetrics::new(&registry).context("registering storage metrics")?,
         )
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+        let aggregator = Arc::new(
+            Aggregator::start(
+                config.aggregator(),
+                Arc::new(WindowSink(storage.clone())),
+                AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
+            )
+            .context("starting the aggregator")?,
+        );
         let ingest_metrics = IngestMetrics::new(&registry).context("registering ingest metrics")?;
         let pipeline = Pipeline::start(
             config.pipeline(),
-            Arc::new(StorageSink(storage.clone())),
+            Arc::new(StorageSink {
+                storage: storage.clone(),
+                aggregator: aggregator.clone(),
+            }),
             ingest_metrics,
         )
         .context("starting the ingest workers")?;
@@ -157,6 +204,7 @@ impl Server {
             drain,
             consumer,
             pipeline,
+            aggregator,
             flusher,
             http,
             ready,
@@ -175,6 +223,8 @@ impl Server {
         }
         tracing::info!("broker drained; sealing open batches");
         self.pipeline.finish();
+        tracing::info!("closing open windows");
+        self.aggregator.finish();
         let report = self
             .flusher
             .shutdown()

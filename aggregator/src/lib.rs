@@ -7,9 +7,16 @@
 //! schema; it knows nothing of files, the broker or SQL.
 
 mod acc;
+mod rows;
+mod stage;
 mod window;
 
 pub use acc::{MetricAcc, WindowAcc};
+pub use rows::{ClosedWindow, LateReading, late_batch, late_schema, window_batch, window_schema};
+pub use stage::{
+    Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE,
+    TableSink,
+};
 pub use window::{Observation, WindowConfig, WindowSink, Windows};
 
 /// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'

@@ -1,0 +1,257 @@
+//! Arrow schemas and batches of the `telemetry_1m` / `telemetry_1h` and `telemetry_late`
+//! tables.
+//!
+//! A window row has `window_start`, `window_end`, `device_id`, `readings`, then for each
+//! known metric `m`: `m_count`, `m_min`, `m_max`, `m_sum`, `m_avg`, `m_first`,
+//! `m_first_ts`, `m_last`, `m_last_ts` (all but the count null when the metric had no
+//! value in the window), and `extra`: a map from each other metric's name to a struct of
+//! the same nine fields (`extra['co2'].max` in SQL).
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    Array, ArrayRef, Float64Array, Float64Builder, Int64Array, Int64Builder, MapBuilder,
+    StringArray, StringBuilder, StructBuilder, TimestampNanosecondArray,
+    TimestampNanosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+use crate::METRICS;
+use crate::acc::{MetricAcc, WindowAcc};
+
+fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The nine per-metric fields, named `{prefix}count` … `{prefix}last_ts`.
+fn metric_fields(prefix: &str) -> Vec<Field> {
+    let f = |name: &str, t: DataType, nullable| Field::new(format!("{prefix}{name}"), t, nullable);
+    vec![
+        f("count", DataType::Int64, false),
+        f("min", DataType::Float64, true),
+        f("max", DataType::Float64, true),
+        f("sum", DataType::Float64, true),
+        f("avg", DataType::Float64, true),
+        f("first", DataType::Float64, true),
+        f("first_ts", timestamp(), true),
+        f("last", DataType::Float64, true),
+        f("last_ts", timestamp(), true),
+    ]
+}
+
+fn extra_builder(capacity: usize) -> MapBuilder<StringBuilder, StructBuilder> {
+    MapBuilder::new(
+        None,
+        StringBuilder::new(),
+        StructBuilder::from_fields(Fields::from(metric_fields("")), capacity),
+    )
+}
+
+static WINDOW_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("window_start", timestamp(), false),
+        Field::new("window_end", timestamp(), false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("readings", DataType::Int64, false),
+    ];
+    for m in METRICS {
+        fields.extend(metric_fields(&format!("{m}_")));
+    }
+    let extra_type = extra_builder(0).finish().data_type().clone();
+    fields.push(Field::new("extra", extra_type, true));
+    Arc::new(Schema::new(fields))
+});
+
+static LATE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("ts", timestamp(), false),
+        Field::new("received_at", timestamp(), false),
+    ]))
+});
+
+/// Schema of `telemetry_1m` and `telemetry_1h`.
+pub fn window_schema() -> SchemaRef {
+    WINDOW_SCHEMA.clone()
+}
+
+/// Schema of `telemetry_late`: readings that arrived after their window closed.
+pub fn late_schema() -> SchemaRef {
+    LATE_SCHEMA.clone()
+}
+
+/// A closed window waiting to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedWindow {
+    pub device: Box<str>,
+    pub end: i64,
+    pub acc: WindowAcc,
+}
+
+/// A late reading waiting to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateReading {
+    pub device: Box<str>,
+    pub ts: i64,
+    pub received_at: i64,
+}
+
+fn metric_columns(metrics: &[&MetricAcc]) -> Vec<ArrayRef> {
+    let present = |m: &MetricAcc| m.count > 0;
+    let value = |pick: fn(&MetricAcc) -> f64| -> ArrayRef {
+        Arc::new(
+            metrics
+                .iter()
+                .map(|m| present(m).then(|| pick(m)))
+                .collect::<Float64Array>(),
+        )
+    };
+    let time = |pick: fn(&MetricAcc) -> i64| -> ArrayRef {
+        Arc::new(
+            metrics
+                .iter()
+                .map(|m| present(m).then(|| pick(m)))
+                .collect::<TimestampNanosecondArray>()
+                .with_timezone("UTC"),
+        )
+    };
+    vec![
+        Arc::new(Int64Array::from_iter_values(
+            metrics.iter().map(|m| m.count as i64),
+        )),
+        value(|m| m.min),
+        value(|m| m.max),
+        value(|m| m.sum),
+        Arc::new(metrics.iter().map(|m| m.avg()).collect::<Float64Array>()),
+        value(|m| m.first),
+        time(|m| m.first_ts),
+        value(|m| m.last),
+        time(|m| m.last_ts),
+    ]
+}
+
+fn append_metric(values: &mut StructBuilder, m: &MetricAcc) {
+    macro_rules! field {
+        ($i:expr, $builder:ty) => {
+            values
+                .field_builder::<$builder>($i)
+                .expect("the struct's field types are fixed above")
+        };
+    }
+    field!(0, Int64Builder).append_value(m.count as i64);
+    field!(1, Float64Builder).append_value(m.min);
+    field!(2, Float64Builder).append_value(m.max);
+    field!(3, Float64Builder).append_value(m.sum);
+    field!(4, Float64Builder).append_option(m.avg());
+    field!(5, Float64Builder).append_value(m.first);
+    field!(6, TimestampNanosecondBuilder).append_value(m.first_ts);
+    field!(7, Float64Builder).append_value(m.last);
+    field!(8, TimestampNanosecondBuilder).append_value(m.last_ts);
+    values.append(true);
+}
+
+/// The rows of a window table.
+pub fn window_batch(rows: &[ClosedWindow]) -> RecordBatch {
+    let start = |w: &ClosedWindow| w.acc.start;
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(rows.iter().map(start)).with_timezone("UTC"),
+        ),
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(rows.iter().map(|w| w.end))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|w| &*w.device),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|w| w.acc.readings as i64),
+        )),
+    ];
+    for i in 0..METRICS.len() {
+        let metric: Vec<&MetricAcc> = rows.iter().map(|w| &w.acc.known[i]).collect();
+        columns.extend(metric_columns(&metric));
+    }
+    let mut extra = extra_builder(rows.len());
+    for w in rows {
+        for (name, m) in &w.acc.extra {
+            extra.keys().append_value(name);
+            append_metric(extra.values(), m);
+        }
+        extra
+            .append(!w.acc.extra.is_empty())
+            .expect("keys and values are appended in pairs");
+    }
+    columns.push(Arc::new(extra.finish()));
+    RecordBatch::try_new(window_schema(), columns).expect("columns follow the schema")
+}
+
+/// The rows of `telemetry_late`.
+pub fn late_batch(rows: &[LateReading]) -> RecordBatch {
+    RecordBatch::try_new(
+        late_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| &*r.device),
+            )),
+            Arc::new(
+                TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.ts))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(
+                TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_at))
+                    .with_timezone("UTC"),
+            ),
+        ],
+    )
+    .expect("columns follow the schema")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::AsArray;
+
+    #[test]
+    fn a_window_row_carries_every_aggregate_and_null_for_absent_metrics() {
+        let mut acc = WindowAcc::new(60_000_000_000);
+        acc.readings = 2;
+        acc.known[0].add(20.5, 61_000_000_000);
+        acc.known[0].add(22.5, 62_000_000_000);
+        acc.add_extra("co2", 410.0, 61_000_000_000);
+        let batch = window_batch(&[ClosedWindow {
+            device: "d1".into(),
+            end: 120_000_000_000,
+            acc,
+        }]);
+        assert_eq!(batch.schema(), window_schema());
+        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+        assert_eq!(
+            col("temperature_count")
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0),
+            2
+        );
+        let f = |name: &str| {
+            col(name)
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .clone()
+        };
+        assert_eq!(f("temperature_avg").value(0), 21.5);
+        assert_eq!(f("temperature_last").value(0), 22.5);
+        assert!(f("humidity_min").is_null(0), "no humidity in the window");
+        let extra = col("extra");
+        let extra = extra.as_map();
+        assert_eq!(extra.keys().as_string::<i32>().value(0), "co2");
+        let values = extra.values().as_struct();
+        assert_eq!(
+            values
+                .column_by_name("max")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .value(0),
+            410.0
+        );
+    }
+}

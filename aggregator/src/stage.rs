@@ -1,0 +1,298 @@
+//! The aggregator thread: sealed `telemetry` batches in, window and late rows out.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, TimestampNanosecondType};
+use arrow::record_batch::RecordBatch;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::rows::{ClosedWindow, LateReading, late_batch, window_batch};
+use crate::window::{Observation, WindowConfig, WindowSink, Windows};
+use crate::{METRICS, WindowAcc};
+
+/// Table names the aggregator writes.
+pub const MINUTE_TABLE: &str = "telemetry_1m";
+pub const ROLLUP_TABLE: &str = "telemetry_1h";
+pub const LATE_TABLE: &str = "telemetry_late";
+
+/// Where finished batches go (the storage's hot store).
+pub trait TableSink: Send + Sync {
+    fn append(&self, table: &str, batch: RecordBatch);
+}
+
+/// Settings of the aggregator stage.
+#[derive(Debug, Clone, Copy)]
+pub struct AggregatorConfig {
+    pub windows: WindowConfig,
+    /// Closed windows are written in batches of up to this many rows…
+    pub batch_rows: usize,
+    /// …or when the oldest has waited this long.
+    pub batch_age: Duration,
+    /// Telemetry batches queued in front of the aggregator (ingestion waits beyond).
+    pub queue_batches: usize,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            windows: WindowConfig::default(),
+            batch_rows: 8192,
+            batch_age: Duration::from_secs(1),
+            queue_batches: 64,
+        }
+    }
+}
+
+/// Prometheus figures of the aggregator.
+#[derive(Clone)]
+pub struct AggregatorMetrics {
+    readings: IntCounter,
+    late: IntCounter,
+    closed: IntCounterVec,
+    open_windows: IntGauge,
+    devices: IntGauge,
+    queue_depth: IntGauge,
+}
+
+impl AggregatorMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = AggregatorMetrics {
+            readings: IntCounter::new(
+                "sluice_aggregator_readings_total",
+                "Readings counted into windows",
+            )?,
+            late: IntCounter::new(
+                "sluice_aggregator_late_readings_total",
+                "Readings that arrived after their window closed (kept in telemetry and telemetry_late)",
+            )?,
+            closed: IntCounterVec::new(
+                Opts::new(
+                    "sluice_aggregator_windows_closed_total",
+                    "Windows closed, by table",
+                ),
+                &["table"],
+            )?,
+            open_windows: IntGauge::new("sluice_aggregator_open_windows", "Windows open now")?,
+            devices: IntGauge::new("sluice_aggregator_devices", "Devices with window state")?,
+            queue_depth: IntGauge::new(
+                "sluice_aggregator_queue_depth",
+                "Telemetry batches waiting for the aggregator",
+            )?,
+        };
+        registry.register(Box::new(metrics.readings.clone()))?;
+        registry.register(Box::new(metrics.late.clone()))?;
+        registry.register(Box::new(metrics.closed.clone()))?;
+        registry.register(Box::new(metrics.open_windows.clone()))?;
+        registry.register(Box::new(metrics.devices.clone()))?;
+        registry.register(Box::new(metrics.queue_depth.clone()))?;
+        Ok(metrics)
+    }
+}
+
+enum Input {
+    Batch(RecordBatch),
+    Finish,
+}
+
+/// The running stage; shared by whoever feeds it and whoever stops it.
+pub struct Aggregator {
+    tx: Sender<Input>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    queue_depth: IntGauge,
+}
+
+impl Aggregator {
+    pub fn start(
+        config: AggregatorConfig,
+        sink: Arc<dyn TableSink>,
+        metrics: AggregatorMetrics,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
+        let queue_depth = metrics.queue_depth.clone();
+        let stage = Stage {
+            windows: Windows::new(config.windows),
+            pending: Pending::default(),
+            config,
+            sink,
+            metrics,
+        };
+        let thread = std::thread::Builder::new()
+            .name("aggregator".into())
+            .spawn(move || stage.run(rx))?;
+        Ok(Aggregator {
+            tx,
+            thread: Mutex::new(Some(thread)),
+            queue_depth,
+        })
+    }
+
+    /// Hands a sealed `telemetry` batch to the aggregator; waits while its queue is full.
+    pub fn observe(&self, batch: RecordBatch) {
+        if self.tx.send(Input::Batch(batch)).is_err() {
+            tracing::error!("the aggregator thread is gone; windows stop updating");
+        }
+        self.queue_depth.set(self.tx.len() as i64);
+    }
+
+    /// Processes everything queued, closes every open window (a stop ends them) and writes
+    /// the rows, then returns.
+    /// Call once no more batches come.
+    pub fn finish(&self) {
+        let _ = self.tx.send(Input::Finish);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the aggregator thread panicked");
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    minute: Vec<ClosedWindow>,
+    rollup: Vec<ClosedWindow>,
+    late: Vec<LateReading>,
+    oldest: Option<Instant>,
+}
+
+impl Pending {
+    fn rows(&self) -> usize {
+        self.minute.len() + self.rollup.len() + self.late.len()
+    }
+}
+
+impl WindowSink for Pending {
+    fn window(&mut self, rollup: bool, device: &str, end: i64, acc: &WindowAcc) {
+        self.oldest.get_or_insert_with(Instant::now);
+        let closed = ClosedWindow {
+            device: device.into(),
+            end,
+            acc: acc.clone(),
+        };
+        if rollup {
+            self.rollup.push(closed);
+        } else {
+            self.minute.push(closed);
+        }
+    }
+
+    fn late(&mut self, device: &str, ts: i64, received_at: i64) {
+        self.oldest.get_or_insert_with(Instant::now);
+        self.late.push(LateReading {
+            device: device.into(),
+            ts,
+            received_at,
+        });
+    }
+}
+
+struct Stage {
+    windows: Windows,
+    pending: Pending,
+    config: AggregatorConfig,
+    sink: Arc<dyn TableSink>,
+    metrics: AggregatorMetrics,
+}
+
+const TICK: Duration = Duration::from_secs(1);
+
+fn wall_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+impl Stage {
+    fn run(mut self, rx: Receiver<Input>) {
+        let mut ticked = Instant::now();
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(Input::Batch(batch)) => self.process(&batch, wall_ns()),
+                Ok(Input::Finish) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if ticked.elapsed() >= TICK {
+                self.windows.tick(wall_ns(), &mut self.pending);
+                ticked = Instant::now();
+                self.metrics
+                    .open_windows
+                    .set(self.windows.open_windows() as i64);
+                self.metrics.devices.set(self.windows.devices() as i64);
+            }
+            let due = self
+                .pending
+                .oldest
+                .is_some_and(|t| t.elapsed() >= self.config.batch_age);
+            if due || self.pending.rows() >= self.config.batch_rows {
+                self.write();
+            }
+        }
+        self.windows.close_all(&mut self.pending);
+        self.write();
+    }
+
+    fn process(&mut self, batch: &RecordBatch, now: i64) {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("telemetry batches have a {name} column"))
+        };
+        let devices = column("device_id").as_string::<i32>();
+        let ts = column("ts").as_primitive::<TimestampNanosecondType>();
+        let received = column("received_at").as_primitive::<TimestampNanosecondType>();
+        let known = METRICS.map(|m| column(m).as_primitive::<Float64Type>());
+        let extra = column("extra").as_map();
+        let (keys, values) = (
+            extra.keys().as_string::<i32>(),
+            extra.values().as_primitive::<Float64Type>(),
+        );
+        let mut extras: Vec<(&str, f64)> = Vec::new();
+        let mut late = 0;
+        for row in 0..batch.num_rows() {
+            extras.clear();
+            if extra.is_valid(row) {
+                let offsets = extra.value_offsets();
+                for i in offsets[row] as usize..offsets[row + 1] as usize {
+                    extras.push((keys.value(i), values.value(i)));
+                }
+            }
+            let observation = Observation {
+                device: devices.value(row),
+                ts: ts.value(row),
+                received_at: received.value(row),
+                known: known.map(|k| k.is_valid(row).then(|| k.value(row))),
+                extra: &extras,
+            };
+            if !self.windows.observe(&observation, now, &mut self.pending) {
+                late += 1;
+            }
+        }
+        self.metrics.readings.inc_by(batch.num_rows() as u64 - late);
+        self.metrics.late.inc_by(late);
+    }
+
+    fn write(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (table, rows) in [
+            (MINUTE_TABLE, &pending.minute),
+            (ROLLUP_TABLE, &pending.rollup),
+        ] {
+            if !rows.is_empty() {
+                self.metrics
+                    .closed
+                    .with_label_values(&[table])
+                    .inc_by(rows.len() as u64);
+                self.sink.append(table, window_batch(rows));
+            }
+        }
+        if !pending.late.is_empty() {
+            self.sink.append(LATE_TABLE, late_batch(&pending.late));
+        }
+    }
+}
