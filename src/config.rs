@@ -344,6 +344,7 @@ impl Config {
                 lateness: self.windows.lateness,
                 idle_timeout: self.windows.idle_timeout,
             },
+            state_dir: Some(self.data_dir.join("state").join("windows")),
             ..sluice_aggregator::AggregatorConfig::default()
         }
     }

@@ -141,7 +141,8 @@ fn published_readings_come_back_through_sql_exactly_before_and_after_the_flush()
     let (status, body) = sluice.post("/flush");
     assert_eq!(status, 200, "{body}");
     let flushed: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(flushed["rows"], total);
+    // Every telemetry row, and the window rows closed so far.
+    assert!(flushed["rows"].as_u64().unwrap() >= total as u64, "{body}");
     let partitions = dir.path().join("data/telemetry/date=2024-01-15");
     assert!(partitions.join("hour=10").is_dir() && partitions.join("hour=11").is_dir());
     assert_eq!(strings(&sluice.query(summary)), before);
@@ -203,11 +204,15 @@ fn sigterm_flushes_everything_acknowledged_to_parquet() {
         format!("n,devices,s\n3000,300,{expected_sum}.0\n")
     );
 
-    // No temporary file is left behind, and every file is readable.
+    // No temporary file is left behind, and every file is readable. (`state/` holds the
+    // open windows, saved at the stop.)
     let mut pending = vec![data_dir.clone()];
     while let Some(d) = pending.pop() {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
+            if p == data_dir.join("state") {
+                continue;
+            }
             if p.is_dir() {
                 pending.push(p);
             } else {

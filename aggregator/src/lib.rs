@@ -9,15 +9,19 @@
 mod acc;
 mod rows;
 mod stage;
+mod state;
 mod window;
 
 pub use acc::{MetricAcc, WindowAcc};
-pub use rows::{ClosedWindow, LateReading, late_batch, late_schema, window_batch, window_schema};
+pub use rows::{
+    ClosedWindow, LateReading, late_batch, late_schema, window_batch, window_schema,
+    windows_from_batch,
+};
 pub use stage::{
     Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE,
     TableSink,
 };
-pub use window::{Observation, WindowConfig, WindowSink, Windows};
+pub use window::{Observation, SavedDevice, WindowConfig, WindowSink, Windows};
 
 /// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'
 /// column groups.

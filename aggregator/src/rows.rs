@@ -208,6 +208,73 @@ pub fn late_batch(rows: &[LateReading]) -> RecordBatch {
     .expect("columns follow the schema")
 }
 
+/// Reads window rows back (state saved at a stop): device and accumulators per row.
+pub fn windows_from_batch(batch: &RecordBatch) -> Vec<(Box<str>, WindowAcc)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
+
+    // The nine fields of one metric, in `metric_fields` order, as columns.
+    fn metric(columns: &[&ArrayRef], row: usize) -> MetricAcc {
+        let count = columns[0].as_primitive::<Int64Type>().value(row) as u64;
+        if count == 0 {
+            return MetricAcc::EMPTY;
+        }
+        let f = |i: usize| columns[i].as_primitive::<Float64Type>().value(row);
+        let t = |i: usize| {
+            columns[i]
+                .as_primitive::<TimestampNanosecondType>()
+                .value(row)
+        };
+        MetricAcc {
+            count,
+            min: f(1),
+            max: f(2),
+            sum: f(3),
+            first: f(5),
+            first_ts: t(6),
+            last: f(7),
+            last_ts: t(8),
+        }
+    }
+    let col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("a window batch has {name}"))
+    };
+    let starts = col("window_start").as_primitive::<TimestampNanosecondType>();
+    let devices = col("device_id").as_string::<i32>();
+    let readings = col("readings").as_primitive::<Int64Type>();
+    let known: Vec<Vec<&ArrayRef>> = METRICS
+        .iter()
+        .map(|m| {
+            metric_fields(&format!("{m}_"))
+                .iter()
+                .map(|f| col(f.name()))
+                .collect()
+        })
+        .collect();
+    let extra = col("extra").as_map();
+    let (keys, values) = (extra.keys().as_string::<i32>(), extra.values().as_struct());
+    let value_columns: Vec<&ArrayRef> = values.columns().iter().collect();
+    (0..batch.num_rows())
+        .map(|row| {
+            let mut acc = WindowAcc::new(starts.value(row));
+            acc.readings = readings.value(row) as u64;
+            for (slot, columns) in acc.known.iter_mut().zip(&known) {
+                *slot = metric(columns, row);
+            }
+            if extra.is_valid(row) {
+                let offsets = extra.value_offsets();
+                for i in offsets[row] as usize..offsets[row + 1] as usize {
+                    acc.extra
+                        .push((keys.value(i).into(), metric(&value_columns, i)));
+                }
+            }
+            (devices.value(row).into(), acc)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +320,30 @@ mod tests {
                 .value(0),
             410.0
         );
+    }
+
+    #[test]
+    fn window_rows_read_back_into_the_same_accumulators() {
+        let mut a = WindowAcc::new(0);
+        a.readings = 3;
+        a.known[2].add(87.0, 5);
+        a.known[2].add(86.5, 9);
+        a.add_extra("co2", 400.0, 5);
+        a.add_extra("pm25", -1.5, 7);
+        let b = WindowAcc::new(60);
+        let rows = vec![
+            ClosedWindow {
+                device: "x".into(),
+                end: 60,
+                acc: a.clone(),
+            },
+            ClosedWindow {
+                device: "y".into(),
+                end: 120,
+                acc: b.clone(),
+            },
+        ];
+        let back = windows_from_batch(&window_batch(&rows));
+        assert_eq!(back, vec![("x".into(), a), ("y".into(), b)]);
     }
 }

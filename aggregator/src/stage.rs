@@ -25,9 +25,12 @@ pub trait TableSink: Send + Sync {
 }
 
 /// Settings of the aggregator stage.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AggregatorConfig {
     pub windows: WindowConfig,
+    /// Where open windows are saved at a stop and taken back at the next start; `None`
+    /// closes them at the stop instead (partial windows).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Closed windows are written in batches of up to this many rows…
     pub batch_rows: usize,
     /// …or when the oldest has waited this long.
@@ -40,6 +43,7 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
             windows: WindowConfig::default(),
+            state_dir: None,
             batch_rows: 8192,
             batch_age: Duration::from_secs(1),
             queue_batches: 64,
@@ -113,8 +117,12 @@ impl Aggregator {
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
         let queue_depth = metrics.queue_depth.clone();
+        let mut windows = Windows::new(config.windows);
+        if let Some(dir) = &config.state_dir {
+            windows.restore(crate::state::take(dir), wall_ns());
+        }
         let stage = Stage {
-            windows: Windows::new(config.windows),
+            windows,
             pending: Pending::default(),
             config,
             sink,
@@ -199,7 +207,11 @@ struct Stage {
     metrics: AggregatorMetrics,
 }
 
-const TICK: Duration = Duration::from_secs(1);
+/// How often pending rows are checked for writing.
+const POLL: Duration = Duration::from_secs(1);
+/// How often every device is checked for windows the server clock closes (idle devices):
+/// a pass over all devices, ~20 ms for a million.
+const TICK: Duration = Duration::from_secs(5);
 
 fn wall_ns() -> i64 {
     SystemTime::now()
@@ -212,7 +224,7 @@ impl Stage {
     fn run(mut self, rx: Receiver<Input>) {
         let mut ticked = Instant::now();
         loop {
-            match rx.recv_timeout(TICK) {
+            match rx.recv_timeout(POLL) {
                 Ok(Input::Batch(batch)) => self.process(&batch, wall_ns()),
                 Ok(Input::Finish) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -233,8 +245,29 @@ impl Stage {
                 self.write();
             }
         }
-        self.windows.close_all(&mut self.pending);
         self.write();
+        let saved = self.config.state_dir.as_ref().map(|dir| {
+            let (size, rollup) = (self.config.windows.size, self.config.windows.rollup);
+            crate::state::save(
+                dir,
+                &self.windows.save(),
+                size.as_nanos() as i64,
+                rollup.as_nanos() as i64,
+            )
+            .map_err(|e| (dir, e))
+        });
+        match saved {
+            Some(Ok(())) => tracing::info!(devices = self.windows.devices(), "open windows saved"),
+            Some(Err((dir, e))) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot save open windows: closing them now (partial windows)");
+                self.windows.close_all(&mut self.pending);
+                self.write();
+            }
+            None => {
+                self.windows.close_all(&mut self.pending);
+                self.write();
+            }
+        }
     }
 
     fn process(&mut self, batch: &RecordBatch, now: i64) {

@@ -99,19 +99,24 @@ struct Device {
     last_seen: i64,
     /// Windows ending at or before this are closed; only rises.
     watermark: i64,
-    /// Open windows, by start.
+    /// Open windows, by start (usually one or two: grown one at a time).
     open: Vec<WindowAcc>,
     /// The rollup window being built from closed windows.
-    rollup: Option<WindowAcc>,
+    rollup: Option<Box<WindowAcc>>,
 }
 
 /// The open windows of every device.
+///
+/// Memory per device (x86-64): 64 bytes here, 24 in the index, the id, and 296 bytes per
+/// open window and for the rollup, so about 700 bytes for a device reporting every 30 s.
 pub struct Windows {
     size: i64,
     rollup: i64,
     lateness: i64,
     idle: i64,
-    devices: HashMap<Box<str>, Device>,
+    /// Device id → position in `devices` (small buckets: the map doubles when it grows).
+    index: HashMap<Box<str>, u32>,
+    devices: Vec<Device>,
     open_windows: usize,
 }
 
@@ -130,7 +135,8 @@ impl Windows {
             rollup: nanos(config.rollup),
             lateness: nanos(config.lateness),
             idle: nanos(config.idle_timeout),
-            devices: HashMap::new(),
+            index: HashMap::new(),
+            devices: Vec::new(),
             open_windows: 0,
         }
     }
@@ -148,19 +154,22 @@ impl Windows {
     /// Adds a reading received at processing time `now`. Returns `false` if it was late.
     pub fn observe(&mut self, r: &Observation<'_>, now: i64, sink: &mut impl WindowSink) -> bool {
         let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
-        if !self.devices.contains_key(r.device) {
-            self.devices.insert(
-                r.device.into(),
-                Device {
+        let i = match self.index.get(r.device) {
+            Some(&i) => i as usize,
+            None => {
+                let i = self.devices.len();
+                self.index.insert(r.device.into(), i as u32);
+                self.devices.push(Device {
                     max_event: i64::MIN,
                     last_seen: now,
                     watermark: i64::MIN,
                     open: Vec::new(),
                     rollup: None,
-                },
-            );
-        }
-        let device = self.devices.get_mut(r.device).expect("inserted above");
+                });
+                i
+            }
+        };
+        let device = &mut self.devices[i];
         let start = floor(r.ts, size);
         // Catch up with the idle rule before judging lateness: a device back from a long
         // silence must not reopen windows that were closed meanwhile.
@@ -175,6 +184,7 @@ impl Windows {
         let i = match device.open.binary_search_by_key(&start, |w| w.start) {
             Ok(i) => i,
             Err(i) => {
+                device.open.reserve_exact(1);
                 device.open.insert(i, WindowAcc::new(start));
                 self.open_windows += 1;
                 i
@@ -198,7 +208,8 @@ impl Windows {
     /// Closes what the passing of processing time closes (idle devices).
     pub fn tick(&mut self, now: i64, sink: &mut impl WindowSink) {
         let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
-        for (name, device) in &mut self.devices {
+        for (name, &i) in &self.index {
+            let device = &mut self.devices[i as usize];
             if device.open.is_empty() && device.rollup.is_none() {
                 continue;
             }
@@ -211,9 +222,70 @@ impl Windows {
     /// kept, e.g. at a stop without a state file).
     pub fn close_all(&mut self, sink: &mut impl WindowSink) {
         let (size, rollup) = (self.size, self.rollup);
-        for (name, device) in &mut self.devices {
+        for (name, &i) in &self.index {
+            let device = &mut self.devices[i as usize];
             device.watermark = i64::MAX;
             self.open_windows -= device.close(name, size, rollup, sink);
+        }
+    }
+}
+
+/// What a device's windows need to carry on after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedDevice {
+    pub device: Box<str>,
+    pub max_event: i64,
+    pub watermark: i64,
+    /// Open windows (`false`) and the rollup being built (`true`).
+    pub windows: Vec<(bool, WindowAcc)>,
+}
+
+impl Windows {
+    /// Every device's state, for [`restore`](Self::restore) after a restart.
+    pub fn save(&self) -> Vec<SavedDevice> {
+        self.index
+            .iter()
+            .map(|(name, &i)| {
+                let d = &self.devices[i as usize];
+                let windows = d.open.iter().map(|w| (false, w.clone()));
+                let rollup = d.rollup.iter().map(|r| (true, (**r).clone()));
+                SavedDevice {
+                    device: name.clone(),
+                    max_event: d.max_event,
+                    watermark: d.watermark,
+                    windows: windows.chain(rollup).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes back saved state. Every device counts as seen `now`: the idle rule starts
+    /// afresh, so a restart does not close windows of devices that kept sending meanwhile.
+    pub fn restore(&mut self, saved: Vec<SavedDevice>, now: i64) {
+        for s in saved {
+            let mut device = Device {
+                max_event: s.max_event,
+                last_seen: now,
+                watermark: s.watermark,
+                open: Vec::new(),
+                rollup: None,
+            };
+            for (rollup, window) in s.windows {
+                if rollup {
+                    device.rollup = Some(Box::new(window));
+                } else {
+                    device.open.push(window);
+                }
+            }
+            device.open.sort_by_key(|w| w.start);
+            self.open_windows += device.open.len();
+            match self.index.get(&s.device) {
+                Some(&i) => self.devices[i as usize] = device,
+                None => {
+                    self.index.insert(s.device, self.devices.len() as u32);
+                    self.devices.push(device);
+                }
+            }
         }
     }
 }
@@ -247,7 +319,7 @@ impl Device {
                     if let Some(previous) = slot.take() {
                         sink.window(true, name, previous.start + rollup, &previous);
                     }
-                    let mut r = WindowAcc::new(hour);
+                    let mut r = Box::new(WindowAcc::new(hour));
                     r.merge(&window);
                     *slot = Some(r);
                 }

@@ -79,7 +79,7 @@ impl Default for BrokerConfig {
             mqtt5_addr: Some(SocketAddr::from(([127, 0, 0, 1], 1884))),
             max_connections: 10_000,
             max_packet_bytes: 2 * 1024 * 1024,
-            buffer_bytes: 256 * 1024 * 1024,
+            buffer_bytes: 128 * 1024 * 1024,
             segment_bytes: 16 * 1024 * 1024,
             io_threads: 2,
             connect_timeout: Duration::from_secs(10),
