@@ -24,6 +24,9 @@ use crate::output::Format;
 use crate::server::Server;
 use crate::status::Sample;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "MQTT telemetry in, SQL out")]
 struct Cli {

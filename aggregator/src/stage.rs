@@ -57,7 +57,7 @@ pub struct AggregatorMetrics {
     readings: IntCounter,
     late: IntCounter,
     closed: IntCounterVec,
-    open_windows: IntGauge,
+    buffered: IntGauge,
     devices: IntGauge,
     queue_depth: IntGauge,
 }
@@ -80,7 +80,10 @@ impl AggregatorMetrics {
                 ),
                 &["table"],
             )?,
-            open_windows: IntGauge::new("sluice_aggregator_open_windows", "Windows open now")?,
+            buffered: IntGauge::new(
+                "sluice_aggregator_buffered_readings",
+                "Readings held for windows not closed yet",
+            )?,
             devices: IntGauge::new("sluice_aggregator_devices", "Devices with window state")?,
             queue_depth: IntGauge::new(
                 "sluice_aggregator_queue_depth",
@@ -90,7 +93,7 @@ impl AggregatorMetrics {
         registry.register(Box::new(metrics.readings.clone()))?;
         registry.register(Box::new(metrics.late.clone()))?;
         registry.register(Box::new(metrics.closed.clone()))?;
-        registry.register(Box::new(metrics.open_windows.clone()))?;
+        registry.register(Box::new(metrics.buffered.clone()))?;
         registry.register(Box::new(metrics.devices.clone()))?;
         registry.register(Box::new(metrics.queue_depth.clone()))?;
         Ok(metrics)
@@ -232,9 +235,7 @@ impl Stage {
             if ticked.elapsed() >= TICK {
                 self.windows.tick(wall_ns(), &mut self.pending);
                 ticked = Instant::now();
-                self.metrics
-                    .open_windows
-                    .set(self.windows.open_windows() as i64);
+                self.metrics.buffered.set(self.windows.buffered() as i64);
                 self.metrics.devices.set(self.windows.devices() as i64);
             }
             let due = self
@@ -247,14 +248,8 @@ impl Stage {
         }
         self.write();
         let saved = self.config.state_dir.as_ref().map(|dir| {
-            let (size, rollup) = (self.config.windows.size, self.config.windows.rollup);
-            crate::state::save(
-                dir,
-                &self.windows.save(),
-                size.as_nanos() as i64,
-                rollup.as_nanos() as i64,
-            )
-            .map_err(|e| (dir, e))
+            let rollup = self.config.windows.rollup.as_nanos() as i64;
+            crate::state::save(dir, &self.windows.save(), rollup).map_err(|e| (dir, e))
         });
         match saved {
             Some(Ok(())) => tracing::info!(devices = self.windows.devices(), "open windows saved"),

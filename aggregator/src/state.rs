@@ -2,25 +2,31 @@
 //! writes a window twice (a partial row before, another after) nor loses one.
 //!
 //! Three Arrow IPC files in the state directory: `devices.arrow` (device, latest event
-//! time, watermark), `windows.arrow` and `rollups.arrow` (open windows in the window
-//! tables' schema). Each is written to a temporary name, synced and renamed; they are
-//! deleted once read, so state is never taken back twice. A file that cannot be read is
+//! time, watermark), `samples.arrow` (the readings of open windows, in the `telemetry`
+//! schema) and `rollups.arrow` (rollups being built, in the window tables' schema). Each
+//! is written to a temporary name, synced and renamed, `devices.arrow` last; they are
+//! deleted once read, so state is never taken back twice. Files that cannot be read are
 //! moved aside (`*.unreadable`) with an error in the log, and the windows start afresh.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use std::borrow::Cow;
+
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::TimestampNanosecondType;
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
+use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
+use crate::METRICS;
 use crate::rows::{ClosedWindow, window_batch, windows_from_batch};
-use crate::window::SavedDevice;
+use crate::window::{Sample, SavedDevice};
 
 const DEVICES: &str = "devices.arrow";
-const WINDOWS: &str = "windows.arrow";
+const SAMPLES: &str = "samples.arrow";
 const ROLLUPS: &str = "rollups.arrow";
 
 static DEVICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -49,13 +55,8 @@ fn read(path: &Path) -> Result<Vec<RecordBatch>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes the state; `size` and `rollup` (ns) give the windows' ends.
-pub(crate) fn save(
-    dir: &Path,
-    saved: &[SavedDevice],
-    size: i64,
-    rollup: i64,
-) -> std::io::Result<()> {
+/// Writes the state; `rollup` (ns) gives the rollups' ends.
+pub(crate) fn save(dir: &Path, saved: &[SavedDevice], rollup: i64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let devices = RecordBatch::try_new(
         DEVICES_SCHEMA.clone(),
@@ -72,23 +73,40 @@ pub(crate) fn save(
         ],
     )
     .map_err(std::io::Error::other)?;
-    let windows = |want_rollup: bool, length: i64| -> Vec<ClosedWindow> {
-        saved
-            .iter()
-            .flat_map(|d| {
-                d.windows
-                    .iter()
-                    .filter(move |(rollup, _)| *rollup == want_rollup)
-                    .map(move |(_, w)| ClosedWindow {
-                        device: d.device.clone(),
-                        end: w.start + length,
-                        acc: w.clone(),
-                    })
+    let mut samples = TelemetryBuilder::default();
+    for d in saved {
+        for sample in &d.samples {
+            let known = sample.known.map(|v| (!v.is_nan()).then_some(v));
+            let extra = sample.extra.iter().flatten();
+            samples.append(
+                &Reading {
+                    device_id: Cow::Borrowed(&d.device),
+                    ts_ns: sample.ts,
+                    temperature: known[0],
+                    humidity: known[1],
+                    battery: known[2],
+                    signal_strength: known[3],
+                    firmware_version: None,
+                    lat: None,
+                    lng: None,
+                    extra: extra.map(|(n, v)| (Cow::Borrowed(&**n), *v)).collect(),
+                },
+                sample.ts,
+            );
+        }
+    }
+    let rollups: Vec<ClosedWindow> = saved
+        .iter()
+        .filter_map(|d| {
+            d.rollup.as_ref().map(|r| ClosedWindow {
+                device: d.device.clone(),
+                end: r.start + rollup,
+                acc: r.clone(),
             })
-            .collect()
-    };
-    write(&dir.join(WINDOWS), &window_batch(&windows(false, size)))?;
-    write(&dir.join(ROLLUPS), &window_batch(&windows(true, rollup)))?;
+        })
+        .collect();
+    write(&dir.join(SAMPLES), &samples.finish())?;
+    write(&dir.join(ROLLUPS), &window_batch(&rollups))?;
     // Last: its presence says the other two are complete.
     write(&dir.join(DEVICES), &devices)
 }
@@ -112,28 +130,63 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
                     device: names.value(row).into(),
                     max_event: max_event.value(row),
                     watermark: watermark.value(row),
-                    windows: Vec::new(),
+                    samples: Vec::new(),
+                    rollup: None,
                 });
             }
         }
-        for (file, rollup) in [(WINDOWS, false), (ROLLUPS, true)] {
-            for batch in read(&path(file))? {
-                if batch.schema() != crate::window_schema() {
-                    return Err(format!("{file} has another schema than this version's"));
-                }
-                for (device, acc) in windows_from_batch(&batch) {
-                    let i = *index
-                        .get(&*device)
-                        .ok_or_else(|| format!("{file}: device {device} is not in {DEVICES}"))?;
-                    saved[i].windows.push((rollup, acc));
-                }
+        let device_of = |name: &str, file: &str| {
+            index
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))
+        };
+        for batch in read(&path(SAMPLES))? {
+            if batch.schema() != sluice_ingest::telemetry_schema() {
+                return Err(format!("{SAMPLES} has another schema than this version's"));
+            }
+            let col = |name: &str| batch.column_by_name(name).expect("telemetry schema");
+            let devices = col("device_id").as_string::<i32>();
+            let ts = col("ts").as_primitive::<TimestampNanosecondType>();
+            let known = METRICS.map(|m| col(m).as_primitive::<Float64Type>());
+            let extra = col("extra").as_map();
+            let keys = extra.keys().as_string::<i32>();
+            let values = extra.values().as_primitive::<Float64Type>();
+            for row in 0..batch.num_rows() {
+                let i = device_of(devices.value(row), SAMPLES)?;
+                let offsets = extra.value_offsets();
+                let entries = offsets[row] as usize..offsets[row + 1] as usize;
+                saved[i].samples.push(Sample {
+                    ts: ts.value(row),
+                    known: known.map(|k| {
+                        if k.is_null(row) {
+                            f64::NAN
+                        } else {
+                            k.value(row)
+                        }
+                    }),
+                    extra: extra.is_valid(row).then(|| {
+                        entries
+                            .map(|e| (keys.value(e).into(), values.value(e)))
+                            .collect()
+                    }),
+                });
+            }
+        }
+        for batch in read(&path(ROLLUPS))? {
+            if batch.schema() != crate::window_schema() {
+                return Err(format!("{ROLLUPS} has another schema than this version's"));
+            }
+            for (device, acc) in windows_from_batch(&batch) {
+                let i = device_of(&device, ROLLUPS)?;
+                saved[i].rollup = Some(acc);
             }
         }
         Ok(saved)
     })();
     match loaded {
         Ok(saved) => {
-            for name in [DEVICES, WINDOWS, ROLLUPS] {
+            for name in [DEVICES, SAMPLES, ROLLUPS] {
                 if let Err(e) = std::fs::remove_file(path(name)) {
                     tracing::error!(file = %path(name).display(), error = %e, "cannot remove window state");
                 }
@@ -143,10 +196,69 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
         }
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "window state unreadable: moved aside, windows start afresh");
-            for name in [DEVICES, WINDOWS, ROLLUPS] {
+            for name in [DEVICES, SAMPLES, ROLLUPS] {
                 let _ = std::fs::rename(path(name), path(&format!("{name}.unreadable")));
             }
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::WindowAcc;
+
+    #[test]
+    fn saved_state_comes_back_once() {
+        let dir = std::env::temp_dir().join(format!("sluice-state-{}", std::process::id()));
+        let mut rollup = WindowAcc::new(0);
+        rollup.readings = 2;
+        rollup.known[0].add(1.5, 10);
+        rollup.add_extra("co2", 400.0, 10);
+        let saved = vec![
+            SavedDevice {
+                device: "a".into(),
+                max_event: 100,
+                watermark: 40,
+                samples: vec![
+                    Sample {
+                        ts: 90,
+                        known: [1.0, f64::NAN, 3.0, f64::NAN],
+                        extra: Some(vec![("co2".into(), 410.0)].into()),
+                    },
+                    Sample {
+                        ts: 95,
+                        known: [f64::NAN; 4],
+                        extra: None,
+                    },
+                ],
+                rollup: Some(rollup),
+            },
+            SavedDevice {
+                device: "b".into(),
+                max_event: 7,
+                watermark: 1,
+                samples: vec![],
+                rollup: None,
+            },
+        ];
+        save(&dir, &saved, 3600).unwrap();
+        let back = take(&dir);
+        // NaN != NaN: compare through the debug form.
+        assert_eq!(format!("{back:?}"), format!("{saved:?}"));
+        assert!(take(&dir).is_empty(), "taken once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_state_is_moved_aside() {
+        let dir = std::env::temp_dir().join(format!("sluice-bad-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(DEVICES), b"not arrow").unwrap();
+        assert!(take(&dir).is_empty());
+        assert!(!dir.join(DEVICES).exists());
+        assert!(dir.join("devices.arrow.unreadable").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -92,6 +92,19 @@ pub struct Observation<'a> {
     pub extra: &'a [(&'a str, f64)],
 }
 
+/// Metrics beyond the known four, by name.
+pub type Extra = Box<[(Box<str>, f64)]>;
+
+/// One buffered reading of a window not closed yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Event time, ns.
+    pub ts: i64,
+    /// The four known metrics, NaN where absent (readings are always finite).
+    pub known: [f64; 4],
+    pub extra: Option<Extra>,
+}
+
 struct Device {
     /// Latest event time seen.
     max_event: i64,
@@ -99,25 +112,30 @@ struct Device {
     last_seen: i64,
     /// Windows ending at or before this are closed; only rises.
     watermark: i64,
-    /// Open windows, by start (usually one or two: grown one at a time).
-    open: Vec<WindowAcc>,
+    /// The readings of the windows still open, in arrival order. They are aggregated when
+    /// their window closes: a handful of 48-byte readings take far less memory than a
+    /// window's accumulators (296 bytes) when devices report every few seconds or less.
+    samples: Vec<Sample>,
     /// The rollup window being built from closed windows.
     rollup: Option<Box<WindowAcc>>,
 }
 
 /// The open windows of every device.
 ///
-/// Memory per device (x86-64): 64 bytes here, 24 in the index, the id, and 296 bytes per
-/// open window and for the rollup, so about 700 bytes for a device reporting every 30 s.
+/// Memory per device (x86-64): 56 bytes here, the index entry and two copies of the id
+/// (~110), 48 bytes per buffered reading and ~310 for the rollup: about 650 bytes for a
+/// device reporting every 30 s with a minute of lateness (up to 5 readings buffered).
 pub struct Windows {
     size: i64,
     rollup: i64,
     lateness: i64,
     idle: i64,
     /// Device id → position in `devices` (small buckets: the map doubles when it grows).
-    index: HashMap<Box<str>, u32>,
+    index: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    /// Ids by position, so a pass over every device reads memory in order.
+    names: Vec<Box<str>>,
     devices: Vec<Device>,
-    open_windows: usize,
+    buffered: usize,
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -128,6 +146,18 @@ fn floor(ts: i64, size: i64) -> i64 {
     ts - ts.rem_euclid(size)
 }
 
+/// What a device's windows need to carry on after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedDevice {
+    pub device: Box<str>,
+    pub max_event: i64,
+    pub watermark: i64,
+    /// Readings of the windows still open.
+    pub samples: Vec<Sample>,
+    /// The rollup being built.
+    pub rollup: Option<WindowAcc>,
+}
+
 impl Windows {
     pub fn new(config: WindowConfig) -> Self {
         Windows {
@@ -135,9 +165,10 @@ impl Windows {
             rollup: nanos(config.rollup),
             lateness: nanos(config.lateness),
             idle: nanos(config.idle_timeout),
-            index: HashMap::new(),
+            index: HashMap::default(),
+            names: Vec::new(),
             devices: Vec::new(),
-            open_windows: 0,
+            buffered: 0,
         }
     }
 
@@ -146,115 +177,95 @@ impl Windows {
         self.devices.len()
     }
 
-    /// Windows (not rollups) open right now.
-    pub fn open_windows(&self) -> usize {
-        self.open_windows
+    /// Readings held for windows not closed yet.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    fn device(&mut self, name: &str, now: i64) -> usize {
+        match self.index.get(name) {
+            Some(&i) => i as usize,
+            None => {
+                let i = self.devices.len();
+                self.index.insert(name.into(), i as u32);
+                self.names.push(name.into());
+                self.devices.push(Device {
+                    max_event: i64::MIN,
+                    last_seen: now,
+                    watermark: i64::MIN,
+                    samples: Vec::new(),
+                    rollup: None,
+                });
+                i
+            }
+        }
     }
 
     /// Adds a reading received at processing time `now`. Returns `false` if it was late.
     pub fn observe(&mut self, r: &Observation<'_>, now: i64, sink: &mut impl WindowSink) -> bool {
         let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
-        let i = match self.index.get(r.device) {
-            Some(&i) => i as usize,
-            None => {
-                let i = self.devices.len();
-                self.index.insert(r.device.into(), i as u32);
-                self.devices.push(Device {
-                    max_event: i64::MIN,
-                    last_seen: now,
-                    watermark: i64::MIN,
-                    open: Vec::new(),
-                    rollup: None,
-                });
-                i
-            }
-        };
+        let i = self.device(r.device, now);
         let device = &mut self.devices[i];
-        let start = floor(r.ts, size);
         // Catch up with the idle rule before judging lateness: a device back from a long
         // silence must not reopen windows that were closed meanwhile.
         device.advance(now, lateness, idle);
-        if start.saturating_add(size) <= device.watermark {
-            device.last_seen = now;
+        device.last_seen = now;
+        if floor(r.ts, size).saturating_add(size) <= device.watermark {
             sink.late(r.device, r.ts, r.received_at);
             return false;
         }
-        device.last_seen = now;
         device.max_event = device.max_event.max(r.ts);
-        let i = match device.open.binary_search_by_key(&start, |w| w.start) {
-            Ok(i) => i,
-            Err(i) => {
-                device.open.reserve_exact(1);
-                device.open.insert(i, WindowAcc::new(start));
-                self.open_windows += 1;
-                i
-            }
-        };
-        let window = &mut device.open[i];
-        window.readings += 1;
-        for (acc, value) in window.known.iter_mut().zip(r.known) {
-            if let Some(v) = value {
-                acc.add(v, r.ts);
-            }
+        if device.samples.len() == device.samples.capacity() {
+            device.samples.reserve_exact(2);
         }
-        for &(name, value) in r.extra {
-            window.add_extra(name, value, r.ts);
-        }
+        device.samples.push(Sample {
+            ts: r.ts,
+            known: r.known.map(|v| v.unwrap_or(f64::NAN)),
+            extra: (!r.extra.is_empty())
+                .then(|| r.extra.iter().map(|&(n, v)| (n.into(), v)).collect()),
+        });
+        self.buffered += 1;
         device.advance(now, lateness, idle);
-        self.open_windows -= device.close(r.device, size, rollup, sink);
+        self.buffered -= device.close(r.device, size, rollup, sink);
         true
     }
 
     /// Closes what the passing of processing time closes (idle devices).
     pub fn tick(&mut self, now: i64, sink: &mut impl WindowSink) {
         let (size, rollup, lateness, idle) = (self.size, self.rollup, self.lateness, self.idle);
-        for (name, &i) in &self.index {
-            let device = &mut self.devices[i as usize];
-            if device.open.is_empty() && device.rollup.is_none() {
+        for (device, name) in self.devices.iter_mut().zip(&self.names) {
+            // Only the idle rule moves a watermark between readings.
+            if now.saturating_sub(device.last_seen) < idle
+                || (device.samples.is_empty() && device.rollup.is_none())
+            {
                 continue;
             }
             device.advance(now, lateness, idle);
-            self.open_windows -= device.close(name, size, rollup, sink);
+            self.buffered -= device.close(name, size, rollup, sink);
         }
     }
 
     /// Closes every open window now, whatever the watermarks (used when state cannot be
-    /// kept, e.g. at a stop without a state file).
+    /// kept, e.g. at a stop without a state directory).
     pub fn close_all(&mut self, sink: &mut impl WindowSink) {
         let (size, rollup) = (self.size, self.rollup);
-        for (name, &i) in &self.index {
-            let device = &mut self.devices[i as usize];
+        for (device, name) in self.devices.iter_mut().zip(&self.names) {
             device.watermark = i64::MAX;
-            self.open_windows -= device.close(name, size, rollup, sink);
+            self.buffered -= device.close(name, size, rollup, sink);
         }
     }
-}
 
-/// What a device's windows need to carry on after a restart.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SavedDevice {
-    pub device: Box<str>,
-    pub max_event: i64,
-    pub watermark: i64,
-    /// Open windows (`false`) and the rollup being built (`true`).
-    pub windows: Vec<(bool, WindowAcc)>,
-}
-
-impl Windows {
     /// Every device's state, for [`restore`](Self::restore) after a restart.
     pub fn save(&self) -> Vec<SavedDevice> {
-        self.index
+        self.devices
             .iter()
-            .map(|(name, &i)| {
-                let d = &self.devices[i as usize];
-                let windows = d.open.iter().map(|w| (false, w.clone()));
-                let rollup = d.rollup.iter().map(|r| (true, (**r).clone()));
-                SavedDevice {
-                    device: name.clone(),
-                    max_event: d.max_event,
-                    watermark: d.watermark,
-                    windows: windows.chain(rollup).collect(),
-                }
+            .zip(&self.names)
+            .map(|(d, name)| SavedDevice {
+                device: name.clone(),
+                max_event: d.max_event,
+                watermark: d.watermark,
+                samples: d.samples.clone(),
+                rollup: d.rollup.as_deref().cloned(),
             })
             .collect()
     }
@@ -263,29 +274,17 @@ impl Windows {
     /// afresh, so a restart does not close windows of devices that kept sending meanwhile.
     pub fn restore(&mut self, saved: Vec<SavedDevice>, now: i64) {
         for s in saved {
-            let mut device = Device {
+            let i = self.device(&s.device, now);
+            let device = &mut self.devices[i];
+            self.buffered -= device.samples.len();
+            self.buffered += s.samples.len();
+            *device = Device {
                 max_event: s.max_event,
                 last_seen: now,
                 watermark: s.watermark,
-                open: Vec::new(),
-                rollup: None,
+                samples: s.samples,
+                rollup: s.rollup.map(Box::new),
             };
-            for (rollup, window) in s.windows {
-                if rollup {
-                    device.rollup = Some(Box::new(window));
-                } else {
-                    device.open.push(window);
-                }
-            }
-            device.open.sort_by_key(|w| w.start);
-            self.open_windows += device.open.len();
-            match self.index.get(&s.device) {
-                Some(&i) => self.devices[i as usize] = device,
-                None => {
-                    self.index.insert(s.device, self.devices.len() as u32);
-                    self.devices.push(device);
-                }
-            }
         }
     }
 }
@@ -301,28 +300,47 @@ impl Device {
         }
     }
 
-    /// Emits the windows the watermark has passed, folding each into the rollup; returns
-    /// how many windows closed.
+    /// Emits the windows the watermark has passed, folding each into the rollup, and the
+    /// rollup once the watermark passes its end; returns how many readings were used.
     fn close(&mut self, name: &str, size: i64, rollup: i64, sink: &mut impl WindowSink) -> usize {
-        let mut closed = 0;
-        while let Some(first) = self.open.first()
-            && first.start.saturating_add(size) <= self.watermark
-        {
-            let window = self.open.remove(0);
-            closed += 1;
-            let end = window.start + size;
-            sink.window(false, name, end, &window);
-            let hour = floor(window.start, rollup);
-            match &mut self.rollup {
-                Some(r) if r.start == hour => r.merge(&window),
-                slot => {
-                    if let Some(previous) = slot.take() {
-                        sink.window(true, name, previous.start + rollup, &previous);
+        let closes = |s: &Sample| floor(s.ts, size).saturating_add(size) <= self.watermark;
+        let mut used = 0;
+        if self.samples.iter().any(closes) {
+            // Stable: arrival order is kept within a window (it breaks first/last ties).
+            self.samples.sort_by_key(|s| floor(s.ts, size));
+            used = self.samples.partition_point(closes);
+            for group in
+                self.samples[..used].chunk_by(|a, b| floor(a.ts, size) == floor(b.ts, size))
+            {
+                let mut window = WindowAcc::new(floor(group[0].ts, size));
+                for s in group {
+                    window.readings += 1;
+                    for (acc, &v) in window.known.iter_mut().zip(&s.known) {
+                        if !v.is_nan() {
+                            acc.add(v, s.ts);
+                        }
                     }
-                    let mut r = Box::new(WindowAcc::new(hour));
-                    r.merge(&window);
-                    *slot = Some(r);
+                    for (name, v) in s.extra.iter().flatten() {
+                        window.add_extra(name, *v, s.ts);
+                    }
                 }
+                sink.window(false, name, window.start + size, &window);
+                let hour = floor(window.start, rollup);
+                match &mut self.rollup {
+                    Some(r) if r.start == hour => r.merge(&window),
+                    slot => {
+                        if let Some(previous) = slot.take() {
+                            sink.window(true, name, previous.start + rollup, &previous);
+                        }
+                        let mut r = Box::new(WindowAcc::new(hour));
+                        r.merge(&window);
+                        *slot = Some(r);
+                    }
+                }
+            }
+            self.samples.drain(..used);
+            if self.samples.capacity() > self.samples.len() + 4 {
+                self.samples.shrink_to(self.samples.len() + 2);
             }
         }
         if let Some(r) = &self.rollup
@@ -331,7 +349,7 @@ impl Device {
             let r = self.rollup.take().expect("checked");
             sink.window(true, name, r.start + rollup, &r);
         }
-        closed
+        used
     }
 }
 
@@ -394,7 +412,7 @@ mod tests {
             (1.0, 2.0, 3.0, 1.0, 2.0)
         );
         assert_eq!((t.first_ts, t.last_ts), (T0, T0 + MIN - 1));
-        assert_eq!(w.open_windows(), 2);
+        assert_eq!(w.buffered(), 3, "the readings of the two open windows");
     }
 
     #[test]
