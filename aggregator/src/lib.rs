@@ -21,7 +21,7 @@ pub use stage::{
     Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE,
     TableSink,
 };
-pub use window::{Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
+pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
 
 /// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'
 /// column groups.
