@@ -27,6 +27,9 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct WindowsConfig {
+    /// Compute the window tables. Off by default until their CPU and memory cost fits
+    /// the fleet-scale budget (issue #5; BENCHMARKS.md has the figures).
+    pub enabled: bool,
     /// Size of the windows of `telemetry_1m`.
     #[serde(with = "humantime_serde")]
     pub size: Duration,
@@ -45,6 +48,7 @@ impl Default for WindowsConfig {
     fn default() -> Self {
         let w = sluice_aggregator::WindowConfig::default();
         WindowsConfig {
+            enabled: false,
             size: w.size,
             rollup: w.rollup,
             lateness: w.lateness,

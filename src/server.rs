@@ -69,7 +69,7 @@ fn window_table(name: &str) -> TableSpec {
 /// Sealed batches go to the storage's hot store; telemetry also to the aggregator.
 struct StorageSink {
     storage: Storage,
-    aggregator: Arc<Aggregator>,
+    aggregator: Option<Arc<Aggregator>>,
 }
 
 impl StorageSink {
@@ -83,8 +83,13 @@ impl StorageSink {
 
 impl BatchSink for StorageSink {
     fn append_telemetry(&self, batch: RecordBatch) {
-        self.append(TELEMETRY, batch.clone());
-        self.aggregator.observe(batch);
+        match &self.aggregator {
+            Some(aggregator) => {
+                self.append(TELEMETRY, batch.clone());
+                aggregator.observe(batch);
+            }
+            None => self.append(TELEMETRY, batch),
+        }
     }
     fn append_rejects(&self, batch: RecordBatch) {
         self.append(REJECTS, batch);
@@ -120,7 +125,7 @@ pub(crate) struct Server {
     drain: Drain,
     consumer: JoinHandle<()>,
     pipeline: Pipeline,
-    aggregator: Arc<Aggregator>,
+    aggregator: Option<Arc<Aggregator>>,
     flusher: Flusher,
     http: http::HttpServer,
     ready: Arc<AtomicBool>,
@@ -148,14 +153,17 @@ impl Server {
             StorageMetrics::new(&registry).context("registering storage metrics")?,
         )
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
-        let aggregator = Arc::new(
-            Aggregator::start(
-                config.aggregator(),
-                Arc::new(WindowSink(storage.clone())),
-                AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
-            )
-            .context("starting the aggregator")?,
-        );
+        let aggregator = match config.windows.enabled {
+            true => Some(Arc::new(
+                Aggregator::start(
+                    config.aggregator(),
+                    Arc::new(WindowSink(storage.clone())),
+                    AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
+                )
+                .context("starting the aggregator")?,
+            )),
+            false => None,
+        };
         let ingest_metrics = IngestMetrics::new(&registry).context("registering ingest metrics")?;
         let pipeline = Pipeline::start(
             config.pipeline(),
@@ -223,8 +231,10 @@ impl Server {
         }
         tracing::info!("broker drained; sealing open batches");
         self.pipeline.finish();
-        tracing::info!("closing open windows");
-        self.aggregator.finish();
+        if let Some(aggregator) = &self.aggregator {
+            tracing::info!("writing closed windows, saving open ones");
+            aggregator.finish();
+        }
         let report = self
             .flusher
             .shutdown()

@@ -26,7 +26,7 @@ fn windows_are_tables_and_a_restart_neither_duplicates_nor_loses_one() {
     // Readings are from 2024: a long idle timeout keeps the server clock out of it.
     std::fs::write(
         &config,
-        "[windows]\nsize = \"1m\"\nlateness = \"1m\"\nidle_timeout = \"1h\"\n",
+        "[windows]\nenabled = true\nsize = \"1m\"\nlateness = \"1m\"\nidle_timeout = \"1h\"\n",
     )
     .unwrap();
     let data = dir.path().join("data");
