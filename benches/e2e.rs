@@ -2,8 +2,8 @@
 //! driven by the load generator over real MQTT on loopback, measured from outside.
 //!
 //! ```text
-//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
-//! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
+//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K] [--windows]
+//! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S] [--windows]
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! ```
@@ -31,6 +31,8 @@ struct Args {
     connections: usize,
     from: f64,
     step: f64,
+    /// Run sluice with `[windows] enabled = true`.
+    windows: bool,
 }
 
 fn args() -> Args {
@@ -42,6 +44,7 @@ fn args() -> Args {
         connections: 16,
         from: 50_000.0,
         step: 25_000.0,
+        windows: false,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
@@ -57,6 +60,7 @@ fn args() -> Args {
             "--connections" => args.connections = value() as usize,
             "--from" => args.from = value(),
             "--step" => args.step = value(),
+            "--windows" => args.windows = true,
             name if !name.starts_with('-') => args.scenario = name.to_owned(),
             other => panic!("unknown option {other}"),
         }
@@ -87,14 +91,16 @@ struct Sluice {
 }
 
 impl Sluice {
-    /// Started with room for `connections` MQTT connections.
-    fn start(connections: usize) -> Sluice {
+    /// Started with room for `connections` MQTT connections, windows on or off.
+    fn start(connections: usize, windows: bool) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("sluice.toml");
         let max_connections = (connections + 100).max(10_000);
         std::fs::write(
             &config,
-            format!("[mqtt]\nmax_connections = {max_connections}\n"),
+            format!(
+                "[mqtt]\nmax_connections = {max_connections}\n[windows]\nenabled = {windows}\n"
+            ),
         )
         .unwrap();
         let server = common::Sluice::start(
@@ -270,7 +276,7 @@ fn reference(args: &Args) {
         "reference: {} devices, {} msgs/s, QoS 1, {} s, {} connections",
         args.devices, args.rate, args.secs, args.connections
     );
-    let sluice = Sluice::start(args.connections);
+    let sluice = Sluice::start(args.connections, args.windows);
     let pid = sluice.pid();
     let before = sluice.metrics();
     let cpu0 = cpu_seconds(pid);
@@ -358,7 +364,7 @@ fn max(args: &Args) {
         "max: QoS 1, {} connections, {} s per step from {} msgs/s",
         args.connections, args.secs, args.from
     );
-    let sluice = Sluice::start(args.connections);
+    let sluice = Sluice::start(args.connections, args.windows);
     let devices = 100_000;
     let mut best = 0.0;
     let mut rate = args.from;
