@@ -24,9 +24,6 @@ use crate::output::Format;
 use crate::server::Server;
 use crate::status::Sample;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "MQTT telemetry in, SQL out")]
 struct Cli {
