@@ -19,6 +19,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::METRICS;
 use crate::acc::{MetricAcc, WindowAcc};
+use crate::window::Observation;
 
 fn timestamp() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
@@ -206,6 +207,61 @@ pub fn late_batch(rows: &[LateReading]) -> RecordBatch {
         ],
     )
     .expect("columns follow the schema")
+}
+
+/// The columns of a `telemetry` batch that windows read, row by row.
+pub(crate) struct TelemetryColumns<'a> {
+    devices: &'a arrow::array::StringArray,
+    ts: &'a TimestampNanosecondArray,
+    received: &'a TimestampNanosecondArray,
+    known: [&'a Float64Array; 4],
+    extra: &'a arrow::array::MapArray,
+    keys: &'a arrow::array::StringArray,
+    values: &'a Float64Array,
+}
+
+impl<'a> TelemetryColumns<'a> {
+    pub(crate) fn new(batch: &'a RecordBatch) -> Self {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{Float64Type, TimestampNanosecondType};
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("telemetry batches have a {name} column"))
+        };
+        let extra = column("extra").as_map();
+        TelemetryColumns {
+            devices: column("device_id").as_string::<i32>(),
+            ts: column("ts").as_primitive::<TimestampNanosecondType>(),
+            received: column("received_at").as_primitive::<TimestampNanosecondType>(),
+            known: METRICS.map(|m| column(m).as_primitive::<Float64Type>()),
+            extra,
+            keys: extra.keys().as_string::<i32>(),
+            values: extra.values().as_primitive::<Float64Type>(),
+        }
+    }
+
+    /// Row `row` as the windows see it; its extra metrics are put in `extras`.
+    pub(crate) fn observation<'b>(
+        &'b self,
+        row: usize,
+        extras: &'b mut Vec<(&'a str, f64)>,
+    ) -> Observation<'b> {
+        extras.clear();
+        if self.extra.is_valid(row) {
+            let offsets = self.extra.value_offsets();
+            for i in offsets[row] as usize..offsets[row + 1] as usize {
+                extras.push((self.keys.value(i), self.values.value(i)));
+            }
+        }
+        Observation {
+            device: self.devices.value(row),
+            ts: self.ts.value(row),
+            received_at: self.received.value(row),
+            known: self.known.map(|k| k.is_valid(row).then(|| k.value(row))),
+            extra: extras,
+        }
+    }
 }
 
 /// Reads window rows back (state saved at a stop): device and accumulators per row.

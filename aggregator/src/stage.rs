@@ -4,15 +4,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float64Type, TimestampNanosecondType};
 use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::rows::{ClosedWindow, LateReading, late_batch, window_batch};
-use crate::window::{Observation, WindowConfig, WindowSink, Windows};
-use crate::{METRICS, WindowAcc};
+use crate::WindowAcc;
+use crate::rows::{ClosedWindow, LateReading, TelemetryColumns, late_batch, window_batch};
+use crate::window::{WindowConfig, WindowSink, Windows};
 
 /// Table names the aggregator writes.
 pub const MINUTE_TABLE: &str = "telemetry_1m";
@@ -266,37 +264,11 @@ impl Stage {
     }
 
     fn process(&mut self, batch: &RecordBatch, now: i64) {
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .unwrap_or_else(|| panic!("telemetry batches have a {name} column"))
-        };
-        let devices = column("device_id").as_string::<i32>();
-        let ts = column("ts").as_primitive::<TimestampNanosecondType>();
-        let received = column("received_at").as_primitive::<TimestampNanosecondType>();
-        let known = METRICS.map(|m| column(m).as_primitive::<Float64Type>());
-        let extra = column("extra").as_map();
-        let (keys, values) = (
-            extra.keys().as_string::<i32>(),
-            extra.values().as_primitive::<Float64Type>(),
-        );
-        let mut extras: Vec<(&str, f64)> = Vec::new();
+        let columns = TelemetryColumns::new(batch);
+        let mut extras = Vec::new();
         let mut late = 0;
         for row in 0..batch.num_rows() {
-            extras.clear();
-            if extra.is_valid(row) {
-                let offsets = extra.value_offsets();
-                for i in offsets[row] as usize..offsets[row + 1] as usize {
-                    extras.push((keys.value(i), values.value(i)));
-                }
-            }
-            let observation = Observation {
-                device: devices.value(row),
-                ts: ts.value(row),
-                received_at: received.value(row),
-                known: known.map(|k| k.is_valid(row).then(|| k.value(row))),
-                extra: &extras,
-            };
+            let observation = columns.observation(row, &mut extras);
             if !self.windows.observe(&observation, now, &mut self.pending) {
                 late += 1;
             }

@@ -14,15 +14,13 @@ use std::sync::{Arc, LazyLock};
 
 use std::borrow::Cow;
 
-use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::TimestampNanosecondType;
-use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
-use crate::METRICS;
-use crate::rows::{ClosedWindow, window_batch, windows_from_batch};
+use crate::rows::{ClosedWindow, TelemetryColumns, window_batch, windows_from_batch};
 use crate::window::{Sample, SavedDevice};
 
 const DEVICES: &str = "devices.arrow";
@@ -145,32 +143,12 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
             if batch.schema() != sluice_ingest::telemetry_schema() {
                 return Err(format!("{SAMPLES} has another schema than this version's"));
             }
-            let col = |name: &str| batch.column_by_name(name).expect("telemetry schema");
-            let devices = col("device_id").as_string::<i32>();
-            let ts = col("ts").as_primitive::<TimestampNanosecondType>();
-            let known = METRICS.map(|m| col(m).as_primitive::<Float64Type>());
-            let extra = col("extra").as_map();
-            let keys = extra.keys().as_string::<i32>();
-            let values = extra.values().as_primitive::<Float64Type>();
+            let columns = TelemetryColumns::new(&batch);
+            let mut extras = Vec::new();
             for row in 0..batch.num_rows() {
-                let i = device_of(devices.value(row), SAMPLES)?;
-                let offsets = extra.value_offsets();
-                let entries = offsets[row] as usize..offsets[row + 1] as usize;
-                saved[i].samples.push(Sample {
-                    ts: ts.value(row),
-                    known: known.map(|k| {
-                        if k.is_null(row) {
-                            f64::NAN
-                        } else {
-                            k.value(row)
-                        }
-                    }),
-                    extra: extra.is_valid(row).then(|| {
-                        entries
-                            .map(|e| (keys.value(e).into(), values.value(e)))
-                            .collect()
-                    }),
-                });
+                let observation = columns.observation(row, &mut extras);
+                let i = device_of(observation.device, SAMPLES)?;
+                saved[i].samples.push(Sample::of(&observation));
             }
         }
         for batch in read(&path(ROLLUPS))? {

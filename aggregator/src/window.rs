@@ -105,6 +105,18 @@ pub struct Sample {
     pub extra: Option<Extra>,
 }
 
+impl Sample {
+    /// The reading as it is buffered (an empty `extra` is `None`).
+    pub fn of(r: &Observation<'_>) -> Sample {
+        Sample {
+            ts: r.ts,
+            known: r.known.map(|v| v.unwrap_or(f64::NAN)),
+            extra: (!r.extra.is_empty())
+                .then(|| r.extra.iter().map(|&(n, v)| (n.into(), v)).collect()),
+        }
+    }
+}
+
 struct Device {
     /// Latest event time seen.
     max_event: i64,
@@ -218,12 +230,7 @@ impl Windows {
         if device.samples.len() == device.samples.capacity() {
             device.samples.reserve_exact(2);
         }
-        device.samples.push(Sample {
-            ts: r.ts,
-            known: r.known.map(|v| v.unwrap_or(f64::NAN)),
-            extra: (!r.extra.is_empty())
-                .then(|| r.extra.iter().map(|&(n, v)| (n.into(), v)).collect()),
-        });
+        device.samples.push(Sample::of(r));
         self.buffered += 1;
         device.advance(now, lateness, idle);
         self.buffered -= device.close(r.device, size, rollup, sink);
