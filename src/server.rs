@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::{IntGauge, Registry};
-use sluice_aggregator::{Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE};
+use sluice_aggregator::{
+    Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE, TableSink,
+};
 use sluice_broker::{Broker, Delivery, Drain, Received, Subscription, SubscriptionCounters};
 use sluice_ingest::{BatchSink, IngestMetrics, Message, Pipeline};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
@@ -66,44 +68,36 @@ fn window_table(name: &str) -> TableSpec {
     }
 }
 
-/// Sealed batches go to the storage's hot store; telemetry also to the aggregator.
-struct StorageSink {
-    storage: Storage,
-    aggregator: Option<Arc<Aggregator>>,
-}
+/// Appends sealed batches to the storage's hot store.
+struct HotStore(Storage);
 
-impl StorageSink {
+impl TableSink for HotStore {
     fn append(&self, table: &str, batch: RecordBatch) {
-        if let Err(e) = self.storage.append(table, batch) {
+        if let Err(e) = self.0.append(table, batch) {
             // Only a schema mismatch can fail here, which would be a bug in sluice.
             tracing::error!(table, error = %e, "cannot store a batch");
         }
     }
 }
 
+/// Decoded batches go to the hot store; telemetry also to the aggregator.
+struct StorageSink {
+    hot: HotStore,
+    aggregator: Option<Arc<Aggregator>>,
+}
+
 impl BatchSink for StorageSink {
     fn append_telemetry(&self, batch: RecordBatch) {
         match &self.aggregator {
             Some(aggregator) => {
-                self.append(TELEMETRY, batch.clone());
+                self.hot.append(TELEMETRY, batch.clone());
                 aggregator.observe(batch);
             }
-            None => self.append(TELEMETRY, batch),
+            None => self.hot.append(TELEMETRY, batch),
         }
     }
     fn append_rejects(&self, batch: RecordBatch) {
-        self.append(REJECTS, batch);
-    }
-}
-
-/// Window rows go to the storage's hot store.
-struct WindowSink(Storage);
-
-impl sluice_aggregator::TableSink for WindowSink {
-    fn append(&self, table: &str, batch: RecordBatch) {
-        if let Err(e) = self.0.append(table, batch) {
-            tracing::error!(table, error = %e, "cannot store a batch");
-        }
+        self.hot.append(REJECTS, batch);
     }
 }
 
@@ -157,7 +151,7 @@ impl Server {
             true => Some(Arc::new(
                 Aggregator::start(
                     config.aggregator(),
-                    Arc::new(WindowSink(storage.clone())),
+                    Arc::new(HotStore(storage.clone())),
                     AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
                 )
                 .context("starting the aggregator")?,
@@ -168,7 +162,7 @@ impl Server {
         let pipeline = Pipeline::start(
             config.pipeline(),
             Arc::new(StorageSink {
-                storage: storage.clone(),
+                hot: HotStore(storage.clone()),
                 aggregator: aggregator.clone(),
             }),
             ingest_metrics,
