@@ -6,7 +6,10 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::ops::Range;
+
 use arrow::array::RecordBatch;
+use arrow::compute::interleave_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
@@ -15,7 +18,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::schema::types::ColumnPath;
 
 use crate::StorageError;
-use crate::table::TableSpec;
+use crate::table::{FlushOrder, TableSpec};
 
 /// A published Parquet file.
 #[derive(Debug, Clone)]
@@ -94,28 +97,34 @@ pub(crate) fn discover(dir: &Path, writable: bool) -> Result<Vec<ColdFile>, Stor
         .collect()
 }
 
-/// Writes one file per `(hour, batch)` partition. Either every file is published (renamed
-/// into place) or none is: on error, what was written is removed.
+/// Writes one file per hour partition of `order`, gathering rows from `batches`. Either
+/// every file is published (renamed into place) or none is: on error, what was written is
+/// removed.
 pub(crate) fn write_partitions(
     dir: &Path,
     spec: &TableSpec,
-    partitions: &[(i64, RecordBatch)],
+    batches: &[&RecordBatch],
+    order: &FlushOrder,
     options: &WriteOptions,
 ) -> io::Result<Vec<ColdFile>> {
     let props = writer_properties(spec, options)?;
     let mut staged: Vec<(PathBuf, PathBuf, u64)> = Vec::new();
     let result = (|| {
-        for (hour, batch) in partitions {
+        for (hour, rows) in &order.partitions {
             let partition_dir = dir.join(partition_path(*hour));
             fs::create_dir_all(&partition_dir)?;
             let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
             let tmp = partition_dir.join(format!("{TMP_PREFIX}{name}"));
-            staged.push((
-                tmp.clone(),
-                partition_dir.join(&name),
-                batch.num_rows() as u64,
-            ));
-            write_file(&tmp, batch, props.clone())?;
+            staged.push((tmp.clone(), partition_dir.join(&name), rows.len() as u64));
+            write_file(
+                &tmp,
+                spec,
+                batches,
+                order,
+                rows.clone(),
+                options,
+                props.clone(),
+            )?;
         }
         let mut published = Vec::with_capacity(staged.len());
         for (tmp, path, rows) in &staged {
@@ -141,11 +150,28 @@ pub(crate) fn write_partitions(
     result
 }
 
-fn write_file(path: &Path, batch: &RecordBatch, props: WriterProperties) -> io::Result<()> {
+/// Writes the rows `rows` of `order` to one file, gathered one row group at a time.
+fn write_file(
+    path: &Path,
+    spec: &TableSpec,
+    batches: &[&RecordBatch],
+    order: &FlushOrder,
+    rows: Range<usize>,
+    options: &WriteOptions,
+    props: WriterProperties,
+) -> io::Result<()> {
     let file = File::create(path)?;
     let mut writer =
-        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(io::Error::other)?;
-    writer.write(batch).map_err(io::Error::other)?;
+        ArrowWriter::try_new(file, spec.schema.clone(), Some(props)).map_err(io::Error::other)?;
+    let step = options.row_group_rows.max(1);
+    let mut start = rows.start;
+    while start < rows.end {
+        let end = (start + step).min(rows.end);
+        let slice = interleave_record_batch(batches, &order.locate(start..end))
+            .map_err(io::Error::other)?;
+        writer.write(&slice).map_err(io::Error::other)?;
+        start = end;
+    }
     let file = writer.into_inner().map_err(io::Error::other)?;
     file.sync_all()
 }

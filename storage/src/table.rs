@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
-use arrow::compute::{
-    SortColumn, SortOptions, concat_batches, lexsort_to_indices, take_record_batch,
-};
+use std::ops::Range;
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
+use arrow::compute::{SortColumn, SortOptions, concat, lexsort_to_indices};
 use arrow::datatypes::{DataType, SchemaRef, TimestampNanosecondType};
 
 use crate::StorageError;
@@ -192,19 +192,14 @@ impl Table {
         let Some(last_seq) = taken.last().map(|h| h.seq) else {
             return Ok(FlushReport::default());
         };
-        let batches: Vec<RecordBatch> = taken.iter().map(|h| h.batch.clone()).collect();
-        let merged = concat_batches(&self.spec.schema, &batches).map_err(|e| {
-            StorageError::internal(format!(
-                "concatenating hot batches of {}: {e}",
-                self.spec.name
-            ))
-        })?;
-        let partitions = self.partition_and_sort(&merged)?;
-        let written = parquet_files::write_partitions(&self.dir, &self.spec, &partitions, options)
-            .map_err(|source| StorageError::Flush {
-                table: self.spec.name.clone(),
-                source: Box::new(source),
-            })?;
+        let batches: Vec<&RecordBatch> = taken.iter().map(|h| &h.batch).collect();
+        let order = self.flush_order(&batches)?;
+        let written =
+            parquet_files::write_partitions(&self.dir, &self.spec, &batches, &order, options)
+                .map_err(|source| StorageError::Flush {
+                    table: self.spec.name.clone(),
+                    source: Box::new(source),
+                })?;
         let report = FlushReport {
             rows: written.iter().map(|f| f.rows).sum(),
             files: written.len(),
@@ -231,47 +226,83 @@ impl Table {
         Ok(report)
     }
 
-    /// Splits `batch` into one sorted batch per UTC hour of the time column.
-    fn partition_and_sort(
-        &self,
-        batch: &RecordBatch,
-    ) -> Result<Vec<(i64, RecordBatch)>, StorageError> {
+    /// The order in which the rows of `batches` are written: grouped by UTC hour of the
+    /// time column, sorted by the sort columns within an hour.
+    ///
+    /// Only the key columns are concatenated and sorted; the rows themselves are gathered
+    /// slice by slice while writing, so a flush needs little memory beyond the hot batches
+    /// it writes (a copy of the whole table, sorted, would double the hot store's peak).
+    fn flush_order(&self, batches: &[&RecordBatch]) -> Result<FlushOrder, StorageError> {
         const HOUR_NS: i64 = 3_600_000_000_000;
-        let time = batch
-            .column(self.time_index)
-            .as_primitive::<TimestampNanosecondType>();
-        let hours: Int64Array = time.unary(|ns| ns.div_euclid(HOUR_NS));
-        let hours: ArrayRef = Arc::new(hours);
-        let mut keys = vec![SortColumn {
-            values: hours.clone(),
-            options: None,
-        }];
-        keys.extend(self.sort_indices.iter().map(|&i| SortColumn {
-            values: batch.column(i).clone(),
-            options: Some(SortOptions {
-                descending: false,
-                nulls_first: false,
-            }),
-        }));
         let internal = |e: arrow::error::ArrowError| {
             StorageError::internal(format!("sorting {} for a flush: {e}", self.spec.name))
         };
+        let column = |index: usize| -> Result<ArrayRef, StorageError> {
+            let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(index).as_ref()).collect();
+            concat(&parts).map_err(internal)
+        };
+        let time = column(self.time_index)?;
+        let hours: Int64Array = time
+            .as_primitive::<TimestampNanosecondType>()
+            .unary(|ns| ns.div_euclid(HOUR_NS));
+        let mut keys = vec![SortColumn {
+            values: Arc::new(hours.clone()),
+            options: None,
+        }];
+        for &index in &self.sort_indices {
+            keys.push(SortColumn {
+                values: column(index)?,
+                options: Some(SortOptions {
+                    descending: false,
+                    nulls_first: false,
+                }),
+            });
+        }
         let indices = lexsort_to_indices(&keys, None).map_err(internal)?;
-        let sorted = take_record_batch(batch, &indices).map_err(internal)?;
-        let sorted_hours = arrow::compute::take(&hours, &indices, None).map_err(internal)?;
-        let sorted_hours = sorted_hours.as_primitive::<arrow::datatypes::Int64Type>();
-
+        let mut offsets = Vec::with_capacity(batches.len() + 1);
+        offsets.push(0);
+        for batch in batches {
+            offsets.push(offsets.last().copied().unwrap_or(0) + batch.num_rows());
+        }
+        let rows: Vec<u32> = indices.values().to_vec();
         let mut partitions = Vec::new();
         let mut start = 0;
-        while start < sorted.num_rows() {
-            let hour = sorted_hours.value(start);
+        while start < rows.len() {
+            let hour = hours.value(rows[start] as usize);
             let mut end = start + 1;
-            while end < sorted_hours.len() && sorted_hours.value(end) == hour {
+            while end < rows.len() && hours.value(rows[end] as usize) == hour {
                 end += 1;
             }
-            partitions.push((hour, sorted.slice(start, end - start)));
+            partitions.push((hour, start..end));
             start = end;
         }
-        Ok(partitions)
+        Ok(FlushOrder {
+            offsets,
+            rows,
+            partitions,
+        })
+    }
+}
+
+/// Where each written row comes from: positions in the concatenation of the flushed
+/// batches, in write order, and the range of them that makes each hour's file.
+pub(crate) struct FlushOrder {
+    /// `offsets[i]` is the position of batch `i`'s first row; the last entry is the total.
+    offsets: Vec<usize>,
+    rows: Vec<u32>,
+    pub(crate) partitions: Vec<(i64, Range<usize>)>,
+}
+
+impl FlushOrder {
+    /// `(batch, row)` pairs of the written rows `range`, as `interleave` takes them.
+    pub(crate) fn locate(&self, range: Range<usize>) -> Vec<(usize, usize)> {
+        self.rows[range]
+            .iter()
+            .map(|&position| {
+                let position = position as usize;
+                let batch = self.offsets.partition_point(|&o| o <= position) - 1;
+                (batch, position - self.offsets[batch])
+            })
+            .collect()
     }
 }

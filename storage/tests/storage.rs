@@ -139,19 +139,20 @@ async fn the_same_query_answers_the_same_before_and_after_a_flush() {
 #[tokio::test]
 async fn files_are_hive_partitioned_by_hour_and_sorted_by_device_then_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (storage, _flusher) = open(dir.path());
-    storage
-        .append(
-            "readings",
-            batch(&[
-                ("z", T0 + 2, 1.0),
-                ("a", T0 + 9, 2.0),
-                ("z", T0 + 1, 3.0),
-                ("a", T0 + 3, 4.0),
-                ("m", T0 - HOUR_NS, 5.0),
-            ]),
-        )
-        .unwrap();
+    let mut config = StorageConfig::new(dir.path());
+    config.flush_interval = Duration::from_secs(3600);
+    // Rows are gathered from several hot batches into row groups of 3: the sort must hold
+    // across batches and across row groups of one file.
+    config.write.row_group_rows = 3;
+    let (storage, _flusher) =
+        Storage::open(config, vec![spec()], StorageMetrics::unregistered()).unwrap();
+    for rows in [
+        &[("z", T0 + 2, 1.0), ("a", T0 + 9, 2.0)][..],
+        &[("z", T0 + 1, 3.0), ("m", T0 - HOUR_NS, 5.0)][..],
+        &[("b", T0 + 5, 6.0), ("a", T0 + 3, 4.0), ("z", T0, 7.0)][..],
+    ] {
+        storage.append("readings", batch(rows)).unwrap();
+    }
     storage.flush().unwrap();
     let files = parquet_files(&dir.path().join("readings"));
     let relative: Vec<String> = files
@@ -173,20 +174,19 @@ async fn files_are_hive_partitioned_by_hour_and_sorted_by_device_then_time() {
         ]
     );
     let file = std::fs::File::open(&files[1]).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    let b = &batches[0];
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    assert_eq!(reader.metadata().num_row_groups(), 2);
+    let batches: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+    let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
     let devices: Vec<&str> = b.column(0).as_string::<i32>().iter().flatten().collect();
     let ts: Vec<i64> = b
         .column(1)
         .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
         .values()
         .to_vec();
-    assert_eq!(devices, ["a", "a", "z", "z"]);
-    assert_eq!(ts, [T0 + 3, T0 + 9, T0 + 1, T0 + 2]);
+    assert_eq!(devices, ["a", "a", "b", "z", "z", "z"]);
+    assert_eq!(ts, [T0 + 3, T0 + 9, T0 + 5, T0, T0 + 1, T0 + 2]);
     assert_eq!(
         b.schema().field(1).data_type(),
         &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
