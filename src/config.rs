@@ -21,6 +21,12 @@ pub(crate) struct Config {
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
     pub windows: WindowsConfig,
+    /// `[[alert]]` rules (README: "Alerts"); reloaded on SIGHUP and `POST /reload`.
+    #[serde(rename = "alert", skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<sluice_aggregator::RuleSpec>,
+    /// `[[webhook]]` endpoints every alert transition is posted to; reloaded too.
+    #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<sluice_aggregator::WebhookSpec>,
 }
 
 /// Per-device event-time windows (`telemetry_1m`, `telemetry_1h`).
@@ -132,6 +138,8 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             windows: WindowsConfig::default(),
+            alerts: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -298,10 +306,12 @@ impl Config {
                 self.ingest.max_message_bytes
             );
         }
-        self.aggregator()
-            .windows
-            .validate()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        if let Some(windows) = self.aggregator()?.windows {
+            windows
+                .validate()
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        }
+        self.webhooks()?;
         if self.ingest.batch_age.is_zero() || self.storage.flush_interval.is_zero() {
             anyhow::bail!(
                 "invalid configuration: ingest.batch_age and storage.flush_interval must be more than 0"
@@ -340,17 +350,34 @@ impl Config {
         }
     }
 
-    pub(crate) fn aggregator(&self) -> sluice_aggregator::AggregatorConfig {
-        sluice_aggregator::AggregatorConfig {
-            windows: sluice_aggregator::WindowConfig {
-                size: self.windows.size,
-                rollup: self.windows.rollup,
-                lateness: self.windows.lateness,
-                idle_timeout: self.windows.idle_timeout,
-            },
-            state_dir: Some(self.data_dir.join("state").join("windows")),
+    /// The aggregator's settings; fails on an invalid `[[alert]]`.
+    pub(crate) fn aggregator(&self) -> anyhow::Result<sluice_aggregator::AggregatorConfig> {
+        Ok(sluice_aggregator::AggregatorConfig {
+            windows: self
+                .windows
+                .enabled
+                .then_some(sluice_aggregator::WindowConfig {
+                    size: self.windows.size,
+                    rollup: self.windows.rollup,
+                    lateness: self.windows.lateness,
+                    idle_timeout: self.windows.idle_timeout,
+                }),
+            rules: self.rules()?,
+            state_dir: Some(self.data_dir.join("state")),
             ..sluice_aggregator::AggregatorConfig::default()
-        }
+        })
+    }
+
+    /// The `[[alert]]` rules, validated.
+    pub(crate) fn rules(&self) -> anyhow::Result<Vec<sluice_aggregator::Rule>> {
+        sluice_aggregator::compile_rules(&self.alerts)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+
+    /// The `[[webhook]]` endpoints, validated.
+    pub(crate) fn webhooks(&self) -> anyhow::Result<Vec<sluice_aggregator::Webhook>> {
+        sluice_aggregator::compile_webhooks(&self.webhooks)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }
 
     pub(crate) fn storage(&self) -> sluice_storage::StorageConfig {

@@ -1,4 +1,4 @@
-//! HTTP endpoints: `/ready`, `/metrics`, `/query`, `/flush`.
+//! HTTP endpoints: `/ready`, `/metrics`, `/query`, `/flush`, `/reload`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,11 +16,15 @@ use sluice_storage::Storage;
 
 use crate::output::{self, Format};
 
+/// Reloads the alert rules and webhooks from the configuration; says what is in effect.
+pub(crate) type Reload = Arc<dyn Fn() -> anyhow::Result<String> + Send + Sync>;
+
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub storage: Storage,
     pub registry: Registry,
     pub ready: Arc<AtomicBool>,
+    pub reload: Reload,
 }
 
 pub(crate) struct HttpServer {
@@ -48,6 +52,7 @@ impl HttpServer {
             .route("/metrics", get(metrics))
             .route("/query", get(query_get).post(query_post))
             .route("/flush", post(flush))
+            .route("/reload", post(reload))
             .with_state(state);
         let (stop, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, stopped) = std::sync::mpsc::channel();
@@ -150,6 +155,15 @@ async fn flush(State(state): State<AppState>) -> Response {
         }))
         .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    let reload = state.reload.clone();
+    match tokio::task::spawn_blocking(move || reload()).await {
+        Ok(Ok(summary)) => axum::Json(serde_json::json!({ "reloaded": summary })).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

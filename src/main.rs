@@ -63,6 +63,12 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Loads the configuration now, and a way to load it again for a reload.
+    fn load_with_reload(&self) -> anyhow::Result<(Config, server::LoadConfig)> {
+        let args = self.clone();
+        Ok((self.load()?, Arc::new(move || args.load())))
+    }
+
     fn load(&self) -> anyhow::Result<Config> {
         Config::load(
             self.config.as_deref(),
@@ -218,9 +224,9 @@ fn print_ready(server: &Server, config: &Config) {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = args.load()?;
+    let (config, load) = args.load_with_reload()?;
     let runtime = runtime()?;
-    let server = Server::start(&config, runtime.handle())?;
+    let server = Server::start(&config, runtime.handle(), load)?;
     print_ready(&server, &config);
     let status = spawn_status_log(&server);
     runtime.block_on(shutdown_signal());
@@ -265,9 +271,9 @@ fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
 }
 
 fn demo(args: &DemoArgs) -> anyhow::Result<()> {
-    let config = args.serve.load()?;
+    let (config, load) = args.serve.load_with_reload()?;
     let runtime = runtime()?;
-    let server = Server::start(&config, runtime.handle())?;
+    let server = Server::start(&config, runtime.handle(), load)?;
     print_ready(&server, &config);
     println!(
         "simulating {} devices at {} msgs/s over MQTT. Try, in another terminal:\n  \

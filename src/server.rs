@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
-use prometheus::{IntGauge, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use sluice_aggregator::{
-    Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE, TableSink,
+    ALERTS_TABLE, Aggregator, AggregatorMetrics, DEAD_LETTER_TABLE, DeliveryMetrics, LATE_TABLE,
+    MINUTE_TABLE, Notifier, ROLLUP_TABLE, TableSink,
 };
 use sluice_broker::{Broker, Delivery, Drain, Received, Subscription, SubscriptionCounters};
 use sluice_ingest::{BatchSink, IngestMetrics, Message, Pipeline};
@@ -25,6 +26,13 @@ use crate::http;
 /// topic other than `devices/{id}/telemetry` is kept as an `invalid_topic` reject
 /// rather than disconnecting its client or vanishing.
 const SUBSCRIPTION_FILTER: &str = "#";
+
+/// Where sluice publishes alert notifications (`alerts/{deviceId}/{rule}`). Messages under
+/// it are not telemetry: the consumer counts them and does not store them.
+const ALERTS_TOPIC_PREFIX: &[u8] = b"alerts/";
+
+/// Reads the configuration again (file and environment), for a reload.
+pub(crate) type LoadConfig = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
 pub(crate) const TELEMETRY: &str = "telemetry";
 pub(crate) const REJECTS: &str = "rejects";
@@ -55,6 +63,20 @@ pub(crate) fn table_specs() -> Vec<TableSpec> {
             sort_columns: vec!["device_id".into(), "ts".into()],
             bloom_filter_columns: vec![],
         },
+        TableSpec {
+            name: ALERTS_TABLE.into(),
+            schema: sluice_aggregator::alerts_schema(),
+            time_column: "ts".into(),
+            sort_columns: vec!["rule".into(), "device_id".into(), "ts".into()],
+            bloom_filter_columns: vec![],
+        },
+        TableSpec {
+            name: DEAD_LETTER_TABLE.into(),
+            schema: sluice_aggregator::dead_letter_schema(),
+            time_column: "ts".into(),
+            sort_columns: vec!["ts".into()],
+            bloom_filter_columns: vec![],
+        },
     ]
 }
 
@@ -83,18 +105,13 @@ impl TableSink for HotStore {
 /// Decoded batches go to the hot store; telemetry also to the aggregator.
 struct StorageSink {
     hot: HotStore,
-    aggregator: Option<Arc<Aggregator>>,
+    aggregator: Arc<Aggregator>,
 }
 
 impl BatchSink for StorageSink {
     fn append_telemetry(&self, batch: RecordBatch) {
-        match &self.aggregator {
-            Some(aggregator) => {
-                self.hot.append(TELEMETRY, batch.clone());
-                aggregator.observe(batch);
-            }
-            None => self.hot.append(TELEMETRY, batch),
-        }
+        self.hot.append(TELEMETRY, batch.clone());
+        self.aggregator.observe(batch);
     }
     fn append_rejects(&self, batch: RecordBatch) {
         self.hot.append(REJECTS, batch);
@@ -119,7 +136,7 @@ pub(crate) struct Server {
     drain: Drain,
     consumer: JoinHandle<()>,
     pipeline: Pipeline,
-    aggregator: Option<Arc<Aggregator>>,
+    alerting: Arc<Alerting>,
     flusher: Flusher,
     http: http::HttpServer,
     ready: Arc<AtomicBool>,
@@ -136,9 +153,11 @@ impl Server {
     /// Starts everything; returns once the broker accepts connections, the subscription
     /// exists and `/ready` answers 200. Must be called outside async code (it blocks);
     /// `runtime` serves HTTP and queries.
+    /// `load` reads the configuration again for a reload (SIGHUP, `POST /reload`).
     pub(crate) fn start(
         config: &Config,
         runtime: &tokio::runtime::Handle,
+        load: LoadConfig,
     ) -> anyhow::Result<Server> {
         let registry = Registry::new();
         let (storage, flusher) = Storage::open(
@@ -147,30 +166,46 @@ impl Server {
             StorageMetrics::new(&registry).context("registering storage metrics")?,
         )
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
-        let aggregator = match config.windows.enabled {
-            true => Some(Arc::new(
-                Aggregator::start(
-                    config.aggregator(),
-                    Arc::new(HotStore(storage.clone())),
-                    AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
-                )
-                .context("starting the aggregator")?,
-            )),
-            false => None,
-        };
+
+        // The broker first: alert notifications are published on it. Messages that arrive
+        // before the consumer below starts wait in the broker's buffer.
+        let (broker, subscription, drain) = Broker::start(&config.broker(), SUBSCRIPTION_FILTER)
+            .context("starting the MQTT broker")?;
+        let notifier = Arc::new(
+            Notifier::start(
+                Some(broker.addrs().mqtt),
+                config.webhooks()?,
+                Arc::new(HotStore(storage.clone())),
+                DeliveryMetrics::new(&registry).context("registering delivery metrics")?,
+            )
+            .context("starting alert delivery")?,
+        );
+        let aggregator = Arc::new(
+            Aggregator::start(
+                config.aggregator()?,
+                Arc::new(HotStore(storage.clone())),
+                AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
+                Some(notifier.clone()),
+            )
+            .context("starting the aggregator")?,
+        );
+        let alerting = Arc::new(Alerting {
+            aggregator: aggregator.clone(),
+            notifier,
+            load,
+            current: std::sync::Mutex::new(config.clone()),
+        });
         let ingest_metrics = IngestMetrics::new(&registry).context("registering ingest metrics")?;
         let pipeline = Pipeline::start(
             config.pipeline(),
             Arc::new(StorageSink {
                 hot: HotStore(storage.clone()),
-                aggregator: aggregator.clone(),
+                aggregator,
             }),
             ingest_metrics,
         )
         .context("starting the ingest workers")?;
 
-        let (broker, subscription, drain) = Broker::start(&config.broker(), SUBSCRIPTION_FILTER)
-            .context("starting the MQTT broker")?;
         let received = subscription.counters();
         received.register(&registry)?;
         let queue_depth = IntGauge::new(
@@ -178,9 +213,19 @@ impl Server {
             "Chunks of messages waiting for a decoder",
         )?;
         registry.register(Box::new(queue_depth.clone()))?;
-        let consumer = spawn_consumer(subscription, pipeline.sender(), queue_depth)?;
+        let alert_messages = IntCounter::new(
+            "sluice_mqtt_alert_messages_total",
+            "Messages read on alerts/# (sluice's own alert notifications): not telemetry, not stored",
+        )?;
+        registry.register(Box::new(alert_messages.clone()))?;
+        let consumer =
+            spawn_consumer(subscription, pipeline.sender(), queue_depth, alert_messages)?;
 
         let ready = Arc::new(AtomicBool::new(false));
+        let reload = {
+            let alerting = alerting.clone();
+            Arc::new(move || alerting.reload()) as http::Reload
+        };
         let http = http::HttpServer::start(
             runtime,
             config.http.addr,
@@ -188,9 +233,11 @@ impl Server {
                 storage: storage.clone(),
                 registry,
                 ready: ready.clone(),
+                reload: reload.clone(),
             },
         )
         .with_context(|| format!("starting the HTTP server on {}", config.http.addr))?;
+        spawn_sighup_reload(runtime, reload)?;
         ready.store(true, Ordering::SeqCst);
 
         let broker_addrs = broker.addrs();
@@ -206,7 +253,7 @@ impl Server {
             drain,
             consumer,
             pipeline,
-            aggregator,
+            alerting,
             flusher,
             http,
             ready,
@@ -225,10 +272,11 @@ impl Server {
         }
         tracing::info!("broker drained; sealing open batches");
         self.pipeline.finish();
-        if let Some(aggregator) = &self.aggregator {
-            tracing::info!("writing closed windows, saving open ones");
-            aggregator.finish();
-        }
+        tracing::info!("writing closed windows and alerts, saving open windows and alert state");
+        self.alerting.aggregator.finish();
+        // Queued notifications get a short grace; what cannot go out is a dead letter
+        // (the MQTT listeners are closed by now, so late ones are).
+        self.alerting.notifier.shutdown();
         let report = self
             .flusher
             .shutdown()
@@ -247,6 +295,7 @@ fn spawn_consumer(
     mut subscription: Subscription,
     tx: crossbeam_channel::Sender<Vec<Message>>,
     queue_depth: IntGauge,
+    alert_messages: IntCounter,
 ) -> std::io::Result<JoinHandle<()>> {
     // A chunk goes to the decoders when it is full or its first message has waited
     // LINGER: at the reference load ~170 messages a hand-off instead of a few, so this
@@ -261,6 +310,9 @@ fn spawn_consumer(
             loop {
                 let deadline = Instant::now() + Duration::from_millis(100);
                 let outcome = subscription.recv_batch(&mut deliveries, CHUNK, deadline, LINGER);
+                let before = deliveries.len();
+                deliveries.retain(|d| !d.topic.starts_with(ALERTS_TOPIC_PREFIX));
+                alert_messages.inc_by((before - deliveries.len()) as u64);
                 if !deliveries.is_empty() {
                     let received_at_ns = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -292,4 +344,67 @@ fn spawn_consumer(
                 }
             }
         })
+}
+
+/// What a reload can change: the alert rules and the webhooks.
+struct Alerting {
+    aggregator: Arc<Aggregator>,
+    notifier: Arc<Notifier>,
+    load: LoadConfig,
+    current: std::sync::Mutex<Config>,
+}
+
+impl Alerting {
+    /// Reads the configuration again and applies its `[[alert]]` and `[[webhook]]` sets.
+    /// An invalid configuration is refused as a whole and the running rules stay.
+    fn reload(&self) -> anyhow::Result<String> {
+        let new = (self.load)().context("reload refused, the running rules stay")?;
+        let rules = new.rules()?;
+        let webhooks = new.webhooks()?;
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let others_changed = Config {
+            alerts: current.alerts.clone(),
+            webhooks: current.webhooks.clone(),
+            ..new.clone()
+        } != *current;
+        if others_changed {
+            tracing::warn!(
+                "reload: settings other than [[alert]] and [[webhook]] changed; they take effect at the next start"
+            );
+        }
+        let summary = format!(
+            "{} alert rules and {} webhooks in effect",
+            rules.len(),
+            webhooks.len()
+        );
+        self.notifier
+            .set_webhooks(webhooks)
+            .context("starting a webhook worker")?;
+        self.aggregator.set_rules(rules);
+        *current = new;
+        tracing::info!("reloaded: {summary}");
+        Ok(summary)
+    }
+}
+
+/// Reloads on SIGHUP; a refused reload is logged and changes nothing.
+fn spawn_sighup_reload(
+    runtime: &tokio::runtime::Handle,
+    reload: http::Reload,
+) -> std::io::Result<()> {
+    let mut hup = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?
+    };
+    runtime.spawn(async move {
+        while hup.recv().await.is_some() {
+            let reload = reload.clone();
+            match tokio::task::spawn_blocking(move || reload()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!("SIGHUP: {e:#}"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: the reload panicked"),
+            }
+        }
+    });
+    Ok(())
 }

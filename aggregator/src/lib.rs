@@ -1,4 +1,4 @@
-//! Per-device event-time windows computed as telemetry flows.
+//! Per-device event-time windows and threshold alerts, computed as telemetry flows.
 //!
 //! The aggregator reads the sealed `telemetry` batches the ingest stage produces and keeps,
 //! per device, the open windows of `telemetry_1m` and the rollup of `telemetry_1h`
@@ -7,19 +7,28 @@
 //! schema; it knows nothing of files, the broker or SQL.
 
 mod acc;
+mod alert;
+mod deliver;
 mod rows;
 mod stage;
 mod state;
 mod window;
 
 pub use acc::{MetricAcc, WindowAcc};
+pub use alert::{
+    AlertEvent, AlertSink, AlertState, Alerts, Check, Rule, RuleSpec, SEVERITIES, compile_rules,
+};
+pub use deliver::{
+    DEAD_LETTER_TABLE, DeliveryMetrics, Notifier, Webhook, WebhookSpec, compile_webhooks,
+    dead_letter_schema, notification_json, notification_topic,
+};
 pub use rows::{
-    ClosedWindow, LateReading, late_batch, late_schema, window_batch, window_schema,
-    windows_from_batch,
+    ClosedWindow, LateReading, alerts_batch, alerts_schema, late_batch, late_schema, window_batch,
+    window_schema, windows_from_batch,
 };
 pub use stage::{
-    Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE,
-    TableSink,
+    ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE,
+    ROLLUP_TABLE, TableSink,
 };
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
 

@@ -1,5 +1,5 @@
-//! Arrow schemas and batches of the `telemetry_1m` / `telemetry_1h` and `telemetry_late`
-//! tables.
+//! Arrow schemas and batches of the `telemetry_1m` / `telemetry_1h`, `telemetry_late` and
+//! `alerts` tables.
 //!
 //! A window row has `window_start`, `window_end`, `device_id`, `readings`, then for each
 //! known metric `m`: `m_count`, `m_min`, `m_max`, `m_sum`, `m_avg`, `m_first`,
@@ -19,6 +19,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::METRICS;
 use crate::acc::{MetricAcc, WindowAcc};
+use crate::alert::AlertEvent;
 use crate::window::Observation;
 
 fn timestamp() -> DataType {
@@ -204,6 +205,60 @@ pub fn late_batch(rows: &[LateReading]) -> RecordBatch {
                 TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_at))
                     .with_timezone("UTC"),
             ),
+        ],
+    )
+    .expect("columns follow the schema")
+}
+
+static ALERTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("ts", timestamp(), false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, true),
+        Field::new("threshold", DataType::Float64, true),
+        Field::new("started_at", timestamp(), false),
+        Field::new("duration_s", DataType::Float64, true),
+        Field::new("reason", DataType::Utf8, true),
+    ]))
+});
+
+/// Schema of the `alerts` table: one row per transition (`firing` or `resolved`) at its
+/// event time `ts`; a resolved row has the `duration_s` since `started_at`.
+pub fn alerts_schema() -> SchemaRef {
+    ALERTS_SCHEMA.clone()
+}
+
+/// Rows of the `alerts` table.
+pub fn alerts_batch(events: &[AlertEvent]) -> RecordBatch {
+    let time = |f: fn(&AlertEvent) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(events.iter().map(f)).with_timezone("UTC"),
+        )
+    };
+    let text = |f: fn(&AlertEvent) -> Option<&str>| -> ArrayRef {
+        Arc::new(events.iter().map(f).collect::<StringArray>())
+    };
+    let number = |f: fn(&AlertEvent) -> Option<f64>| -> ArrayRef {
+        Arc::new(events.iter().map(f).collect::<Float64Array>())
+    };
+    RecordBatch::try_new(
+        alerts_schema(),
+        vec![
+            time(|e| e.event_time),
+            text(|e| Some(&e.rule)),
+            text(|e| Some(&e.device)),
+            text(|e| Some(e.state.as_str())),
+            text(|e| Some(&e.severity)),
+            text(|e| e.metric.as_deref()),
+            number(|e| e.value),
+            number(|e| e.threshold),
+            time(|e| e.started_at),
+            number(AlertEvent::duration_s),
+            text(|e| e.reason),
         ],
     )
     .expect("columns follow the schema")

@@ -1,4 +1,5 @@
-//! The aggregator thread: sealed `telemetry` batches in, window and late rows out.
+//! The aggregator thread: sealed `telemetry` batches in; window, late and alert rows out,
+//! and alert transitions to the [`Notifier`].
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -6,16 +7,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::WindowAcc;
-use crate::rows::{ClosedWindow, LateReading, TelemetryColumns, late_batch, window_batch};
+use crate::alert::{AlertEvent, AlertSink, Alerts, Rule};
+use crate::deliver::Notifier;
+use crate::rows::{
+    ClosedWindow, LateReading, TelemetryColumns, alerts_batch, late_batch, window_batch,
+};
 use crate::window::{WindowConfig, WindowSink, Windows};
 
 /// Table names the aggregator writes.
 pub const MINUTE_TABLE: &str = "telemetry_1m";
 pub const ROLLUP_TABLE: &str = "telemetry_1h";
 pub const LATE_TABLE: &str = "telemetry_late";
+pub const ALERTS_TABLE: &str = "alerts";
 
 /// Where finished batches go (the storage's hot store).
 pub trait TableSink: Send + Sync {
@@ -25,9 +31,12 @@ pub trait TableSink: Send + Sync {
 /// Settings of the aggregator stage.
 #[derive(Debug, Clone)]
 pub struct AggregatorConfig {
-    pub windows: WindowConfig,
-    /// Where open windows are saved at a stop and taken back at the next start; `None`
-    /// closes them at the stop instead (partial windows).
+    /// `None`: no window tables (alerts only).
+    pub windows: Option<WindowConfig>,
+    pub rules: Vec<Rule>,
+    /// Where open windows (`windows/`) and alert state (`alerts/`) are saved at a stop and
+    /// taken back at the next start; `None` closes windows at the stop instead (partial
+    /// windows) and forgets alert state.
     pub state_dir: Option<std::path::PathBuf>,
     /// Closed windows are written in batches of up to this many rows…
     pub batch_rows: usize,
@@ -40,7 +49,8 @@ pub struct AggregatorConfig {
 impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
-            windows: WindowConfig::default(),
+            windows: Some(WindowConfig::default()),
+            rules: Vec::new(),
             state_dir: None,
             batch_rows: 8192,
             batch_age: Duration::from_secs(1),
@@ -58,6 +68,8 @@ pub struct AggregatorMetrics {
     buffered: IntGauge,
     devices: IntGauge,
     queue_depth: IntGauge,
+    transitions: IntCounterVec,
+    active: IntGaugeVec,
 }
 
 impl AggregatorMetrics {
@@ -87,7 +99,23 @@ impl AggregatorMetrics {
                 "sluice_aggregator_queue_depth",
                 "Telemetry batches waiting for the aggregator",
             )?,
+            transitions: IntCounterVec::new(
+                Opts::new(
+                    "sluice_alert_transitions_total",
+                    "Alert transitions notified, by rule and state (firing, resolved)",
+                ),
+                &["rule", "state"],
+            )?,
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_alerts",
+                    "Devices per rule and state (pending, firing), updated every few seconds",
+                ),
+                &["rule", "state"],
+            )?,
         };
+        registry.register(Box::new(metrics.transitions.clone()))?;
+        registry.register(Box::new(metrics.active.clone()))?;
         registry.register(Box::new(metrics.readings.clone()))?;
         registry.register(Box::new(metrics.late.clone()))?;
         registry.register(Box::new(metrics.closed.clone()))?;
@@ -100,6 +128,7 @@ impl AggregatorMetrics {
 
 enum Input {
     Batch(RecordBatch),
+    Rules(Vec<Rule>),
     Finish,
 }
 
@@ -111,19 +140,27 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
+    /// Starts the thread; alert transitions go to `notifier` (besides the `alerts` table).
     pub fn start(
-        config: AggregatorConfig,
+        mut config: AggregatorConfig,
         sink: Arc<dyn TableSink>,
         metrics: AggregatorMetrics,
+        notifier: Option<Arc<Notifier>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
         let queue_depth = metrics.queue_depth.clone();
-        let mut windows = Windows::new(config.windows);
+        let mut windows = config.windows.map(Windows::new);
+        let mut alerts = Alerts::new(std::mem::take(&mut config.rules));
         if let Some(dir) = &config.state_dir {
-            windows.restore(crate::state::take(dir), wall_ns());
+            if let Some(windows) = &mut windows {
+                windows.restore(crate::state::take(&dir.join("windows")), wall_ns());
+            }
+            alerts.restore(crate::state::take_alerts(&dir.join("alerts")), wall_ns());
         }
         let stage = Stage {
             windows,
+            alerts,
+            notifier,
             pending: Pending::default(),
             config,
             sink,
@@ -147,6 +184,13 @@ impl Aggregator {
         self.queue_depth.set(self.tx.len() as i64);
     }
 
+    /// Replaces the alert rules (a reload), in order with the batches queued before.
+    pub fn set_rules(&self, rules: Vec<Rule>) {
+        if self.tx.send(Input::Rules(rules)).is_err() {
+            tracing::error!("the aggregator thread is gone; rules not replaced");
+        }
+    }
+
     /// Processes everything queued, closes every open window (a stop ends them) and writes
     /// the rows, then returns.
     /// Call once no more batches come.
@@ -166,12 +210,22 @@ struct Pending {
     minute: Vec<ClosedWindow>,
     rollup: Vec<ClosedWindow>,
     late: Vec<LateReading>,
+    alerts: Vec<AlertEvent>,
+    /// `alerts[..notified]` have gone to the notifier.
+    notified: usize,
     oldest: Option<Instant>,
 }
 
 impl Pending {
     fn rows(&self) -> usize {
-        self.minute.len() + self.rollup.len() + self.late.len()
+        self.minute.len() + self.rollup.len() + self.late.len() + self.alerts.len()
+    }
+}
+
+impl AlertSink for Pending {
+    fn alert(&mut self, event: AlertEvent) {
+        self.oldest.get_or_insert_with(Instant::now);
+        self.alerts.push(event);
     }
 }
 
@@ -201,7 +255,9 @@ impl WindowSink for Pending {
 }
 
 struct Stage {
-    windows: Windows,
+    windows: Option<Windows>,
+    alerts: Alerts,
+    notifier: Option<Arc<Notifier>>,
     pending: Pending,
     config: AggregatorConfig,
     sink: Arc<dyn TableSink>,
@@ -227,15 +283,37 @@ impl Stage {
         loop {
             match rx.recv_timeout(POLL) {
                 Ok(Input::Batch(batch)) => self.process(&batch, wall_ns()),
+                Ok(Input::Rules(rules)) => {
+                    self.alerts.set_rules(rules, wall_ns(), &mut self.pending);
+                    self.metrics.active.reset();
+                    ticked = Instant::now() - TICK;
+                }
                 Ok(Input::Finish) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if ticked.elapsed() >= TICK {
-                self.windows.tick(wall_ns(), &mut self.pending);
+                let now = wall_ns();
+                if let Some(windows) = &mut self.windows {
+                    windows.tick(now, &mut self.pending);
+                    self.metrics.buffered.set(windows.buffered() as i64);
+                    self.metrics.devices.set(windows.devices() as i64);
+                }
+                self.alerts.tick(now, &mut self.pending);
+                for (rule, (pending, firing)) in
+                    self.alerts.rules().iter().zip(self.alerts.counts())
+                {
+                    self.metrics
+                        .active
+                        .with_label_values(&[&rule.name, "pending"])
+                        .set(pending as i64);
+                    self.metrics
+                        .active
+                        .with_label_values(&[&rule.name, "firing"])
+                        .set(firing as i64);
+                }
                 ticked = Instant::now();
-                self.metrics.buffered.set(self.windows.buffered() as i64);
-                self.metrics.devices.set(self.windows.devices() as i64);
             }
+            self.notify();
             let due = self
                 .pending
                 .oldest
@@ -244,23 +322,55 @@ impl Stage {
                 self.write();
             }
         }
+        self.notify();
         self.write();
+        if let Some(dir) = &self.config.state_dir {
+            let dir = dir.join("alerts");
+            match crate::state::save_alerts(&dir, &self.alerts.save()) {
+                Ok(()) => tracing::info!("alert state saved"),
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot save alert state: pending and firing alerts start afresh at the next start")
+                }
+            }
+        }
+        let Some(windows) = &mut self.windows else {
+            return;
+        };
         let saved = self.config.state_dir.as_ref().map(|dir| {
-            let rollup = self.config.windows.rollup.as_nanos() as i64;
-            crate::state::save(dir, &self.windows.save(), rollup).map_err(|e| (dir, e))
+            let dir = dir.join("windows");
+            let rollup = self
+                .config
+                .windows
+                .map_or(0, |w| w.rollup.as_nanos() as i64);
+            crate::state::save(&dir, &windows.save(), rollup).map_err(|e| (dir, e))
         });
         match saved {
-            Some(Ok(())) => tracing::info!(devices = self.windows.devices(), "open windows saved"),
+            Some(Ok(())) => tracing::info!(devices = windows.devices(), "open windows saved"),
             Some(Err((dir, e))) => {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot save open windows: closing them now (partial windows)");
-                self.windows.close_all(&mut self.pending);
+                windows.close_all(&mut self.pending);
                 self.write();
             }
             None => {
-                self.windows.close_all(&mut self.pending);
+                windows.close_all(&mut self.pending);
                 self.write();
             }
         }
+    }
+
+    /// Hands new transitions to the notifier (at once, not with the table rows).
+    fn notify(&mut self) {
+        let fresh = &self.pending.alerts[self.pending.notified..];
+        for event in fresh {
+            self.metrics
+                .transitions
+                .with_label_values(&[&event.rule, event.state.as_str()])
+                .inc();
+            if let Some(notifier) = &self.notifier {
+                notifier.notify(event);
+            }
+        }
+        self.pending.notified = self.pending.alerts.len();
     }
 
     fn process(&mut self, batch: &RecordBatch, now: i64) {
@@ -269,15 +379,19 @@ impl Stage {
         let mut late = 0;
         for row in 0..batch.num_rows() {
             let observation = columns.observation(row, &mut extras);
-            if !self.windows.observe(&observation, now, &mut self.pending) {
+            if let Some(windows) = &mut self.windows
+                && !windows.observe(&observation, now, &mut self.pending)
+            {
                 late += 1;
             }
+            self.alerts.observe(&observation, &mut self.pending);
         }
         self.metrics.readings.inc_by(batch.num_rows() as u64 - late);
         self.metrics.late.inc_by(late);
     }
 
     fn write(&mut self) {
+        self.notify();
         let pending = std::mem::take(&mut self.pending);
         for (table, rows) in [
             (MINUTE_TABLE, &pending.minute),
@@ -293,6 +407,10 @@ impl Stage {
         }
         if !pending.late.is_empty() {
             self.sink.append(LATE_TABLE, late_batch(&pending.late));
+        }
+        if !pending.alerts.is_empty() {
+            self.sink
+                .append(ALERTS_TABLE, alerts_batch(&pending.alerts));
         }
     }
 }

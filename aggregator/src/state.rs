@@ -14,12 +14,13 @@ use std::sync::{Arc, LazyLock};
 
 use std::borrow::Cow;
 
-use arrow::array::{AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
+use crate::alert::{Active, SavedAlert, SavedAlerts};
 use crate::rows::{ClosedWindow, TelemetryColumns, window_batch, windows_from_batch};
 use crate::window::{Sample, SavedDevice};
 
@@ -109,13 +110,10 @@ pub(crate) fn save(dir: &Path, saved: &[SavedDevice], rollup: i64) -> std::io::R
     write(&dir.join(DEVICES), &devices)
 }
 
-/// Reads and deletes saved state; empty if there is none or it is unreadable.
+/// Reads and deletes saved window state; empty if there is none or it is unreadable.
 pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
     let path = |name: &str| -> PathBuf { dir.join(name) };
-    if !path(DEVICES).exists() {
-        return Vec::new();
-    }
-    let loaded = (|| -> Result<Vec<SavedDevice>, String> {
+    let loaded = take_files(dir, &[DEVICES, SAMPLES, ROLLUPS], "window", || {
         let mut saved = Vec::new();
         let mut index = std::collections::HashMap::new();
         for batch in read(&path(DEVICES))? {
@@ -161,25 +159,149 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
             }
         }
         Ok(saved)
-    })();
-    match loaded {
-        Ok(saved) => {
-            for name in [DEVICES, SAMPLES, ROLLUPS] {
+    });
+    if let Some(saved) = &loaded {
+        tracing::info!(devices = saved.len(), "window state taken back");
+    }
+    loaded.unwrap_or_default()
+}
+
+/// Reads saved state with `load` when its files exist (the first of `names` is written
+/// last, so its presence says the set is complete), then deletes them; files that
+/// cannot be read are moved aside (`*.unreadable`) with an error in the log.
+fn take_files<T>(
+    dir: &Path,
+    names: &[&str],
+    what: &str,
+    load: impl FnOnce() -> Result<T, String>,
+) -> Option<T> {
+    let path = |name: &str| -> PathBuf { dir.join(name) };
+    if !path(names[0]).exists() {
+        return None;
+    }
+    match load() {
+        Ok(loaded) => {
+            for name in names {
                 if let Err(e) = std::fs::remove_file(path(name)) {
-                    tracing::error!(file = %path(name).display(), error = %e, "cannot remove window state");
+                    tracing::error!(file = %path(name).display(), error = %e, "cannot remove {what} state");
                 }
             }
-            tracing::info!(devices = saved.len(), "window state taken back");
-            saved
+            Some(loaded)
         }
         Err(e) => {
-            tracing::error!(dir = %dir.display(), error = %e, "window state unreadable: moved aside, windows start afresh");
-            for name in [DEVICES, SAMPLES, ROLLUPS] {
+            tracing::error!(dir = %dir.display(), error = %e, "{what} state unreadable: moved aside, starting afresh");
+            for name in names {
                 let _ = std::fs::rename(path(name), path(&format!("{name}.unreadable")));
             }
-            Vec::new()
+            None
         }
     }
+}
+
+const ALERTS: &str = "alerts.arrow";
+const LAST_SEEN: &str = "last_seen.arrow";
+
+static ALERTS_STATE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("firing", DataType::Boolean, false),
+        Field::new("since", DataType::Int64, false),
+        Field::new("last", DataType::Int64, false),
+    ]))
+});
+
+static LAST_SEEN_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("last_seen", DataType::Int64, false),
+    ]))
+});
+
+/// Writes alert state: `last_seen.arrow`, then `alerts.arrow`.
+pub(crate) fn save_alerts(dir: &Path, saved: &SavedAlerts) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let last_seen = RecordBatch::try_new(
+        LAST_SEEN_SCHEMA.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                saved.last_seen.iter().map(|(d, _)| &**d),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                saved.last_seen.iter().map(|(_, t)| *t),
+            )),
+        ],
+    )
+    .map_err(std::io::Error::other)?;
+    let active = &saved.active;
+    let alerts = RecordBatch::try_new(
+        ALERTS_STATE_SCHEMA.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                active.iter().map(|a| &*a.rule),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                active.iter().map(|a| &*a.device),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                active.iter().map(|a| Some(a.active.firing)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                active.iter().map(|a| a.active.since),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                active.iter().map(|a| a.active.last),
+            )),
+        ],
+    )
+    .map_err(std::io::Error::other)?;
+    write(&dir.join(LAST_SEEN), &last_seen)?;
+    write(&dir.join(ALERTS), &alerts)
+}
+
+/// Reads and deletes saved alert state; empty if there is none or it is unreadable.
+pub(crate) fn take_alerts(dir: &Path) -> SavedAlerts {
+    take_files(dir, &[ALERTS, LAST_SEEN], "alert", || {
+        let mut saved = SavedAlerts::default();
+        for batch in read(&dir.join(ALERTS))? {
+            if batch.schema() != *ALERTS_STATE_SCHEMA {
+                return Err(format!("{ALERTS} has another schema than this version's"));
+            }
+            let rule = batch.column(0).as_string::<i32>();
+            let device = batch.column(1).as_string::<i32>();
+            let firing = batch.column(2).as_boolean();
+            let since = batch.column(3).as_primitive::<Int64Type>();
+            let last = batch.column(4).as_primitive::<Int64Type>();
+            for row in 0..batch.num_rows() {
+                saved.active.push(SavedAlert {
+                    rule: rule.value(row).into(),
+                    device: device.value(row).into(),
+                    active: Active {
+                        firing: firing.value(row),
+                        since: since.value(row),
+                        last: last.value(row),
+                    },
+                });
+            }
+        }
+        for batch in read(&dir.join(LAST_SEEN))? {
+            if batch.schema() != *LAST_SEEN_SCHEMA {
+                return Err(format!(
+                    "{LAST_SEEN} has another schema than this version's"
+                ));
+            }
+            let device = batch.column(0).as_string::<i32>();
+            let seen = batch.column(1).as_primitive::<Int64Type>();
+            for row in 0..batch.num_rows() {
+                saved
+                    .last_seen
+                    .push((device.value(row).into(), seen.value(row)));
+            }
+        }
+        tracing::info!(active = saved.active.len(), "alert state taken back");
+        Ok(saved)
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -237,6 +359,30 @@ mod tests {
         assert!(take(&dir).is_empty());
         assert!(!dir.join(DEVICES).exists());
         assert!(dir.join("devices.arrow.unreadable").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn alert_state_comes_back_once() {
+        let dir = std::env::temp_dir().join(format!("sluice-alert-state-{}", std::process::id()));
+        let saved = SavedAlerts {
+            active: vec![SavedAlert {
+                rule: "overheat".into(),
+                device: "a".into(),
+                active: Active {
+                    firing: true,
+                    since: 5,
+                    last: 9,
+                },
+            }],
+            last_seen: vec![("a".into(), 9), ("b".into(), 3)],
+        };
+        save_alerts(&dir, &saved).unwrap();
+        assert_eq!(take_alerts(&dir), saved);
+        assert_eq!(take_alerts(&dir), SavedAlerts::default(), "taken once");
+        std::fs::write(dir.join(ALERTS), b"garbage").unwrap();
+        assert_eq!(take_alerts(&dir), SavedAlerts::default());
+        assert!(dir.join("alerts.arrow.unreadable").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

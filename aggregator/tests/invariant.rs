@@ -166,14 +166,15 @@ fn check(generated: &[Generated]) {
         AggregatorConfig {
             // Nothing closes by the server clock while the test runs: the readings are
             // from 2024, so the idle rule would close every window at once.
-            windows: WindowConfig {
+            windows: Some(WindowConfig {
                 idle_timeout: Duration::from_secs(100 * 365 * 24 * 3600),
                 ..WindowConfig::default()
-            },
+            }),
             ..AggregatorConfig::default()
         },
         Arc::new(Sink(storage.clone())),
         AggregatorMetrics::new(&registry).unwrap(),
+        None,
     )
     .unwrap();
     let names: Vec<String> = (0..5).map(|d| format!("device-{d}")).collect();

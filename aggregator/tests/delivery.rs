@@ -1,0 +1,260 @@
+//! Webhook delivery against real local HTTP endpoints: retries, refusals, the circuit
+//! breaker, dead letters, a full queue and a stop with notifications still queued.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::UInt32Type;
+use axum::http::StatusCode;
+use prometheus::Registry;
+use sluice_aggregator::{
+    AlertEvent, AlertState, DEAD_LETTER_TABLE, DeliveryMetrics, Notifier, TableSink, WebhookSpec,
+    compile_webhooks,
+};
+
+#[derive(Default)]
+struct Captured(Mutex<Vec<RecordBatch>>);
+
+impl TableSink for Captured {
+    fn append(&self, table: &str, batch: RecordBatch) {
+        assert_eq!(table, DEAD_LETTER_TABLE);
+        self.0.lock().unwrap().push(batch);
+    }
+}
+
+impl Captured {
+    /// (attempts, error) of each dead letter.
+    fn letters(&self) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        for b in self.0.lock().unwrap().iter() {
+            let attempts = b.column(5).as_primitive::<UInt32Type>();
+            let errors = b.column(6).as_string::<i32>();
+            for row in 0..b.num_rows() {
+                out.push((attempts.value(row), errors.value(row).to_owned()));
+            }
+        }
+        out
+    }
+}
+
+/// An endpoint answering every request with `status` after `delay`.
+struct Endpoint {
+    url: String,
+    hits: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn endpoint(status: StatusCode, delay: Duration) -> Endpoint {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            status
+        }
+    });
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    Endpoint {
+        url,
+        hits,
+        _runtime: runtime,
+    }
+}
+
+fn event(device: &str) -> AlertEvent {
+    AlertEvent {
+        rule: "overheat".into(),
+        device: device.into(),
+        state: AlertState::Firing,
+        severity: "critical".into(),
+        metric: Some("temperature".into()),
+        value: Some(90.0),
+        threshold: Some(80.0),
+        started_at: 1_705_314_600_000_000_000,
+        event_time: 1_705_314_660_000_000_000,
+        reason: None,
+    }
+}
+
+fn start(url: &str, extra: &str, sink: Arc<Captured>) -> (Notifier, Registry) {
+    let spec: WebhookSpec = toml_spec(url, extra);
+    let registry = Registry::new();
+    let notifier = Notifier::start(
+        None,
+        compile_webhooks(&[spec]).unwrap(),
+        sink,
+        DeliveryMetrics::new(&registry).unwrap(),
+    )
+    .unwrap();
+    (notifier, registry)
+}
+
+fn toml_spec(url: &str, extra: &str) -> WebhookSpec {
+    let mut spec = WebhookSpec {
+        url: url.into(),
+        backoff: Some("10ms".into()),
+        max_backoff: Some("40ms".into()),
+        ..WebhookSpec::default()
+    };
+    for kv in extra.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap();
+        match k {
+            "max_attempts" => spec.max_attempts = Some(v.parse().unwrap()),
+            "breaker_failures" => spec.breaker_failures = Some(v.parse().unwrap()),
+            "breaker_cooldown" => spec.breaker_cooldown = Some(v.into()),
+            "timeout" => spec.timeout = Some(v.into()),
+            _ => panic!("{k}"),
+        }
+    }
+    spec
+}
+
+fn wait_for(within: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() && started.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn gauge(registry: &Registry, name: &str) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| m.get_gauge().get_value() as i64)
+        })
+        .sum()
+}
+
+#[test]
+fn a_failing_endpoint_is_retried_then_dead_lettered_and_its_circuit_opens() {
+    let server = endpoint(StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO);
+    let sink = Arc::new(Captured::default());
+    let (notifier, registry) = start(
+        &server.url,
+        "max_attempts=3,breaker_failures=4,breaker_cooldown=300ms",
+        sink.clone(),
+    );
+    notifier.notify(&event("a"));
+    notifier.notify(&event("b"));
+    wait_for(Duration::from_secs(10), || sink.letters().len() == 2);
+    let letters = sink.letters();
+    assert_eq!(
+        letters[0],
+        (
+            3,
+            "gave up after 3 attempts: HTTP 500 Internal Server Error".into()
+        )
+    );
+    assert_eq!(letters[1].0, 3);
+    // a: 3 attempts; b: 1 more opens the circuit (4 in a row), then it waits out the
+    // cooldown before each of its last two.
+    assert_eq!(server.hits.load(Ordering::SeqCst), 6);
+    assert_eq!(gauge(&registry, "sluice_webhook_circuit_open"), 1);
+    notifier.shutdown();
+}
+
+#[test]
+fn a_client_error_is_not_retried_and_an_unreachable_endpoint_is_a_dead_letter() {
+    let refusing = endpoint(StatusCode::BAD_REQUEST, Duration::ZERO);
+    let sink = Arc::new(Captured::default());
+    let (notifier, _) = start(&refusing.url, "max_attempts=5", sink.clone());
+    notifier.notify(&event("a"));
+    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    assert_eq!(sink.letters(), [(1, "HTTP 400 Bad Request".to_owned())]);
+    assert_eq!(refusing.hits.load(Ordering::SeqCst), 1);
+    notifier.shutdown();
+
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let sink = Arc::new(Captured::default());
+    let (notifier, _) = start(&url, "max_attempts=2", sink.clone());
+    notifier.notify(&event("a"));
+    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    let letters = sink.letters();
+    assert_eq!(letters[0].0, 2);
+    assert!(
+        letters[0].1.starts_with("gave up after 2 attempts"),
+        "{letters:?}"
+    );
+    notifier.shutdown();
+}
+
+#[test]
+fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
+    // Every request hangs past its timeout.
+    let slow = endpoint(StatusCode::OK, Duration::from_secs(30));
+    let sink = Arc::new(Captured::default());
+    let (notifier, _) = start(
+        &slow.url,
+        "max_attempts=1,timeout=1s,breaker_failures=2",
+        sink.clone(),
+    );
+    // Ten thousand fit in the queue; the rest are dead letters at once.
+    for i in 0..10_050 {
+        notifier.notify(&event(&format!("d{i}")));
+    }
+    wait_for(Duration::from_secs(5), || sink.letters().len() >= 49);
+    let full = sink
+        .letters()
+        .iter()
+        .filter(|(attempts, e)| *attempts == 0 && e.contains("already waiting"))
+        .count();
+    assert!((49..=50).contains(&full), "{full}");
+    // The stop gives the queue a grace period, then keeps the rest as dead letters.
+    notifier.shutdown();
+    assert_eq!(
+        sink.letters().len(),
+        10_050,
+        "every notification is accounted for"
+    );
+    let mut kinds: Vec<String> = sink.letters().into_iter().map(|(_, e)| e).collect();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [
+            "10000 notifications already waiting for this webhook",
+            "gave up after 1 attempts: no answer within 1s",
+            "sluice stopped before delivery (the circuit was open); last error: no answer within 1s"
+        ],
+        "the first attempts time out, two in a row open the circuit, and the rest are kept at the stop"
+    );
+}
+
+#[test]
+fn webhooks_are_validated_by_url() {
+    let error = compile_webhooks(&[toml_spec("https://example.com/hook", "")]).unwrap_err();
+    assert!(error.contains("https is not built into"), "{error}");
+    let error = compile_webhooks(&[toml_spec("not a url", "")]).unwrap_err();
+    assert!(
+        error.starts_with("webhook \"not a url\": is not a URL"),
+        "{error}"
+    );
+    let mut spec = toml_spec("http://127.0.0.1:9/", "");
+    spec.timeout = Some("soon".into());
+    let error = compile_webhooks(&[spec]).unwrap_err();
+    assert!(
+        error.contains("timeout = \"soon\" is not a duration"),
+        "{error}"
+    );
+    let twice = compile_webhooks(&[toml_spec("http://h/", ""), toml_spec("http://h/", "")]);
+    assert!(twice.unwrap_err().contains("listed twice"));
+}
