@@ -84,8 +84,11 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// Hot rows are written to Parquet at least this often.
     pub flush_interval: Duration,
-    /// A table with this many hot rows is flushed without waiting for the interval.
+    /// A table with this many hot rows is flushed without waiting for the interval…
     pub flush_rows: usize,
+    /// …and every table is flushed when the hot store as a whole holds this many bytes
+    /// (wide tables such as the window tables reach it before `flush_rows`).
+    pub flush_bytes: usize,
     /// Appends wait (back-pressure) while a table holds this many hot rows, e.g. when
     /// flushes fail because the disk is full.
     pub max_hot_rows: usize,
@@ -98,6 +101,7 @@ impl StorageConfig {
             data_dir: data_dir.into(),
             flush_interval: Duration::from_secs(60),
             flush_rows: 1_000_000,
+            flush_bytes: 256 << 20,
             max_hot_rows: 4_000_000,
             write: WriteOptions::default(),
         }
@@ -224,10 +228,15 @@ impl Storage {
         self.inner
             .metrics
             .set_table(&table.spec.name, &table.stats());
-        if hot_rows >= config.flush_rows {
+        if hot_rows >= config.flush_rows || self.hot_bytes() >= config.flush_bytes {
             self.want_flush();
         }
         Ok(())
+    }
+
+    /// Memory held by the hot batches of every table.
+    fn hot_bytes(&self) -> usize {
+        self.inner.tables.iter().map(|t| t.stats().hot_bytes).sum()
     }
 
     fn want_flush(&self) {

@@ -309,3 +309,31 @@ async fn bad_sql_is_a_user_error_and_writes_are_refused() {
     );
     assert!(out.batches[0].column(0).is_valid(0));
 }
+
+#[test]
+fn the_hot_store_is_flushed_when_its_memory_reaches_flush_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StorageConfig::new(dir.path());
+    config.flush_interval = Duration::from_secs(3600);
+    let one_batch = batch(&[("a", T0, 1.0), ("b", T0, 2.0)]);
+    let size = one_batch.get_array_memory_size();
+    // Two batches fit under the limit, the third reaches it.
+    config.flush_bytes = 3 * size;
+    let (storage, _flusher) =
+        Storage::open(config, vec![spec()], StorageMetrics::unregistered()).unwrap();
+    for _ in 0..2 {
+        storage.append("readings", one_batch.clone()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        storage.stats("readings").unwrap().hot_rows,
+        4,
+        "under the limit"
+    );
+    storage.append("readings", one_batch).unwrap();
+    let started = std::time::Instant::now();
+    while storage.stats("readings").unwrap().cold_rows < 6 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no flush");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
