@@ -2,8 +2,10 @@
 //! driven by the load generator over real MQTT on loopback, measured from outside.
 //!
 //! ```text
-//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K] [--windows]
-//! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S] [--windows]
+//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
+//!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
+//! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
+//!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! ```
@@ -31,9 +33,27 @@ struct Args {
     connections: usize,
     from: f64,
     step: f64,
-    /// Run sluice with `[windows] enabled = true`.
-    windows: bool,
+    /// `[windows] enabled` (default: sluice's own default).
+    windows: Option<bool>,
+    /// How many of [`RULES`] sluice runs.
+    rules: usize,
+    /// Share of devices the loadgen runs hot for a while (alerts fire and resolve).
+    anomaly_rate: f64,
 }
+
+/// Ten alert rules of the kinds an operator writes, for `--rules N`.
+const RULES: [&str; 10] = [
+    "name = \"overheat\"\nmetric = \"temperature\"\nabove = 80.0\nclear_below = 75.0\nfor = \"2m\"\nseverity = \"critical\"",
+    "name = \"freezing\"\nmetric = \"temperature\"\nbelow = -10.0\nclear_above = -5.0",
+    "name = \"humid\"\nmetric = \"humidity\"\nabove = 90.0\nclear_below = 85.0\nfor = \"1m\"",
+    "name = \"dry\"\nmetric = \"humidity\"\nbelow = 10.0\nclear_above = 15.0",
+    "name = \"low_battery\"\nmetric = \"battery\"\nbelow = 20.0\nclear_above = 25.0",
+    "name = \"battery_critical\"\nmetric = \"battery\"\nbelow = 5.0\nseverity = \"critical\"",
+    "name = \"weak_signal\"\nmetric = \"signal_strength\"\nbelow = -110.0\nclear_above = -105.0\nfor = \"5m\"",
+    "name = \"warm\"\nmetric = \"temperature\"\nabove = 60.0\nfor = \"5m\"\nseverity = \"info\"",
+    "name = \"co2\"\nmetric = \"extra.co2\"\nabove = 1000.0",
+    "name = \"silent\"\nno_data_for = \"2m\"",
+];
 
 fn args() -> Args {
     let mut args = Args {
@@ -44,7 +64,9 @@ fn args() -> Args {
         connections: 16,
         from: 50_000.0,
         step: 25_000.0,
-        windows: false,
+        windows: None,
+        rules: 0,
+        anomaly_rate: 0.0,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
@@ -60,7 +82,10 @@ fn args() -> Args {
             "--connections" => args.connections = value() as usize,
             "--from" => args.from = value(),
             "--step" => args.step = value(),
-            "--windows" => args.windows = true,
+            "--windows" => args.windows = Some(true),
+            "--no-windows" => args.windows = Some(false),
+            "--rules" => args.rules = (value() as usize).min(RULES.len()),
+            "--anomaly-rate" => args.anomaly_rate = value(),
             name if !name.starts_with('-') => args.scenario = name.to_owned(),
             other => panic!("unknown option {other}"),
         }
@@ -91,18 +116,20 @@ struct Sluice {
 }
 
 impl Sluice {
-    /// Started with room for `connections` MQTT connections, windows on or off.
-    fn start(connections: usize, windows: bool) -> Sluice {
+    /// Started with room for `args.connections` MQTT connections, windows as asked and
+    /// `args.rules` alert rules.
+    fn start(args: &Args) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("sluice.toml");
-        let max_connections = (connections + 100).max(10_000);
-        std::fs::write(
-            &config,
-            format!(
-                "[mqtt]\nmax_connections = {max_connections}\n[windows]\nenabled = {windows}\n"
-            ),
-        )
-        .unwrap();
+        let max_connections = (args.connections + 100).max(10_000);
+        let mut text = format!("[mqtt]\nmax_connections = {max_connections}\n");
+        if let Some(windows) = args.windows {
+            text.push_str(&format!("[windows]\nenabled = {windows}\n"));
+        }
+        for rule in &RULES[..args.rules] {
+            text.push_str(&format!("[[alert]]\n{rule}\n"));
+        }
+        std::fs::write(&config, text).unwrap();
         let server = common::Sluice::start(
             &dir.path().join("data"),
             &["--config", config.to_str().unwrap()],
@@ -250,7 +277,19 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 }
 
 fn run_loadgen(broker: &str, devices: u64, rate: f64, secs: f64, connections: usize) -> Report {
+    run_loadgen_with(broker, devices, rate, secs, connections, 0.0)
+}
+
+fn run_loadgen_with(
+    broker: &str,
+    devices: u64,
+    rate: f64,
+    secs: f64,
+    connections: usize,
+    anomaly_rate: f64,
+) -> Report {
     let mut config = LoadgenConfig::new(broker);
+    config.anomaly_rate = anomaly_rate;
     config.devices = devices;
     config.rate = rate;
     config.duration = Some(Duration::from_secs_f64(secs));
@@ -276,7 +315,7 @@ fn reference(args: &Args) {
         "reference: {} devices, {} msgs/s, QoS 1, {} s, {} connections",
         args.devices, args.rate, args.secs, args.connections
     );
-    let sluice = Sluice::start(args.connections, args.windows);
+    let sluice = Sluice::start(args);
     let pid = sluice.pid();
     let before = sluice.metrics();
     let cpu0 = cpu_seconds(pid);
@@ -299,12 +338,13 @@ fn reference(args: &Args) {
             samples
         })
     };
-    let report = run_loadgen(
+    let report = run_loadgen_with(
         &sluice.mqtt,
         args.devices,
         args.rate,
         args.secs,
         args.connections,
+        args.anomaly_rate,
     );
     let stored = sluice.settle(report.acked);
     let wall = started.elapsed().as_secs_f64();
@@ -320,6 +360,13 @@ fn reference(args: &Args) {
     println!("{report}");
     let lost = report.acked as i64 - stored as i64;
     println!("stored {stored} (SQL count)  lost {lost}  broker skips {skipped}");
+    println!(
+        "alert rules {}  transitions {:.0}  dead letters {:.0}",
+        args.rules,
+        after.value("sluice_alert_transitions_total") + 0.0,
+        after.value("sluice_alert_deliveries_total{channel=\"mqtt\",outcome=\"dead_letter\"}")
+            + 0.0,
+    );
     println!(
         "stored rate {:.0} msgs/s  sluice CPU {:.2} cores ({cpu:.1} s / {wall:.1} s)  peak RSS {} MiB",
         stored as f64 / args.secs,
@@ -361,17 +408,24 @@ impl Step {
 
 fn max(args: &Args) {
     println!(
-        "max: QoS 1, {} connections, {} s per step from {} msgs/s",
-        args.connections, args.secs, args.from
+        "max: QoS 1, {} connections, {} s per step from {} msgs/s, {} alert rules, anomaly rate {}",
+        args.connections, args.secs, args.from, args.rules, args.anomaly_rate
     );
-    let sluice = Sluice::start(args.connections, args.windows);
+    let sluice = Sluice::start(args);
     let devices = 100_000;
     let mut best = 0.0;
     let mut rate = args.from;
     loop {
         let before = sluice.metrics();
         let count0 = sluice.count();
-        let report = run_loadgen(&sluice.mqtt, devices, rate, args.secs, args.connections);
+        let report = run_loadgen_with(
+            &sluice.mqtt,
+            devices,
+            rate,
+            args.secs,
+            args.connections,
+            args.anomaly_rate,
+        );
         let stored = sluice.settle(count0 + report.acked) - count0;
         let after = sluice.metrics();
         let skipped = after.value("sluice_broker_skipped_messages_total")

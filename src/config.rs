@@ -33,8 +33,7 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct WindowsConfig {
-    /// Compute the window tables. Off by default until their CPU and memory cost fits
-    /// the fleet-scale budget (issue #5; BENCHMARKS.md has the figures).
+    /// Compute the window tables (their cost at the reference load: BENCHMARKS.md).
     pub enabled: bool,
     /// Size of the windows of `telemetry_1m`.
     #[serde(with = "humantime_serde")]
@@ -54,7 +53,7 @@ impl Default for WindowsConfig {
     fn default() -> Self {
         let w = sluice_aggregator::WindowConfig::default();
         WindowsConfig {
-            enabled: false,
+            enabled: true,
             size: w.size,
             rollup: w.rollup,
             lateness: w.lateness,
@@ -121,8 +120,10 @@ pub(crate) struct StorageConfig {
     /// In-memory rows are written to Parquet at least this often.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// …and as soon as a table holds this many in-memory rows.
+    /// …and as soon as a table holds this many in-memory rows…
     pub flush_rows: usize,
+    /// …or all tables together this many bytes.
+    pub flush_bytes: usize,
     /// Ingestion waits while a table holds this many in-memory rows (flushes failing).
     pub max_hot_rows: usize,
     pub row_group_rows: usize,
@@ -191,6 +192,7 @@ impl Default for StorageConfig {
         StorageConfig {
             flush_interval: storage.flush_interval,
             flush_rows: storage.flush_rows,
+            flush_bytes: storage.flush_bytes,
             max_hot_rows: storage.max_hot_rows,
             row_group_rows: storage.write.row_group_rows,
             zstd_level: storage.write.zstd_level,
@@ -279,6 +281,7 @@ impl Config {
             ("ingest.batch_rows", self.ingest.batch_rows),
             ("ingest.max_message_bytes", self.ingest.max_message_bytes),
             ("storage.flush_rows", self.storage.flush_rows),
+            ("storage.flush_bytes", self.storage.flush_bytes),
             ("storage.row_group_rows", self.storage.row_group_rows),
         ];
         for (name, value) in positive {
@@ -385,6 +388,7 @@ impl Config {
             data_dir: self.data_dir.clone(),
             flush_interval: self.storage.flush_interval,
             flush_rows: self.storage.flush_rows,
+            flush_bytes: self.storage.flush_bytes,
             max_hot_rows: self.storage.max_hot_rows,
             write: sluice_storage::WriteOptions {
                 row_group_rows: self.storage.row_group_rows,
@@ -476,6 +480,45 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("ingest.workers"), "{error}");
+
+        for (rules, expected) in [
+            (
+                "[[alert]]\nname = \"overheat\"\nmetric = \"temprature\"\nabove = 80.0\n",
+                "alert \"overheat\": unknown metric \"temprature\"",
+            ),
+            (
+                "[[alert]]\nname = \"overheat\"\nmetric = \"temperature\"\nabove = 80.0\nclear_below = 85.0\n",
+                "alert \"overheat\": clear_below (85) must not be above",
+            ),
+            (
+                "[[alert]]\nname = \"overheat\"\nmetric = \"temperature\"\nabove = 80.0\nfor = \"a while\"\n",
+                "alert \"overheat\": for = \"a while\" is not a duration",
+            ),
+            (
+                "[[alert]]\nname = \"x\"\nmetric = \"battery\"\nbelow = 1\nwhen = \"now\"\n",
+                "when",
+            ),
+            (
+                "[[webhook]]\nurl = \"ftp://example.com\"\n",
+                "webhook \"ftp://example.com\": must be an http:// URL",
+            ),
+        ] {
+            std::fs::write(&file, rules).unwrap();
+            let error = Config::load(Some(&file), env(&[]), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        let rules = "[[alert]]\nname = \"overheat\"\nmetric = \"temperature\"\nabove = 80.0\n\n[[alert]]\nname = \"silent\"\nno_data_for = \"5m\"\n";
+        std::fs::write(&file, rules).unwrap();
+        let config = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
+        let names: Vec<String> = config
+            .rules()
+            .unwrap()
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["overheat", "silent"]);
 
         let error = Config::load(
             Some(Path::new("/no/such/file.toml")),
