@@ -458,7 +458,13 @@ fn max(args: &Args) {
         best = rate;
         rate += args.step;
     }
+    let metrics = sluice.metrics();
     sluice.stop();
+    println!(
+        "alert transitions {:.0}, readings in windows {:.0}",
+        metrics.value("sluice_alert_transitions_total") + 0.0,
+        metrics.value("sluice_aggregator_readings_total") + 0.0
+    );
     println!("highest sustained rate: {best:.0} msgs/s (end to end into SQL, zero loss)");
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Sluice, cli, publish, telemetry};
+use common::{Sluice, publish, telemetry};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
@@ -301,43 +301,28 @@ fn threshold_crossings_reach_mqtt_webhooks_and_the_alerts_table_exactly_once() {
 
     // The whole history is a table; nothing went to the dead letters.
     sluice.wait_for("SELECT count(*) FROM alerts", 10, Duration::from_secs(10));
-    let (ok, out, err) = cli(&[
-        "sql",
-        "--server",
-        &sluice.http,
-        "--format",
-        "csv",
+    let out = sluice.sql_csv(
         "SELECT rule, device_id, state, value, threshold, started_at, duration_s FROM alerts \
          WHERE rule <> 'silent' ORDER BY ts, rule",
-    ]);
-    assert!(ok, "{err}");
-    let rows: Vec<&str> = out.lines().skip(1).collect();
+    );
     assert_eq!(
-        rows,
+        out[1..],
         [
             format!("low_battery,device-2,firing,15.0,20.0,{},", at(t0, 0)),
             format!("low_battery,device-2,resolved,30.0,25.0,{},60.0", at(t0, 0)),
             format!("overheat,device-1,firing,87.0,80.0,{},", at(t0, 10)),
             format!("overheat,device-1,resolved,74.0,75.0,{},120.0", at(t0, 10)),
         ],
-        "{out}"
+        "{out:?}"
     );
     assert_eq!(sluice.scalar("SELECT count(*) FROM alert_dead_letters"), 0);
     // Windows run beside alerts: device-1's first minute (readings at 0, 10, 40 s) closed.
-    let (ok, out, err) = cli(&[
-        "sql",
-        "--server",
-        &sluice.http,
-        "--format",
-        "csv",
-        &format!(
-            "SELECT readings, temperature_max FROM telemetry_1m \
-             WHERE device_id = 'device-1' AND window_start = TIMESTAMP '{}'",
-            at(t0, 0)
-        ),
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(out.lines().nth(1), Some("3,86.0"), "{out}");
+    let out = sluice.sql_csv(&format!(
+        "SELECT readings, temperature_max FROM telemetry_1m \
+         WHERE device_id = 'device-1' AND window_start = TIMESTAMP '{}'",
+        at(t0, 0)
+    ));
+    assert_eq!(out[1..], ["3,86.0"], "{out:?}");
     let (_, metrics) = sluice.get("/metrics");
     assert!(
         metrics.contains("sluice_alert_transitions_total{rule=\"overheat\",state=\"firing\"} 1"),

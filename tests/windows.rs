@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Sluice, cli, publish, telemetry};
+use common::{Sluice, publish, telemetry};
 use rumqttc::QoS;
 
 fn send(sluice: &Sluice, readings: &[(&str, &str, f64)]) {
@@ -70,21 +70,15 @@ fn windows_are_tables_and_a_restart_neither_duplicates_nor_loses_one() {
         1,
         Duration::from_secs(10),
     );
-    let (ok, out, err) = cli(&[
-        "sql",
-        "--server",
-        &sluice.http,
-        "--format",
-        "csv",
+    let out = sluice.sql_csv(
         "SELECT device_id, window_start, window_end, readings, temperature_count, \
          temperature_min, temperature_max, temperature_sum, temperature_first, temperature_last, \
          temperature_last_ts FROM telemetry_1m",
-    ]);
-    assert!(ok, "{err}");
+    );
     assert_eq!(
-        out.lines().nth(1).unwrap(),
+        out[1],
         "w1,2024-01-15T10:00:00Z,2024-01-15T10:01:00Z,3,3,20.5,22.0,63.5,20.5,21.0,2024-01-15T10:00:40Z",
-        "one row for the window, with the readings from both sides of the restart:\n{out}"
+        "one row for the window, with the readings from both sides of the restart:\n{out:?}"
     );
     assert_eq!(
         sluice.scalar("SELECT count(*) FROM telemetry WHERE device_id = 'w1'"),

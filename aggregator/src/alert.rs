@@ -396,37 +396,10 @@ impl Alerts {
                         ));
                     }
                 }
-                Check::Above { threshold, clear } => {
-                    let Some(value) = rule.metric.as_ref().and_then(|m| m.value(o)) else {
-                        continue;
-                    };
-                    step(
-                        rule,
-                        active,
-                        o,
-                        value,
-                        value > threshold,
-                        value < clear,
-                        threshold,
-                        clear,
-                        sink,
-                    );
-                }
-                Check::Below { threshold, clear } => {
-                    let Some(value) = rule.metric.as_ref().and_then(|m| m.value(o)) else {
-                        continue;
-                    };
-                    step(
-                        rule,
-                        active,
-                        o,
-                        value,
-                        value < threshold,
-                        value > clear,
-                        threshold,
-                        clear,
-                        sink,
-                    );
+                Check::Above { .. } | Check::Below { .. } => {
+                    if let Some(value) = rule.metric.as_ref().and_then(|m| m.value(o)) {
+                        step(rule, active, o, value, sink);
+                    }
                 }
             }
         }
@@ -564,20 +537,20 @@ fn event(
     }
 }
 
-/// One threshold reading for one rule: `past` = beyond the threshold, `clear` = beyond
-/// the clear threshold.
-#[allow(clippy::too_many_arguments)]
+/// One threshold reading for one rule.
 fn step(
     rule: &Rule,
     active: &mut FastMap<Box<str>, Active>,
     o: &Observation,
     value: f64,
-    past: bool,
-    clear: bool,
-    threshold: f64,
-    clear_threshold: f64,
     sink: &mut impl AlertSink,
 ) {
+    // `past`: beyond the threshold; `clear`: beyond the clear threshold.
+    let (past, clear, threshold, clear_threshold) = match rule.check {
+        Check::Above { threshold, clear } => (value > threshold, value < clear, threshold, clear),
+        Check::Below { threshold, clear } => (value < threshold, value > clear, threshold, clear),
+        Check::NoData { .. } => return,
+    };
     match active.get_mut(o.device) {
         None => {
             if past {

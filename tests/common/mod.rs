@@ -124,6 +124,13 @@ impl Sluice {
         }
     }
 
+    /// Runs `sluice sql --server … --format csv SQL` (the real CLI) and returns its lines.
+    pub fn sql_csv(&self, sql: &str) -> Vec<String> {
+        let (ok, out, err) = cli(&["sql", "--server", &self.http, "--format", "csv", sql]);
+        assert!(ok, "{sql}: {err}");
+        out.lines().map(str::to_owned).collect()
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         let response = reqwest::blocking::get(format!("{}{path}", self.http)).unwrap();
         (response.status().as_u16(), response.text().unwrap())
