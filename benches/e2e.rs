@@ -361,6 +361,11 @@ fn reference(args: &Args) {
     let lost = report.acked as i64 - stored as i64;
     println!("stored {stored} (SQL count)  lost {lost}  broker skips {skipped}");
     println!(
+        "windows closed: telemetry_1m {:.0}, telemetry_1h {:.0}",
+        after.value("sluice_aggregator_windows_closed_total{table=\"telemetry_1m\"}") + 0.0,
+        after.value("sluice_aggregator_windows_closed_total{table=\"telemetry_1h\"}") + 0.0,
+    );
+    println!(
         "alert rules {}  transitions {:.0}  dead letters {:.0}",
         args.rules,
         after.value("sluice_alert_transitions_total") + 0.0,

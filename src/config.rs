@@ -500,7 +500,7 @@ mod tests {
             ),
             (
                 "[[webhook]]\nurl = \"ftp://example.com\"\n",
-                "webhook \"ftp://example.com\": must be an http:// URL",
+                "webhook \"ftp://example.com\": must be an http:// or https:// URL",
             ),
         ] {
             std::fs::write(&file, rules).unwrap();

@@ -162,16 +162,21 @@ name = "silent"
 no_data_for = "4s"
 "#;
 
-fn config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+/// The configuration file; `windows` on or off (alerts run either way).
+fn config(dir: &std::path::Path, windows: bool, body: &str) -> std::path::PathBuf {
     let path = dir.join("sluice.toml");
+    write_config(&path, windows, body);
+    path
+}
+
+fn write_config(path: &std::path::Path, windows: bool, body: &str) {
     // One decoder keeps each device's readings in publish order (the test sends them
     // milliseconds apart; real devices are seconds apart).
     std::fs::write(
-        &path,
-        format!("[ingest]\nworkers = 1\n[windows]\nenabled = true\n{body}"),
+        path,
+        format!("[ingest]\nworkers = 1\n[windows]\nenabled = {windows}\n{body}"),
     )
     .unwrap();
-    path
 }
 
 fn topic_states(notes: &[(String, Value)]) -> BTreeMap<(String, String), usize> {
@@ -200,6 +205,7 @@ fn threshold_crossings_reach_mqtt_webhooks_and_the_alerts_table_exactly_once() {
     let receiver = Receiver::start(2);
     let config = config(
         dir.path(),
+        true,
         &format!(
             "{RULES}\n[[webhook]]\nurl = \"{}\"\nbackoff = \"50ms\"\n",
             receiver.url
@@ -335,7 +341,8 @@ fn threshold_crossings_reach_mqtt_webhooks_and_the_alerts_table_exactly_once() {
 fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firing_alert() {
     let dir = tempfile::tempdir().unwrap();
     let hot = "[[alert]]\nname = \"hot\"\nmetric = \"temperature\"\nabove = 50\n";
-    let config = config(dir.path(), hot);
+    // Windows off: alerts run without them.
+    let config = config(dir.path(), false, hot);
     let data = dir.path().join("data");
     let args = ["--config", config.to_str().unwrap()];
     let sluice = Sluice::start(&data, &args);
@@ -343,11 +350,11 @@ fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firin
     let t0 = t0();
 
     // An invalid rule set is refused, by name, and the running rule stays.
-    std::fs::write(
+    write_config(
         &config,
-        format!("{hot}[[alert]]\nname = \"typo\"\nmetric = \"temprature\"\nabove = 1\n"),
-    )
-    .unwrap();
+        false,
+        &format!("{hot}[[alert]]\nname = \"typo\"\nmetric = \"temprature\"\nabove = 1\n"),
+    );
     let (status, body) = sluice.post("/reload");
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -362,11 +369,11 @@ fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firin
     );
 
     // A valid new set by SIGHUP: `cold` appears, `hot` stays (and stays firing).
-    std::fs::write(
+    write_config(
         &config,
-        format!("[ingest]\nworkers = 1\n[windows]\nenabled = true\n{hot}[[alert]]\nname = \"cold\"\nmetric = \"temperature\"\nbelow = 0\n"),
-    )
-    .unwrap();
+        false,
+        &format!("{hot}[[alert]]\nname = \"cold\"\nmetric = \"temperature\"\nbelow = 0\n"),
+    );
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &sluice.pid().to_string()])
         .status()
@@ -401,5 +408,10 @@ fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firin
     assert_eq!(notes[0].1["started_at"], at(t0, 0));
     assert_eq!(notes[0].1["duration_s"], 20.0);
     sluice.wait_for("SELECT count(*) FROM alerts", 3, Duration::from_secs(10));
+    assert_eq!(
+        sluice.scalar("SELECT count(*) FROM telemetry_1m"),
+        0,
+        "windows are off"
+    );
     assert!(sluice.terminate().success());
 }

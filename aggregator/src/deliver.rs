@@ -77,11 +77,9 @@ impl WebhookSpec {
         let url = &self.url;
         let fail = |what: String| Err(format!("webhook {url:?}: {what}"));
         match reqwest::Url::parse(url) {
-            Ok(parsed) if parsed.scheme() == "http" && parsed.host().is_some() => {}
-            Ok(parsed) if parsed.scheme() == "https" => {
-                return fail("https is not built into this sluice (no TLS library); send to an http:// endpoint, e.g. a local relay or TLS proxy".into());
-            }
-            Ok(_) => return fail("must be an http:// URL with a host".into()),
+            Ok(parsed)
+                if ["http", "https"].contains(&parsed.scheme()) && parsed.host().is_some() => {}
+            Ok(_) => return fail("must be an http:// or https:// URL with a host".into()),
             Err(e) => return fail(format!("is not a URL: {e}")),
         }
         let duration = |key: &str, text: &Option<String>, default: Duration| {
@@ -324,9 +322,10 @@ impl Notifier {
         }
     }
 
-    /// Replaces the webhooks (a reload): endpoints still listed keep running with the new
-    /// settings applied from their next event; removed ones stop, their queued events
-    /// going out within the stop grace or to the dead letters.
+    /// Replaces the webhooks (a reload): an endpoint listed with the same settings keeps
+    /// running (and its queue); a removed or changed one stops, its queued notifications
+    /// going out within the stop grace or to the dead letters, and a changed one starts
+    /// again with its new settings.
     pub fn set_webhooks(&self, webhooks: Vec<Webhook>) -> std::io::Result<()> {
         let mut endpoints = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
         let mut old = std::mem::take(&mut *endpoints);

@@ -199,6 +199,27 @@ fn a_client_error_is_not_retried_and_an_unreachable_endpoint_is_a_dead_letter() 
 }
 
 #[test]
+fn an_https_webhook_speaks_tls() {
+    // A plain-HTTP endpoint cannot complete a TLS handshake: the attempt fails (and is
+    // never counted as delivered), so the notification ends as a dead letter.
+    let plain = endpoint(StatusCode::OK, Duration::ZERO);
+    let url = plain.url.replace("http://", "https://");
+    let sink = Arc::new(Captured::default());
+    let (notifier, _) = start(&url, "max_attempts=1", sink.clone());
+    notifier.notify(&event("a"));
+    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    let letters = sink.letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    // rustls read the plain-HTTP answer as a TLS record and refused it.
+    assert!(
+        letters[0].1.starts_with("gave up after 1 attempts")
+            && letters[0].1.contains("corrupt message"),
+        "{letters:?}"
+    );
+    notifier.shutdown();
+}
+
+#[test]
 fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
     // Every request hangs past its timeout.
     let slow = endpoint(StatusCode::OK, Duration::from_secs(30));
@@ -241,8 +262,12 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
 
 #[test]
 fn webhooks_are_validated_by_url() {
-    let error = compile_webhooks(&[toml_spec("https://example.com/hook", "")]).unwrap_err();
-    assert!(error.contains("https is not built into"), "{error}");
+    assert!(compile_webhooks(&[toml_spec("https://example.com/hook", "")]).is_ok());
+    let error = compile_webhooks(&[toml_spec("ftp://example.com/hook", "")]).unwrap_err();
+    assert!(
+        error.contains("must be an http:// or https:// URL"),
+        "{error}"
+    );
     let error = compile_webhooks(&[toml_spec("not a url", "")]).unwrap_err();
     assert!(
         error.starts_with("webhook \"not a url\": is not a URL"),
