@@ -18,6 +18,7 @@ pub(crate) struct Config {
     pub data_dir: PathBuf,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
+    pub pg: PgConfig,
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
     pub windows: WindowsConfig,
@@ -92,6 +93,27 @@ pub(crate) struct HttpConfig {
     pub addr: SocketAddr,
 }
 
+/// The PostgreSQL wire-protocol endpoint (psql, Grafana, JDBC, psycopg).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct PgConfig {
+    /// 5433, not 5432, so that a PostgreSQL server on the same machine is not in the way.
+    pub addr: SocketAddr,
+    /// When set, clients must send this password (any user name); otherwise no
+    /// authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        PgConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            password: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct IngestConfig {
@@ -136,6 +158,7 @@ impl Default for Config {
             data_dir: PathBuf::from("sluice-data"),
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
+            pg: PgConfig::default(),
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             windows: WindowsConfig::default(),
@@ -211,6 +234,8 @@ pub(crate) struct Overrides {
     pub mqtt5_addr: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -240,6 +265,7 @@ impl Config {
                 "SLUICE_MQTT_ADDR" => "mqtt.addr".to_owned(),
                 "SLUICE_MQTT5_ADDR" => "mqtt.v5_addr".to_owned(),
                 "SLUICE_HTTP_ADDR" => "http.addr".to_owned(),
+                "SLUICE_PG_ADDR" => "pg.addr".to_owned(),
                 _ => key["SLUICE_".len()..]
                     .to_ascii_lowercase()
                     .replace("__", "."),
@@ -267,6 +293,9 @@ impl Config {
         }
         if let Some(addr) = overrides.http_addr {
             config.http.addr = addr;
+        }
+        if let Some(addr) = overrides.pg_addr {
+            config.pg.addr = addr;
         }
         config.validate()?;
         Ok(config)

@@ -9,6 +9,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod config;
 mod http;
 mod output;
+mod pg;
 mod server;
 mod sql;
 mod status;
@@ -65,6 +66,9 @@ struct ServeArgs {
     /// HTTP listener for /ready, /metrics, /query [default: 127.0.0.1:8080].
     #[arg(long, value_name = "HOST:PORT")]
     http_addr: Option<SocketAddr>,
+    /// PostgreSQL wire-protocol listener [default: 127.0.0.1:5433].
+    #[arg(long, value_name = "HOST:PORT")]
+    pg_addr: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -83,6 +87,7 @@ impl ServeArgs {
                 mqtt_addr: self.mqtt_addr,
                 mqtt5_addr: self.mqtt5_addr,
                 http_addr: self.http_addr,
+                pg_addr: self.pg_addr,
             },
         )
     }
@@ -220,10 +225,11 @@ async fn shutdown_signal() {
 fn print_ready(server: &Server, config: &Config) {
     let addrs = server.addrs;
     println!(
-        "sluice ready: mqtt={} mqtt5={} http=http://{} data_dir={}",
+        "sluice ready: mqtt={} mqtt5={} http=http://{} pg={} data_dir={}",
         addrs.mqtt,
         addrs.mqtt5.map(|a| a.to_string()).unwrap_or_default(),
         addrs.http,
+        addrs.pg,
         config.data_dir.display()
     );
 }

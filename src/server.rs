@@ -124,6 +124,7 @@ pub(crate) struct Addrs {
     pub mqtt: SocketAddr,
     pub mqtt5: Option<SocketAddr>,
     pub http: SocketAddr,
+    pub pg: SocketAddr,
 }
 
 /// A running server.
@@ -139,6 +140,7 @@ pub(crate) struct Server {
     alerting: Arc<Alerting>,
     flusher: Flusher,
     http: http::HttpServer,
+    pg: crate::pg::PgServer,
     ready: Arc<AtomicBool>,
 }
 
@@ -238,6 +240,13 @@ impl Server {
         )
         .with_context(|| format!("starting the HTTP server on {}", config.http.addr))?;
         spawn_sighup_reload(runtime, reload)?;
+        let pg = crate::pg::PgServer::start(
+            runtime,
+            config.pg.addr,
+            &storage,
+            config.pg.password.clone(),
+        )
+        .with_context(|| format!("starting the PostgreSQL endpoint on {}", config.pg.addr))?;
         ready.store(true, Ordering::SeqCst);
 
         let broker_addrs = broker.addrs();
@@ -246,6 +255,7 @@ impl Server {
                 mqtt: broker_addrs.mqtt,
                 mqtt5: broker_addrs.mqtt5,
                 http: http.addr(),
+                pg: pg.addr(),
             },
             storage,
             received,
@@ -256,6 +266,7 @@ impl Server {
             alerting,
             flusher,
             http,
+            pg,
             ready,
         })
     }
@@ -282,6 +293,7 @@ impl Server {
             .shutdown()
             .context("final flush to Parquet failed; the rows above are lost")?;
         self.http.stop();
+        self.pg.stop();
         tracing::info!(rows = report.rows, files = report.files, "final flush done");
         Ok(ShutdownReport {
             flushed_rows: report.rows,

@@ -28,6 +28,9 @@ pub use table::{FlushReport, TableSpec, TableStats};
 
 use crate::table::Table;
 
+/// How a refused write or file access starts, on every SQL endpoint.
+pub const READ_ONLY: &str = "sluice's SQL endpoints are read-only";
+
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -305,7 +308,18 @@ impl Storage {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let frame = self.inner.ctx.sql_with_options(sql, options).await?;
+        let frame = self
+            .inner
+            .ctx
+            .sql_with_options(sql, options)
+            .await
+            .map_err(|e| match e.find_root() {
+                // What SQLOptions refused: DDL, DML (INSERT, COPY … TO) and statements (SET).
+                DataFusionError::Plan(m) if m.contains(" not supported: ") => {
+                    DataFusionError::Plan(format!("{READ_ONLY}: {m}"))
+                }
+                _ => e,
+            })?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame.collect().await?;
         Ok(QueryOutput { schema, batches })

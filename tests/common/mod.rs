@@ -30,6 +30,8 @@ pub struct Sluice {
     pub mqtt: SocketAddr,
     pub mqtt5: SocketAddr,
     pub http: String,
+    /// The PostgreSQL wire-protocol endpoint.
+    pub pg: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -46,7 +48,8 @@ impl Sluice {
                 "--mqtt5-addr",
                 "127.0.0.1:0",
             ])
-            .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
+            .args(["--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
             .stdout(Stdio::piped())
@@ -79,6 +82,7 @@ impl Sluice {
             mqtt: field("mqtt").parse().unwrap(),
             mqtt5: field("mqtt5").parse().unwrap(),
             http: field("http"),
+            pg: field("pg").parse().unwrap(),
             data_dir: data_dir.to_path_buf(),
             log,
         }

@@ -1,0 +1,257 @@
+//! The PostgreSQL endpoint with real clients: psql (Debian's postgresql-client) and
+//! psycopg (PyPI), Grafana's macro expansions, password authentication, and the read-only
+//! rules on both SQL endpoints.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Sluice, publish, telemetry};
+use rumqttc::QoS;
+
+/// Readings at 10:00:10, 10:00:40 and 10:01:10 for d1, one at 10:00:20 for d2.
+fn start_with_readings(extra_args: &[&str]) -> (tempfile::TempDir, Sluice) {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), extra_args);
+    let messages = vec![
+        telemetry("d1", "2024-01-15T10:00:10Z", 20.5, 90.0),
+        telemetry("d1", "2024-01-15T10:00:40Z", 21.5, 89.0),
+        telemetry("d1", "2024-01-15T10:01:10Z", 22.5, 88.0),
+        telemetry("d2", "2024-01-15T10:00:20Z", 30.0, 50.0),
+    ];
+    assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 1), 4);
+    sluice.wait_for("SELECT count(*) FROM telemetry", 4, Duration::from_secs(10));
+    (dir, sluice)
+}
+
+/// Runs psql (unaligned, tuples only) with `args`; returns (success, stdout, stderr).
+fn psql(sluice: &Sluice, password: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut command = Command::new("psql");
+    command
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", &sluice.pg.ip().to_string()])
+        .args(["-p", &sluice.pg.port().to_string()])
+        .args(["-U", "grafana", "-d", "sluice"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD");
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let out = command
+        .output()
+        .expect("psql is installed (apt-get install postgresql-client)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn psql_ok(sluice: &Sluice, sql: &str) -> String {
+    let (ok, out, err) = psql(sluice, None, &["-c", sql]);
+    assert!(ok, "{sql}: {err}");
+    out
+}
+
+#[test]
+fn psql_lists_and_describes_the_tables_and_runs_queries() {
+    let (_dir, sluice) = start_with_readings(&[]);
+    let tables = psql_ok(&sluice, "\\dt");
+    for table in [
+        "telemetry",
+        "rejects",
+        "telemetry_1m",
+        "telemetry_1h",
+        "telemetry_late",
+        "alerts",
+        "alert_dead_letters",
+    ] {
+        assert!(
+            tables.contains(&format!("public|{table}|table|")),
+            "{tables}"
+        );
+    }
+    let columns = psql_ok(&sluice, "\\d telemetry");
+    for column in [
+        "device_id|text",
+        "ts|timestamp with time zone",
+        "temperature|double precision",
+    ] {
+        assert!(columns.contains(column), "{columns}");
+    }
+    assert_eq!(
+        psql_ok(
+            &sluice,
+            "SELECT device_id, count(*), max(temperature), min(ts) FROM telemetry \
+             GROUP BY device_id ORDER BY device_id"
+        ),
+        "d1|3|22.5|2024-01-15 10:00:10.000000+00\nd2|1|30.0|2024-01-15 10:00:20.000000+00\n"
+    );
+    // NULL comes back as NULL, not as a string.
+    assert_eq!(
+        psql_ok(
+            &sluice,
+            "SELECT coalesce(firmware_version, 'none'), extra IS NULL FROM telemetry LIMIT 1"
+        ),
+        "2.1.0|t\n"
+    );
+}
+
+/// Grafana's PostgreSQL data source expands its macros before it sends a query; these are
+/// its expansions for a 10:00–11:00 UTC dashboard range.
+#[test]
+fn grafana_macro_expansions_run() {
+    let (_dir, sluice) = start_with_readings(&[]);
+    let cases = [
+        (
+            // $__timeGroupAlias(ts,'1m'), $__timeFilter(ts)
+            "SELECT floor(extract(epoch from ts)/60)*60 AS \"time\", count(*) AS readings \
+             FROM telemetry WHERE ts BETWEEN '2024-01-15T10:00:00Z' AND '2024-01-15T11:00:00Z' \
+             GROUP BY 1 ORDER BY 1",
+            "1705312800.0|3\n1705312860.0|1\n",
+        ),
+        (
+            // $__time(ts), $__timeFilter(ts), a $device variable
+            "SELECT ts AS \"time\", temperature FROM telemetry \
+             WHERE ts BETWEEN '2024-01-15T10:00:00Z' AND '2024-01-15T11:00:00Z' \
+             AND device_id = 'd1' ORDER BY 1",
+            "2024-01-15 10:00:10.000000+00|20.5\n2024-01-15 10:00:40.000000+00|21.5\n\
+             2024-01-15 10:01:10.000000+00|22.5\n",
+        ),
+        (
+            // $__unixEpochFilter(extract(epoch from ts))
+            "SELECT count(*) FROM telemetry WHERE extract(epoch from ts) >= 1705312800 \
+             AND extract(epoch from ts) <= 1705312830",
+            "2\n",
+        ),
+        (
+            // Devices silent for more than 5 minutes at 10:10.
+            "SELECT device_id, max(ts) FROM telemetry GROUP BY device_id \
+             HAVING max(ts) < TIMESTAMP '2024-01-15T10:10:00Z' - INTERVAL '5 minutes' ORDER BY 1",
+            "d1|2024-01-15 10:01:10.000000+00\nd2|2024-01-15 10:00:20.000000+00\n",
+        ),
+    ];
+    for (sql, expected) in cases {
+        assert_eq!(psql_ok(&sluice, sql), expected, "{sql}");
+    }
+}
+
+#[test]
+fn psycopg_runs_queries_with_parameters_and_gets_the_right_types() {
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("CI_REQUIRE_PSYCOPG").is_none(),
+            "psycopg is required in CI"
+        );
+        eprintln!("skipped: psycopg is not installed (pip install 'psycopg[binary]')");
+        return;
+    }
+    let (_dir, sluice) = start_with_readings(&[]);
+    let script = r#"
+import sys, datetime, psycopg
+with psycopg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="analyst", dbname="sluice") as conn:
+    names = [r[0] for r in conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")]
+    assert "telemetry" in names and "alerts" in names, names
+    rows = conn.execute(
+        "SELECT device_id, ts, temperature, firmware_version, lat FROM telemetry "
+        "WHERE device_id = %s AND temperature > %s ORDER BY ts",
+        ("d1", 21.0)).fetchall()
+    assert len(rows) == 2, rows
+    device, ts, temperature, firmware, lat = rows[0]
+    assert device == "d1" and isinstance(device, str), rows
+    assert ts == datetime.datetime(2024, 1, 15, 10, 0, 40, tzinfo=datetime.timezone.utc), ts
+    assert temperature == 21.5 and isinstance(temperature, float), rows
+    assert firmware == "2.1.0" and lat == 1.5, rows
+    (count,) = conn.execute("SELECT count(*) FROM telemetry WHERE ts >= %s",
+        (datetime.datetime(2024, 1, 15, 10, 0, 30, tzinfo=datetime.timezone.utc),)).fetchone()
+    assert count == 2 and isinstance(count, int), count
+    (nothing,) = conn.execute("SELECT NULL::double precision").fetchone()
+    assert nothing is None
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(sluice.pg.ip().to_string())
+        .arg(sluice.pg.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_password_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "[pg]\npassword = \"s3cret\"\n").unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let (ok, _, err) = psql(&sluice, Some("wrong"), &["-c", "SELECT 1"]);
+    assert!(!ok, "a wrong password is refused");
+    assert!(err.contains("Password authentication failed"), "{err}");
+    let (ok, out, err) = psql(&sluice, Some("s3cret"), &["-c", "SELECT 1"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "1\n");
+}
+
+#[test]
+fn both_sql_endpoints_refuse_writes_and_file_access() {
+    let (_dir, sluice) = start_with_readings(&[]);
+    let outside = sluice.data_dir.with_extension("copied.csv");
+    let forbidden = [
+        "CREATE TABLE t (a INT)".to_owned(),
+        "CREATE VIEW v AS SELECT 1".to_owned(),
+        "INSERT INTO telemetry (device_id) VALUES ('x')".to_owned(),
+        "UPDATE telemetry SET battery = 0".to_owned(),
+        "DELETE FROM telemetry".to_owned(),
+        "DROP TABLE telemetry".to_owned(),
+        format!("COPY telemetry TO '{}'", outside.display()),
+        format!("COPY (SELECT 1) TO '{}' STORED AS CSV", outside.display()),
+        "CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '/etc/passwd'".to_owned(),
+        "SET datafusion.execution.batch_size = 1".to_owned(),
+    ];
+    for sql in &forbidden {
+        let (ok, _, err) = psql(&sluice, None, &["-c", sql]);
+        assert!(!ok, "PostgreSQL endpoint ran {sql}");
+        assert!(
+            err.contains("read-only") || err.contains("parser error"),
+            "{sql}: {err}"
+        );
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}/query", sluice.http))
+            .body(sql.clone())
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().unwrap();
+        assert_eq!(status, 400, "HTTP ran {sql}: {body}");
+        assert!(
+            body.contains("read-only") || body.contains("parser error"),
+            "{sql}: {body}"
+        );
+    }
+    assert!(
+        !outside.exists(),
+        "nothing was written outside the data directory"
+    );
+    assert_eq!(sluice.scalar("SELECT count(*) FROM telemetry"), 4);
+    // A session setting of the client itself is fine.
+    assert_eq!(
+        psql_ok(&sluice, "SET application_name = 'grafana'"),
+        "SET\n",
+        "SET is accepted"
+    );
+}
