@@ -184,6 +184,7 @@ impl Storage {
                 Arc::new(provider::SnapshotTable::new(table.clone())),
             )?;
             let stats = table.stats();
+            metrics.add_table(&table.spec.name);
             metrics.set_table(&table.spec.name, &stats);
         }
         Ok(Storage {

@@ -103,6 +103,13 @@ impl StorageMetrics {
         }
     }
 
+    /// Creates the table's counters at zero, so that "no failure yet" is a 0 in
+    /// Prometheus and not a missing series.
+    pub(crate) fn add_table(&self, table: &str) {
+        self.flush_errors.with_label_values(&[table]);
+        self.rows_written.with_label_values(&[table]);
+    }
+
     pub(crate) fn set_table(&self, table: &str, stats: &TableStats) {
         self.hot_rows
             .with_label_values(&[table])
