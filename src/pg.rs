@@ -223,13 +223,16 @@ pub(crate) fn refusal(statement: &Statement) -> Option<String> {
     Some(format!("{READ_ONLY}: {what} is not allowed ({ALLOWED})"))
 }
 
-fn refused(message: String) -> PgWireError {
-    // 25006: read_only_sql_transaction.
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".into(),
-        "25006".into(),
-        message,
-    )))
+/// The refusal of `statement` as a PostgreSQL error (SQLSTATE 25006,
+/// read_only_sql_transaction), or `None` if it may run.
+fn refuse<T>(statement: &Statement) -> Option<PgWireResult<T>> {
+    refusal(statement).map(|message| {
+        Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+            "ERROR".into(),
+            "25006".into(),
+            message,
+        ))))
+    })
 }
 
 /// Refuses every statement that could write, or read files outside sluice's tables.
@@ -243,7 +246,7 @@ impl QueryHook for ReadOnly {
         _ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        refusal(statement).map(|m| Err(refused(m)))
+        refuse(statement)
     }
 
     async fn handle_extended_parse_query(
@@ -252,7 +255,7 @@ impl QueryHook for ReadOnly {
         _ctx: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        refusal(statement).map(|m| Err(refused(m)))
+        refuse(statement)
     }
 
     async fn handle_extended_query(
@@ -263,6 +266,6 @@ impl QueryHook for ReadOnly {
         _ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        refusal(statement).map(|m| Err(refused(m)))
+        refuse(statement)
     }
 }

@@ -262,23 +262,20 @@ fn every_dashboard_query_runs_and_returns_data() {
     let mut first = wave(&[240, 180, 120]);
     first.push(telemetry("quiet-one", &iso(now - 600), 21.0, 50.0));
     first.push(("devices/broken/telemetry".into(), b"{not json".to_vec()));
-    let sent = first.len();
-    assert_eq!(publish(sluice.mqtt, first, QoS::AtLeastOnce, 2), sent);
-    sluice.wait_for(
-        "SELECT count(*) FROM telemetry",
-        61,
-        Duration::from_secs(10),
-    );
+    // Publishes, waits until `stored` readings are queryable.
+    let load = |messages: Vec<(String, Vec<u8>)>, stored: i64| {
+        let sent = messages.len();
+        assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 2), sent);
+        let count = "SELECT count(*) FROM telemetry";
+        assert_eq!(
+            sluice.wait_for(count, stored, Duration::from_secs(10)),
+            stored
+        );
+    };
+    load(first, 61);
     assert_eq!(sluice.post("/flush").0, 200);
     std::thread::sleep(Duration::from_secs(3));
-    let second = wave(&[60, 0]);
-    let sent = second.len();
-    assert_eq!(publish(sluice.mqtt, second, QoS::AtLeastOnce, 2), sent);
-    sluice.wait_for(
-        "SELECT count(*) FROM telemetry",
-        101,
-        Duration::from_secs(10),
-    );
+    load(wave(&[60, 0]), 101);
     sluice.wait_for(
         "SELECT count(*) FROM alert_dead_letters",
         1,

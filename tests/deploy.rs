@@ -34,18 +34,7 @@ fn yaml(path: &Path) -> Vec<Value> {
 }
 
 fn have_pyyaml() -> bool {
-    let have = Command::new("python3")
-        .args(["-c", "import yaml"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI_REQUIRE_DEPLOY_TOOLS").is_none(),
-            "PyYAML is required in CI"
-        );
-        eprintln!("skipped: PyYAML is not installed");
-    }
-    have
+    common::python_has("yaml", "CI_REQUIRE_DEPLOY_TOOLS")
 }
 
 #[test]

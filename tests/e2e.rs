@@ -246,15 +246,7 @@ for f in d.files:
     assert keys == sorted(keys), "rows are not sorted by device then time"
 print(t.num_rows)
 "#;
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import pyarrow"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("CI_REQUIRE_PYARROW").is_none(),
-            "CI_REQUIRE_PYARROW is set but python3 cannot import pyarrow"
-        );
-        eprintln!("skipped the pyarrow check: pyarrow is not installed (pip install pyarrow)");
+    if !common::python_has("pyarrow", "CI_REQUIRE_PYARROW") {
         return;
     }
     let out = std::process::Command::new("python3")

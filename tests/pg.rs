@@ -140,16 +140,7 @@ fn grafana_macro_expansions_run() {
 
 #[test]
 fn psycopg_runs_queries_with_parameters_and_gets_the_right_types() {
-    let have = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI_REQUIRE_PSYCOPG").is_none(),
-            "psycopg is required in CI"
-        );
-        eprintln!("skipped: psycopg is not installed (pip install 'psycopg[binary]')");
+    if !common::python_has("psycopg", "CI_REQUIRE_PSYCOPG") {
         return;
     }
     let (_dir, sluice) = start_with_readings(&[]);

@@ -276,6 +276,24 @@ pub fn telemetry(device: &str, ts: &str, temperature: f64, battery: f64) -> (Str
     )
 }
 
+/// Whether python3 can import `module`. Where it cannot, the caller skips its check,
+/// except when the environment variable `ci_flag` is set (`.ci/run` sets it): then a
+/// missing module fails the test.
+pub fn python_has(module: &str, ci_flag: &str) -> bool {
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var_os(ci_flag).is_none(),
+            "{ci_flag} is set but python3 cannot import {module}"
+        );
+        eprintln!("skipped: python3 cannot import {module} (see .ci/run for how to install it)");
+    }
+    have
+}
+
 /// Runs the `sluice` binary with `args`; returns (success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
     let out = sluice_command().args(args).output().unwrap();
