@@ -210,6 +210,16 @@ impl Server {
 
         let received = subscription.counters();
         received.register(&registry)?;
+        let listeners = broker.addrs();
+        let mut ports = vec![("mqtt", listeners.mqtt.port())];
+        ports.extend(listeners.mqtt5.map(|a| ("mqtt5", a.port())));
+        registry.register(Box::new(sluice_broker::Connections::new(ports)?))?;
+        let capacity = IntGauge::new(
+            "sluice_ingest_queue_capacity_chunks",
+            "Chunks the decoders' queue holds before the consumer waits (ingest.queue_chunks)",
+        )?;
+        capacity.set(config.ingest.queue_chunks as i64);
+        registry.register(Box::new(capacity))?;
         let queue_depth = IntGauge::new(
             "sluice_ingest_queue_chunks",
             "Chunks of messages waiting for a decoder",

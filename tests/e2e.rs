@@ -593,3 +593,72 @@ fn a_short_fleet_run_loses_nothing_and_every_malformed_message_is_a_reject() {
         acked - bad
     );
 }
+
+/// `sluice_mqtt_connections{listener="…"}` from `/metrics`.
+fn open_connections(sluice: &Sluice, listener: &str) -> i64 {
+    let metrics = sluice.get("/metrics").1;
+    let prefix = format!("sluice_mqtt_connections{{listener=\"{listener}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn open_connections_are_counted_per_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    // sluice's own alert publisher is a client of its broker too; let it settle.
+    let started = std::time::Instant::now();
+    while open_connections(&sluice, "mqtt") != 1 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let baseline = open_connections(&sluice, "mqtt");
+    assert_eq!(baseline, 1, "the alert publisher");
+    assert_eq!(open_connections(&sluice, "mqtt5"), 0);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let mut options = rumqttc::MqttOptions::new(
+                format!("conn-count-{}-{i}", std::process::id()),
+                sluice.mqtt.ip().to_string(),
+                sluice.mqtt.port(),
+            );
+            options.set_keep_alive(Duration::from_secs(30));
+            let (client, mut connection) = rumqttc::Client::new(options, 10);
+            let (connected_tx, connected) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                for event in connection.iter() {
+                    match event {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                            let _ = connected_tx.send(());
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            connected.recv_timeout(Duration::from_secs(10)).unwrap();
+            (client, thread)
+        })
+        .collect();
+    assert_eq!(open_connections(&sluice, "mqtt"), baseline + 3);
+    for (client, thread) in clients {
+        client.disconnect().unwrap();
+        thread.join().unwrap();
+    }
+    let started = std::time::Instant::now();
+    while open_connections(&sluice, "mqtt") != baseline
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open_connections(&sluice, "mqtt"), baseline);
+    let metrics = sluice.get("/metrics").1;
+    assert!(
+        metrics.contains("sluice_ingest_queue_capacity_chunks 1024"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_broker_bytes_total "), "{metrics}");
+}

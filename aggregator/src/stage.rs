@@ -68,6 +68,7 @@ pub struct AggregatorMetrics {
     buffered: IntGauge,
     devices: IntGauge,
     queue_depth: IntGauge,
+    queue_capacity: IntGauge,
     transitions: IntCounterVec,
     active: IntGaugeVec,
 }
@@ -99,6 +100,10 @@ impl AggregatorMetrics {
                 "sluice_aggregator_queue_depth",
                 "Telemetry batches waiting for the aggregator",
             )?,
+            queue_capacity: IntGauge::new(
+                "sluice_aggregator_queue_capacity",
+                "Telemetry batches the aggregator's queue holds before ingestion waits",
+            )?,
             transitions: IntCounterVec::new(
                 Opts::new(
                     "sluice_alert_transitions_total",
@@ -115,6 +120,7 @@ impl AggregatorMetrics {
             )?,
         };
         registry.register(Box::new(metrics.transitions.clone()))?;
+        registry.register(Box::new(metrics.queue_capacity.clone()))?;
         registry.register(Box::new(metrics.active.clone()))?;
         registry.register(Box::new(metrics.readings.clone()))?;
         registry.register(Box::new(metrics.late.clone()))?;
@@ -149,6 +155,9 @@ impl Aggregator {
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
         let queue_depth = metrics.queue_depth.clone();
+        metrics
+            .queue_capacity
+            .set(config.queue_batches.max(1) as i64);
         let mut windows = config.windows.map(Windows::new);
         let mut alerts = Alerts::new(std::mem::take(&mut config.rules));
         if let Some(dir) = &config.state_dir {

@@ -10,7 +10,10 @@
 //!   log; when the subscription reads it, everything the broker acknowledged before has
 //!   been delivered.
 
+mod connections;
 mod probe;
+
+pub use connections::Connections;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -388,6 +391,7 @@ pub struct Subscription {
 pub struct SubscriptionCounters {
     skipped: IntCounter,
     delivered: IntCounter,
+    bytes: IntCounter,
 }
 
 impl SubscriptionCounters {
@@ -403,12 +407,18 @@ impl SubscriptionCounters {
                 "Messages read from the broker",
             )
             .expect("valid metric"),
+            bytes: IntCounter::new(
+                "sluice_broker_bytes_total",
+                "Bytes (topic and payload) of the messages read from the broker",
+            )
+            .expect("valid metric"),
         }
     }
 
     /// Exports the counters through `registry`.
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.skipped.clone()))?;
+        registry.register(Box::new(self.bytes.clone()))?;
         registry.register(Box::new(self.delivered.clone()))
     }
 
@@ -463,6 +473,9 @@ impl Subscription {
                         return Ok(Received::Drained);
                     }
                     self.counters.delivered.inc();
+                    self.counters.bytes.inc_by(
+                        (forward.publish.topic.len() + forward.publish.payload.len()) as u64,
+                    );
                     out.push(Delivery {
                         topic: forward.publish.topic,
                         payload: forward.publish.payload,
