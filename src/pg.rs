@@ -34,8 +34,7 @@ use datafusion_postgres::{DfSessionService, QueryHook};
 use futures::Sink;
 use sluice_storage::Storage;
 
-/// The start of every refusal, on both SQL endpoints.
-pub(crate) const READ_ONLY: &str = sluice_storage::READ_ONLY;
+/// What a refusal says may run.
 const ALLOWED: &str = "queries, EXPLAIN, SHOW and session SET only";
 
 /// The catalog name sluice's tables live in (`sluice.public.telemetry`).
@@ -220,7 +219,10 @@ pub(crate) fn refusal(statement: &Statement) -> Option<String> {
             .collect::<Vec<_>>()
             .join(" "),
     };
-    Some(format!("{READ_ONLY}: {what} is not allowed ({ALLOWED})"))
+    Some(format!(
+        "{}: {what} is not allowed ({ALLOWED})",
+        sluice_storage::READ_ONLY
+    ))
 }
 
 /// The refusal of `statement` as a PostgreSQL error (SQLSTATE 25006,

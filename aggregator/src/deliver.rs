@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arrow::array::{RecordBatch, StringArray, TimestampNanosecondArray, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertEvent;
-use crate::stage::TableSink;
+use crate::stage::{TableSink, wall_ns};
 
 /// The table of notifications that could not be delivered.
 pub const DEAD_LETTER_TABLE: &str = "alert_dead_letters";
@@ -194,13 +194,6 @@ impl Job {
             payload: notification_json(event).into(),
         }
     }
-}
-
-fn wall_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 /// Writes dead letters to their table and counts deliveries.

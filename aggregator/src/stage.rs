@@ -279,7 +279,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// a pass over all devices, ~20 ms for a million.
 const TICK: Duration = Duration::from_secs(5);
 
-fn wall_ns() -> i64 {
+/// The server clock, ns since the epoch.
+pub(crate) fn wall_ns() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
