@@ -44,11 +44,24 @@ pub(crate) struct HotBatch {
 pub(crate) struct Version {
     pub(crate) hot: Arc<Vec<HotBatch>>,
     pub(crate) files: Arc<Vec<ColdFile>>,
+    /// Sums over `hot`, taken once when the version is made: every append reads them
+    /// (flush and back-pressure thresholds), and a batch's memory size walks its buffers.
+    hot_rows: usize,
+    hot_bytes: usize,
 }
 
 impl Version {
+    fn new(hot: Vec<HotBatch>, files: Arc<Vec<ColdFile>>) -> Version {
+        Version {
+            hot_rows: hot.iter().map(|h| h.batch.num_rows()).sum(),
+            hot_bytes: hot.iter().map(|h| h.batch.get_array_memory_size()).sum(),
+            hot: Arc::new(hot),
+            files,
+        }
+    }
+
     pub(crate) fn hot_rows(&self) -> usize {
-        self.hot.iter().map(|h| h.batch.num_rows()).sum()
+        self.hot_rows
     }
 
     pub(crate) fn cold_rows(&self) -> u64 {
@@ -56,10 +69,7 @@ impl Version {
     }
 
     fn hot_bytes(&self) -> usize {
-        self.hot
-            .iter()
-            .map(|h| h.batch.get_array_memory_size())
-            .sum()
+        self.hot_bytes
     }
 }
 
@@ -126,10 +136,7 @@ impl Table {
         Ok(Table {
             spec,
             dir,
-            version: RwLock::new(Arc::new(Version {
-                hot: Arc::default(),
-                files: Arc::new(files),
-            })),
+            version: RwLock::new(Arc::new(Version::new(Vec::new(), Arc::new(files)))),
             flush_lock: Mutex::new(()),
             next_seq: AtomicU64::new(0),
             time_index,
@@ -173,10 +180,7 @@ impl Table {
         let mut hot = Vec::with_capacity(current.hot.len() + 1);
         hot.extend(current.hot.iter().cloned());
         hot.push(HotBatch { seq, batch });
-        let next = Version {
-            hot: Arc::new(hot),
-            files: current.files.clone(),
-        };
+        let next = Version::new(hot, current.files.clone());
         let rows = next.hot_rows();
         *current = Arc::new(next);
         Ok(rows)
@@ -219,10 +223,7 @@ impl Table {
             .filter(|h| h.seq > last_seq)
             .cloned()
             .collect();
-        *current = Arc::new(Version {
-            hot: Arc::new(hot),
-            files: Arc::new(files),
-        });
+        *current = Arc::new(Version::new(hot, Arc::new(files)));
         Ok(report)
     }
 
