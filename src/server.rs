@@ -210,10 +210,7 @@ impl Server {
 
         let received = subscription.counters();
         received.register(&registry)?;
-        let listeners = broker.addrs();
-        let mut ports = vec![("mqtt", listeners.mqtt.port())];
-        ports.extend(listeners.mqtt5.map(|a| ("mqtt5", a.port())));
-        registry.register(Box::new(sluice_broker::Connections::new(ports)?))?;
+        broker.meters().register(&registry)?;
         let capacity = IntGauge::new(
             "sluice_ingest_queue_capacity_chunks",
             "Chunks the decoders' queue holds before the consumer waits (ingest.queue_chunks)",

@@ -345,3 +345,41 @@ fn grafana_macros_expand_as_grafana_does() {
         "ts AS \"time\", e >= 1 AND e <= 2"
     );
 }
+
+/// Grafana lays panels out by `gridPos` (24 columns) and tells them apart by `id`:
+/// overlapping panels are pushed around on load, and two panels with one id confuse links
+/// and edits.
+#[test]
+fn panels_have_unique_ids_and_do_not_overlap() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/json");
+    for file in std::fs::read_dir(&dir).unwrap() {
+        let path = file.unwrap().path();
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let panels: Vec<(i64, String, [i64; 4])> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let grid = |k: &str| p["gridPos"][k].as_i64().unwrap();
+                (
+                    p["id"].as_i64().unwrap(),
+                    p["title"].as_str().unwrap().to_owned(),
+                    [grid("x"), grid("y"), grid("w"), grid("h")],
+                )
+            })
+            .collect();
+        for (i, (id, title, [x, y, w, h])) in panels.iter().enumerate() {
+            assert!(
+                *w > 0 && *h > 0 && x + w <= 24,
+                "{name}: {title} is off the grid"
+            );
+            for (other_id, other, [ox, oy, ow, oh]) in &panels[i + 1..] {
+                assert_ne!(id, other_id, "{name}: {title} and {other} share id {id}");
+                let apart = x + w <= *ox || ox + ow <= *x || y + h <= *oy || oy + oh <= *y;
+                assert!(apart, "{name}: {title} overlaps {other}");
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -594,68 +595,195 @@ fn a_short_fleet_run_loses_nothing_and_every_malformed_message_is_a_reject() {
     );
 }
 
-/// `sluice_mqtt_connections{listener="…"}` from `/metrics`.
-fn open_connections(sluice: &Sluice, listener: &str) -> i64 {
-    let metrics = sluice.get("/metrics").1;
-    let prefix = format!("sluice_mqtt_connections{{listener=\"{listener}\"}} ");
-    metrics
+/// The value of the series `series` (name and labels as `/metrics` prints them), or the
+/// sum of every series of a metric when `series` is a bare name.
+fn metric(metrics: &str, series: &str) -> f64 {
+    let values: Vec<f64> = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-        .parse()
-        .unwrap()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| {
+            *name == series || (!series.contains('{') && name.starts_with(&format!("{series}{{")))
+        })
+        .map(|(_, value)| value.parse().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "no {series} in\n{metrics}");
+    values.iter().sum()
+}
+
+/// An MQTT client on `addr` (3.1.1, or 5 with `v5`) that stays connected until stopped.
+struct Device {
+    /// Publishes a payload that is not JSON on `devices/meters/telemetry` at QoS 0 or 1.
+    publish: Box<dyn Fn(u8)>,
+    stop: Box<dyn FnOnce()>,
+    acks: std::sync::mpsc::Receiver<()>,
+}
+
+impl Device {
+    fn connect(addr: SocketAddr, id: &str, v5: bool) -> Device {
+        let (connected_tx, connected) = std::sync::mpsc::channel();
+        let (acks_tx, acks) = std::sync::mpsc::channel();
+        let (host, port) = (addr.ip().to_string(), addr.port());
+        // rumqttc's 3.1.1 and 5 clients have the same API in different modules.
+        // rumqttc's 3.1.1 and 5 clients have the same API in different modules: this is
+        // expanded where one of them is imported.
+        macro_rules! device {
+            () => {{
+                let mut options = MqttOptions::new(id, host, port);
+                options.set_keep_alive(Duration::from_secs(30));
+                let (client, mut connection) = Client::new(options, 10);
+                std::thread::spawn(move || {
+                    for event in connection.iter() {
+                        match event {
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => drop(connected_tx.send(())),
+                            Ok(Event::Incoming(Packet::PubAck(_))) => drop(acks_tx.send(())),
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+                let publisher = client.clone();
+                Device {
+                    publish: Box::new(move |qos| {
+                        let qos = [QoS::AtMostOnce, QoS::AtLeastOnce][qos as usize];
+                        let topic = "devices/meters/telemetry";
+                        publisher.publish(topic, qos, false, "not json").unwrap();
+                    }),
+                    stop: Box::new(move || client.disconnect().unwrap()),
+                    acks,
+                }
+            }};
+        }
+        let device = if v5 {
+            use rumqttc::v5::mqttbytes::{QoS, v5::Packet};
+            use rumqttc::v5::{Client, Event, MqttOptions};
+            device!()
+        } else {
+            use rumqttc::{Client, Event, MqttOptions, Packet};
+            device!()
+        };
+        connected.recv_timeout(Duration::from_secs(10)).unwrap();
+        device
+    }
+}
+
+/// Waits until `ready(/metrics)` holds (for up to 10 s) and returns that text.
+fn metrics_when(sluice: &Sluice, ready: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = sluice.get("/metrics").1;
+        if ready(&metrics) || started.elapsed() > Duration::from_secs(10) {
+            return metrics;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
-fn open_connections_are_counted_per_listener() {
+fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
     let dir = tempfile::tempdir().unwrap();
     let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let connected = |listener| format!("sluice_mqtt_connections{{listener=\"{listener}\"}}");
+    let attempts = |listener, outcome| {
+        format!(
+            "sluice_mqtt_connection_attempts_total{{listener=\"{listener}\",outcome=\"{outcome}\"}}"
+        )
+    };
+    let received = |listener, qos| {
+        format!("sluice_mqtt_messages_received_total{{listener=\"{listener}\",qos=\"{qos}\"}}")
+    };
+    let bytes = |listener| format!("sluice_mqtt_received_bytes_total{{listener=\"{listener}\"}}");
+
     // sluice's own alert publisher is a client of its broker too; let it settle.
-    let started = std::time::Instant::now();
-    while open_connections(&sluice, "mqtt") != 1 && started.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let baseline = open_connections(&sluice, "mqtt");
-    assert_eq!(baseline, 1, "the alert publisher");
-    assert_eq!(open_connections(&sluice, "mqtt5"), 0);
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            let mut options = rumqttc::MqttOptions::new(
-                format!("conn-count-{}-{i}", std::process::id()),
-                sluice.mqtt.ip().to_string(),
-                sluice.mqtt.port(),
-            );
-            options.set_keep_alive(Duration::from_secs(30));
-            let (client, mut connection) = rumqttc::Client::new(options, 10);
-            let (connected_tx, connected) = std::sync::mpsc::channel();
-            let thread = std::thread::spawn(move || {
-                for event in connection.iter() {
-                    match event {
-                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                            let _ = connected_tx.send(());
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-            connected.recv_timeout(Duration::from_secs(10)).unwrap();
-            (client, thread)
-        })
-        .collect();
-    assert_eq!(open_connections(&sluice, "mqtt"), baseline + 3);
-    for (client, thread) in clients {
-        client.disconnect().unwrap();
-        thread.join().unwrap();
-    }
-    let started = std::time::Instant::now();
-    while open_connections(&sluice, "mqtt") != baseline
-        && started.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(open_connections(&sluice, "mqtt"), baseline);
+    let before = metrics_when(&sluice, |m| metric(m, &connected("mqtt")) == 1.0);
+    assert_eq!(
+        metric(&before, &connected("mqtt")),
+        1.0,
+        "the alert publisher"
+    );
+    assert_eq!(metric(&before, &connected("mqtt5")), 0.0);
+    // Each listener's readiness probe connected once; the alert publisher once more.
+    assert_eq!(metric(&before, &attempts("mqtt", "accepted")), 2.0);
+    assert_eq!(metric(&before, &attempts("mqtt5", "accepted")), 1.0);
+    assert_eq!(metric(&before, "sluice_mqtt_messages_received_total"), 0.0);
+
+    let id = |name: &str| format!("meters-{name}-{}", std::process::id());
+    let clients = [
+        Device::connect(sluice.mqtt, &id("a"), false),
+        Device::connect(sluice.mqtt, &id("b"), false),
+        Device::connect(sluice.mqtt, &id("c"), false),
+        Device::connect(sluice.mqtt5, &id("d"), true),
+    ];
     let metrics = sluice.get("/metrics").1;
+    assert_eq!(metric(&metrics, &connected("mqtt")), 4.0);
+    assert_eq!(metric(&metrics, &connected("mqtt5")), 1.0);
+    assert_eq!(metric(&metrics, &attempts("mqtt", "accepted")), 5.0);
+    assert_eq!(metric(&metrics, &attempts("mqtt5", "accepted")), 2.0);
+
+    // QoS 0 ×2 and QoS 1 ×3 on 3.1.1, QoS 1 ×1 on 5; the payloads are rejects.
+    for (client, qos, count) in [(0, 0, 2), (1, 1, 3), (3, 1, 1)] {
+        for _ in 0..count {
+            (clients[client].publish)(qos);
+        }
+        if qos == 1 {
+            for _ in 0..count {
+                clients[client]
+                    .acks
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap();
+            }
+        }
+    }
+    // A client that is refused: a CONNECT with an empty client id and a kept session.
+    let mut refused = std::net::TcpStream::connect(sluice.mqtt).unwrap();
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("");
+    connect.clean_session = false;
+    let mut packet = bytes::BytesMut::new();
+    connect.write(&mut packet).unwrap();
+    std::io::Write::write_all(&mut refused, &packet).unwrap();
+    let mut connack = [0u8; 4];
+    std::io::Read::read_exact(&mut refused, &mut connack).unwrap();
+    assert_ne!(connack[3], 0, "refused: {connack:?}");
+
+    let metrics = metrics_when(&sluice, |m| {
+        metric(m, &attempts("mqtt", "refused")) == 1.0
+            && metric(m, "sluice_ingest_rejects_total") == 6.0
+    });
+    assert_eq!(metric(&metrics, &received("mqtt", 0)), 2.0);
+    assert_eq!(metric(&metrics, &received("mqtt", 1)), 3.0);
+    assert_eq!(metric(&metrics, &received("mqtt", 2)), 0.0);
+    assert_eq!(metric(&metrics, &received("mqtt5", 1)), 1.0);
+    assert_eq!(metric(&metrics, &attempts("mqtt", "refused")), 1.0);
+    assert_eq!(metric(&metrics, &attempts("mqtt5", "refused")), 0.0);
+    // Wire bytes: every packet read (CONNECTs, PUBLISHes, PINGs…), so at least the
+    // publishes' topics and payloads.
+    let wire = metric(&metrics, &bytes("mqtt")) - metric(&before, &bytes("mqtt"));
+    let publish_bytes = 5.0 * ("devices/meters/telemetry".len() + "not json".len()) as f64;
+    assert!(wire > publish_bytes, "{wire} bytes read");
+    assert!(metric(&metrics, &bytes("mqtt5")) > metric(&before, &bytes("mqtt5")));
+    // The accounting identity, from the wire to the tables.
+    assert_eq!(
+        metric(&metrics, "sluice_mqtt_messages_received_total"),
+        metric(&metrics, "sluice_broker_messages_total")
+            + metric(&metrics, "sluice_broker_skipped_messages_total")
+    );
+    assert_eq!(
+        metric(&metrics, "sluice_broker_messages_total"),
+        metric(&metrics, "sluice_ingest_rows_total")
+            + metric(&metrics, "sluice_ingest_rejects_total")
+            + metric(&metrics, "sluice_mqtt_alert_messages_total")
+    );
+    assert_eq!(metric(&metrics, "sluice_broker_messages_total"), 6.0);
+
+    for client in clients {
+        (client.stop)();
+    }
+    drop(refused);
+    let metrics = metrics_when(&sluice, |m| {
+        metric(m, &connected("mqtt")) == 1.0 && metric(m, &connected("mqtt5")) == 0.0
+    });
+    assert_eq!(metric(&metrics, &connected("mqtt")), 1.0);
+    assert_eq!(metric(&metrics, &connected("mqtt5")), 0.0);
     assert!(
         metrics.contains("sluice_ingest_queue_capacity_chunks 1024"),
         "{metrics}"

@@ -9,11 +9,13 @@
 //! - **Draining.** After the listeners stop, [`Drain`] publishes a marker through the same
 //!   log; when the subscription reads it, everything the broker acknowledged before has
 //!   been delivered.
+//! - **Meters.** Connections, messages by QoS and bytes per listener, counted in the codec
+//!   (see [`MqttMeters`]).
 
-mod connections;
+mod meters;
 mod probe;
 
-pub use connections::Connections;
+pub use meters::MqttMeters;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -119,6 +121,7 @@ pub enum Received {
 /// until the process exits, as rumqttd has no way to stop it).
 pub struct Broker {
     addrs: ListenAddrs,
+    meters: MqttMeters,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -172,6 +175,7 @@ impl Broker {
             external_auth: None,
             dynamic_filters: false,
         };
+        let meters = MqttMeters::new();
         let mqtt = resolve_port(config.mqtt_addr)?;
         let mqtt5 = config.mqtt5_addr.map(resolve_port).transpose()?;
         // A macro rather than a function: rumqttd does not export the router channel's
@@ -179,7 +183,8 @@ impl Broker {
         macro_rules! spawn_listener {
             ($name:expr, $addr:expr, $protocol:expr) => {{
                 let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
-                let mut server = Server::new(settings($name, $addr, &connections), router_tx.clone(), $protocol);
+                let protocol = meters::Metered::new($protocol, meters.listener($name));
+                let mut server = Server::new(settings($name, $addr, &connections), router_tx.clone(), protocol);
                 runtime.spawn(async move {
                     let message = match server.start(LinkType::Remote).await {
                         Ok(()) => "the listener stopped".to_owned(),
@@ -191,9 +196,9 @@ impl Broker {
                 failed_rx
             }};
         }
-        let mut listeners = vec![(mqtt, 4u8, spawn_listener!("mqtt-v4", mqtt, V4))];
+        let mut listeners = vec![(mqtt, 4u8, spawn_listener!("mqtt", mqtt, V4))];
         if let Some(addr) = mqtt5 {
-            listeners.push((addr, 5, spawn_listener!("mqtt-v5", addr, V5)));
+            listeners.push((addr, 5, spawn_listener!("mqtt5", addr, V5)));
         }
         for (addr, version, failed) in &listeners {
             let waited = Duration::from_secs(10);
@@ -220,6 +225,7 @@ impl Broker {
         Ok((
             Broker {
                 addrs: ListenAddrs { mqtt, mqtt5 },
+                meters,
                 runtime: Some(runtime),
             },
             Subscription {
@@ -238,6 +244,11 @@ impl Broker {
 
     pub fn addrs(&self) -> ListenAddrs {
         self.addrs
+    }
+
+    /// The listeners' meters (connections, messages by QoS, bytes), to register.
+    pub fn meters(&self) -> &MqttMeters {
+        &self.meters
     }
 
     /// Closes every client connection and stops accepting new ones. Messages already
