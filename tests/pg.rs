@@ -1,6 +1,6 @@
-//! The PostgreSQL endpoint with real clients: psql (Debian's postgresql-client) and
-//! psycopg (PyPI), Grafana's macro expansions, password authentication, and the read-only
-//! rules on both SQL endpoints.
+//! The PostgreSQL endpoint with real clients: psql (Debian's postgresql-client), psycopg
+//! (PyPI) and pgjdbc (Debian's libpostgresql-jdbc-java, run from a JDK), Grafana's macro
+//! expansions, password authentication, and the read-only rules on both SQL endpoints.
 
 mod common;
 
@@ -169,6 +169,41 @@ print("ok")
 "#;
     let out = Command::new("python3")
         .args(["-c", script])
+        .arg(sluice.pg.ip().to_string())
+        .arg(sluice.pg.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// pgjdbc, the driver of DBeaver and every JDBC tool: its catalog browsing
+/// (`DatabaseMetaData`), prepared statements with parameters, Java types, SQLSTATEs. The
+/// client is `tests/jdbc/SluiceJdbc.java`, run from source by the JDK; the driver is
+/// Debian's `libpostgresql-jdbc-java`.
+#[test]
+fn jdbc_browses_the_catalog_and_runs_prepared_statements() {
+    const DRIVER: &str = "/usr/share/java/postgresql.jar";
+    let have_java = Command::new("java")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_java || !std::path::Path::new(DRIVER).exists() {
+        assert!(
+            std::env::var_os("CI_REQUIRE_JDBC").is_none(),
+            "CI_REQUIRE_JDBC is set but java or {DRIVER} is missing"
+        );
+        eprintln!("skipped: needs java and {DRIVER} (see .ci/run for how to install them)");
+        return;
+    }
+    let (_dir, sluice) = start_with_readings(&[]);
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/jdbc/SluiceJdbc.java");
+    let out = Command::new("java")
+        .args(["-cp", DRIVER, client])
         .arg(sluice.pg.ip().to_string())
         .arg(sluice.pg.port().to_string())
         .output()
