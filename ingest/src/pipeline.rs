@@ -20,6 +20,8 @@ use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
 
 /// Index of `ts` in the telemetry schema.
 const TS_COLUMN: usize = 1;
+/// Index of `received_at` in the telemetry schema.
+const RECEIVED_AT_COLUMN: usize = 2;
 
 /// One message as it came off the broker.
 #[derive(Debug, Clone)]
@@ -69,6 +71,7 @@ pub struct IngestMetrics {
     rejects: IntCounterVec,
     batches: IntCounterVec,
     batch_rows: Histogram,
+    ingest_lag: Histogram,
     queryable_lag: Histogram,
 }
 
@@ -110,7 +113,17 @@ impl IngestMetrics {
             )
             .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
         )?;
+        // From event time to the moment sluice decoded the reading (`received_at − ts`):
+        // how late readings reach sluice (device buffering, network, the broker's queue).
+        let ingest_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_ingest_lag_seconds",
+                "Time from a reading's event time to when sluice decoded it (received_at - ts)",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
+        )?;
         registry.register(Box::new(batch_rows.clone()))?;
+        registry.register(Box::new(ingest_lag.clone()))?;
         registry.register(Box::new(queryable_lag.clone()))?;
         // Every reason is present from the start, so a rate over it is never "no data".
         for reason in RejectReason::ALL {
@@ -122,6 +135,7 @@ impl IngestMetrics {
             rejects,
             batches,
             batch_rows,
+            ingest_lag,
             queryable_lag,
         })
     }
@@ -293,20 +307,27 @@ impl Worker {
 
     fn emit_telemetry(&self, batch: RecordBatch, reason: SealReason) {
         self.metrics.sealed("telemetry", reason, &batch);
-        let ts = batch
-            .column(TS_COLUMN)
-            .as_primitive::<TimestampNanosecondType>()
-            .clone();
+        let column = |i| {
+            batch
+                .column(i)
+                .as_primitive::<TimestampNanosecondType>()
+                .clone()
+        };
+        let (ts, received_at) = (column(TS_COLUMN), column(RECEIVED_AT_COLUMN));
         self.sink.append_telemetry(batch);
         let now_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or_default();
-        let lag = self.metrics.queryable_lag.local();
-        for event_ns in ts.values() {
-            lag.observe(now_ns.saturating_sub(*event_ns).max(0) as f64 / 1e9);
+        let seconds = |from: i64, to: i64| to.saturating_sub(from).max(0) as f64 / 1e9;
+        let ingest = self.metrics.ingest_lag.local();
+        let queryable = self.metrics.queryable_lag.local();
+        for (event_ns, received_ns) in ts.values().iter().zip(received_at.values()) {
+            ingest.observe(seconds(*event_ns, *received_ns));
+            queryable.observe(seconds(*event_ns, now_ns));
         }
-        lag.flush();
+        ingest.flush();
+        queryable.flush();
     }
 
     fn emit_rejects(&self, batch: RecordBatch, reason: SealReason) {
@@ -351,6 +372,26 @@ mod tests {
             // 2024-01-15T10:31:00Z, just after the readings' event time.
             received_at_ns: 1_705_314_660_000_000_000,
         }
+    }
+
+    #[test]
+    fn lags_are_measured_from_event_time_to_decoding_and_to_visibility() {
+        let sink = Arc::new(Collect::default());
+        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
+        let pipeline =
+            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        // Event times 10:30:10, :20 and :30, all received at 10:31:00.
+        let chunk = [10, 20, 30].map(|second| message(1, second)).to_vec();
+        pipeline.sender().send(chunk).unwrap();
+        pipeline.finish();
+        assert_eq!(rows(&sink.telemetry), 3);
+        let ingest = &metrics.ingest_lag;
+        assert_eq!(ingest.get_sample_count(), 3);
+        assert!((ingest.get_sample_sum() - (50.0 + 40.0 + 30.0)).abs() < 1e-6);
+        // Visible now, years after 2024.
+        let queryable = &metrics.queryable_lag;
+        assert_eq!(queryable.get_sample_count(), 3);
+        assert!(queryable.get_sample_sum() > 3.0 * 365.0 * 86_400.0);
     }
 
     #[test]
@@ -403,7 +444,9 @@ mod tests {
 
     #[test]
     fn the_ts_column_index_matches_the_schema() {
-        assert_eq!(crate::telemetry_schema().index_of("ts").unwrap(), TS_COLUMN);
+        let schema = crate::telemetry_schema();
+        assert_eq!(schema.index_of("ts").unwrap(), TS_COLUMN);
+        assert_eq!(schema.index_of("received_at").unwrap(), RECEIVED_AT_COLUMN);
     }
 
     #[test]
