@@ -124,6 +124,9 @@ impl AggregatorMetrics {
         registry.register(Box::new(metrics.active.clone()))?;
         registry.register(Box::new(metrics.readings.clone()))?;
         registry.register(Box::new(metrics.late.clone()))?;
+        for table in [MINUTE_TABLE, ROLLUP_TABLE] {
+            metrics.closed.with_label_values(&[table]);
+        }
         registry.register(Box::new(metrics.closed.clone()))?;
         registry.register(Box::new(metrics.buffered.clone()))?;
         registry.register(Box::new(metrics.devices.clone()))?;

@@ -129,6 +129,11 @@ impl IngestMetrics {
         for reason in RejectReason::ALL {
             rejects.with_label_values(&[reason.as_str()]);
         }
+        for table in ["telemetry", "rejects"] {
+            for reason in [SealReason::Rows, SealReason::Age, SealReason::Drain] {
+                batches.with_label_values(&[table, reason.as_str()]);
+            }
+        }
         Ok(IngestMetrics {
             messages,
             rows,

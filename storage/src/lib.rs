@@ -295,9 +295,9 @@ impl Storage {
         let result = self.run_sql(sql).await;
         self.inner.metrics.queried(
             match &result {
-                Ok(_) => "ok",
-                Err(e) if e.is_user_error() => "user_error",
-                Err(_) => "error",
+                Ok(_) => metrics::QUERY_OUTCOMES[0],
+                Err(e) if e.is_user_error() => metrics::QUERY_OUTCOMES[1],
+                Err(_) => metrics::QUERY_OUTCOMES[2],
             },
             started.elapsed(),
         );

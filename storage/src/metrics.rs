@@ -8,6 +8,10 @@ use prometheus::{
 
 use crate::table::{FlushReport, TableStats};
 
+/// Outcomes of a SQL query: `user_error` is the caller's (bad SQL, a refused statement),
+/// `error` is sluice's.
+pub(crate) const QUERY_OUTCOMES: [&str; 3] = ["ok", "user_error", "error"];
+
 /// Counters and gauges of the hot store, the Parquet writer and the query engine.
 #[derive(Clone)]
 pub struct StorageMetrics {
@@ -37,6 +41,9 @@ impl StorageMetrics {
         registry.register(Box::new(metrics.flush_errors.clone()))?;
         registry.register(Box::new(metrics.flush_seconds.clone()))?;
         registry.register(Box::new(metrics.backpressure_seconds.clone()))?;
+        for outcome in QUERY_OUTCOMES {
+            metrics.queries.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(metrics.queries.clone()))?;
         registry.register(Box::new(metrics.query_seconds.clone()))?;
         Ok(metrics)
@@ -106,8 +113,14 @@ impl StorageMetrics {
     /// Creates the table's counters at zero, so that "no failure yet" is a 0 in
     /// Prometheus and not a missing series.
     pub(crate) fn add_table(&self, table: &str) {
-        self.flush_errors.with_label_values(&[table]);
-        self.rows_written.with_label_values(&[table]);
+        for counter in [
+            &self.flush_errors,
+            &self.rows_written,
+            &self.files_written,
+            &self.bytes_written,
+        ] {
+            counter.with_label_values(&[table]);
+        }
     }
 
     pub(crate) fn set_table(&self, table: &str, stats: &TableStats) {
