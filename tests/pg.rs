@@ -138,6 +138,88 @@ fn grafana_macro_expansions_run() {
     }
 }
 
+/// The metadata queries of Grafana's PostgreSQL data source (its `postgresMetaQuery.ts`,
+/// Grafana 10–12): the version probe of the data source settings page and the query
+/// builder's schema, table and column lists.
+#[test]
+fn grafana_query_editor_metadata_queries_run() {
+    let (_dir, sluice) = start_with_readings(&[]);
+    assert_eq!(
+        psql_ok(
+            &sluice,
+            "SELECT current_setting('server_version_num')::int/100 as version"
+        ),
+        "1600\n"
+    );
+    assert_eq!(
+        psql_ok(
+            &sluice,
+            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+        ),
+        ""
+    );
+    let schemas = psql_ok(
+        &sluice,
+        "SELECT schema_name AS \"name\" FROM information_schema.schemata \
+         WHERE schema_name NOT IN ('information_schema', 'pg_catalog', 'pg_toast', \
+         '_timescaledb_cache', '_timescaledb_catalog', '_timescaledb_internal', \
+         '_timescaledb_config', 'timescaledb_information', 'timescaledb_experimental') \
+         ORDER BY schema_name",
+    );
+    assert_eq!(schemas, "public\n");
+    let tables = psql_ok(
+        &sluice,
+        "SELECT quote_ident(table_name) AS \"table\" FROM information_schema.tables \
+         WHERE quote_ident(table_schema) = 'public' ORDER BY 1",
+    );
+    assert!(tables.lines().any(|t| t == "telemetry"), "{tables}");
+    // Without a schema chosen, Grafana asks for the tables with a search_path idiom that
+    // datafusion-postgres replaces by '' (its own blocklist): every table comes back
+    // schema-qualified, which the builder then uses as it is.
+    let search_path = "quote_ident(table_schema) IN (SELECT CASE WHEN trim(s[i]) = '\"$user\"' \
+        THEN user ELSE trim(s[i]) END FROM generate_series(\
+        array_lower(string_to_array(current_setting('search_path'),','),1), \
+        array_upper(string_to_array(current_setting('search_path'),','),1)) as i, \
+        string_to_array(current_setting('search_path'),',') s)";
+    let tables = psql_ok(
+        &sluice,
+        &format!(
+            "SELECT CASE WHEN {search_path} THEN quote_ident(table_name) \
+             ELSE quote_ident(table_schema) || '.' || quote_ident(table_name) END AS \"table\" \
+             FROM information_schema.tables WHERE quote_ident(table_schema) NOT IN \
+             ('information_schema', 'pg_catalog', '_timescaledb_cache', '_timescaledb_catalog', \
+             '_timescaledb_internal', '_timescaledb_config', 'timescaledb_information', \
+             'timescaledb_experimental') ORDER BY CASE WHEN {search_path} THEN 0 ELSE 1 END, 1"
+        ),
+    );
+    assert!(tables.lines().any(|t| t == "public.telemetry"), "{tables}");
+    let columns = psql_ok(
+        &sluice,
+        &format!(
+            "SELECT quote_ident(column_name) AS \"column\", data_type AS \"type\" \
+             FROM information_schema.columns WHERE \
+             CASE WHEN array_length(parse_ident('public.telemetry'),1) = 2 \
+             THEN quote_ident(table_schema) = (parse_ident('public.telemetry'))[1] \
+             AND quote_ident(table_name) = (parse_ident('public.telemetry'))[2] \
+             ELSE quote_ident(table_name) = 'public.telemetry' AND {search_path} END"
+        ),
+    );
+    let names: Vec<&str> = columns
+        .lines()
+        .map(|l| l.split('|').next().unwrap())
+        .collect();
+    assert!(
+        names.starts_with(&["device_id", "ts", "received_at", "temperature"]),
+        "{columns}"
+    );
+    // current_setting names an unknown setting, as PostgreSQL does.
+    let (ok, _, err) = psql(&sluice, None, &["-c", "SELECT current_setting('no_such')"]);
+    assert!(
+        !ok && err.contains("unrecognized configuration parameter"),
+        "{err}"
+    );
+}
+
 #[test]
 fn psycopg_runs_queries_with_parameters_and_gets_the_right_types() {
     if !common::python_has("psycopg", "CI_REQUIRE_PSYCOPG") {
