@@ -748,6 +748,7 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
     let metrics = metrics_when(&sluice, |m| {
         metric(m, &attempts("mqtt", "refused")) == 1.0
             && metric(m, "sluice_ingest_rejects_total") == 6.0
+            && metric(m, "sluice_storage_hot_rows{table=\"rejects\"}") == 6.0
     });
     assert_eq!(metric(&metrics, &received("mqtt", 0)), 2.0);
     assert_eq!(metric(&metrics, &received("mqtt", 1)), 3.0);
@@ -774,6 +775,17 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
             + metric(&metrics, "sluice_mqtt_alert_messages_total")
     );
     assert_eq!(metric(&metrics, "sluice_broker_messages_total"), 6.0);
+    // The six rejects are in memory (sealed into a batch), and the hot store's capacity
+    // is shown.
+    assert_eq!(
+        metric(&metrics, "sluice_storage_hot_rows{table=\"rejects\"}"),
+        6.0
+    );
+    assert!(metric(&metrics, "sluice_storage_hot_bytes{table=\"rejects\"}") > 0.0);
+    assert_eq!(
+        metric(&metrics, "sluice_storage_hot_capacity_rows"),
+        4_000_000.0
+    );
 
     for client in clients {
         (client.stop)();

@@ -178,6 +178,7 @@ impl Storage {
             .with_information_schema(true)
             .with_default_catalog_and_schema("sluice", "public");
         let ctx = SessionContext::new_with_config(session);
+        metrics.set_hot_capacity(config.max_hot_rows);
         for table in &tables {
             ctx.register_table(
                 table.spec.name.as_str(),

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Counter, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Counter, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::table::{FlushReport, TableStats};
@@ -16,6 +17,8 @@ pub(crate) const QUERY_OUTCOMES: [&str; 3] = ["ok", "user_error", "error"];
 #[derive(Clone)]
 pub struct StorageMetrics {
     hot_rows: IntGaugeVec,
+    hot_bytes: IntGaugeVec,
+    hot_capacity: IntGauge,
     cold_rows: IntGaugeVec,
     files: IntGaugeVec,
     rows_written: IntCounterVec,
@@ -33,6 +36,8 @@ impl StorageMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = Self::unregistered();
         registry.register(Box::new(metrics.hot_rows.clone()))?;
+        registry.register(Box::new(metrics.hot_bytes.clone()))?;
+        registry.register(Box::new(metrics.hot_capacity.clone()))?;
         registry.register(Box::new(metrics.cold_rows.clone()))?;
         registry.register(Box::new(metrics.files.clone()))?;
         registry.register(Box::new(metrics.rows_written.clone()))?;
@@ -62,6 +67,15 @@ impl StorageMetrics {
                 "sluice_storage_hot_rows",
                 "Rows in memory, not yet in Parquet",
             ),
+            hot_bytes: gauge(
+                "sluice_storage_hot_bytes",
+                "Memory of the rows in memory (Arrow buffers), by table",
+            ),
+            hot_capacity: IntGauge::new(
+                "sluice_storage_hot_capacity_rows",
+                "Rows a table holds in memory before appends wait for a flush (storage.max_hot_rows)",
+            )
+            .expect("valid metric"),
             cold_rows: gauge(
                 "sluice_storage_cold_rows",
                 "Rows in published Parquet files",
@@ -127,6 +141,9 @@ impl StorageMetrics {
         self.hot_rows
             .with_label_values(&[table])
             .set(stats.hot_rows as i64);
+        self.hot_bytes
+            .with_label_values(&[table])
+            .set(stats.hot_bytes as i64);
         self.cold_rows
             .with_label_values(&[table])
             .set(stats.cold_rows as i64);
@@ -150,6 +167,10 @@ impl StorageMetrics {
                 .with_label_values(&[table])
                 .observe(took.as_secs_f64());
         }
+    }
+
+    pub(crate) fn set_hot_capacity(&self, rows: usize) {
+        self.hot_capacity.set(rows as i64);
     }
 
     pub(crate) fn flush_failed(&self, table: &str) {
