@@ -55,6 +55,23 @@ fn psql_ok(sluice: &Sluice, sql: &str) -> String {
     out
 }
 
+/// Runs a client program (`program args… HOST PORT`) against the PostgreSQL endpoint; it
+/// must succeed and print `ok`.
+fn client_says_ok(sluice: &Sluice, program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .arg(sluice.pg.ip().to_string())
+        .arg(sluice.pg.port().to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{program}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn psql_lists_and_describes_the_tables_and_runs_queries() {
     let (_dir, sluice) = start_with_readings(&[]);
@@ -249,18 +266,7 @@ with psycopg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="analyst", db
     assert nothing is None
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(sluice.pg.ip().to_string())
-        .arg(sluice.pg.port().to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    client_says_ok(&sluice, "python3", &["-c", script]);
 }
 
 /// pgjdbc, the driver of DBeaver and every JDBC tool: its catalog browsing
@@ -284,18 +290,7 @@ fn jdbc_browses_the_catalog_and_runs_prepared_statements() {
     }
     let (_dir, sluice) = start_with_readings(&[]);
     let client = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/jdbc/SluiceJdbc.java");
-    let out = Command::new("java")
-        .args(["-cp", DRIVER, client])
-        .arg(sluice.pg.ip().to_string())
-        .arg(sluice.pg.port().to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    client_says_ok(&sluice, "java", &["-cp", DRIVER, client]);
 }
 
 #[test]
