@@ -104,23 +104,24 @@ impl IngestMetrics {
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(rejects.clone()))?;
         registry.register(Box::new(batches.clone()))?;
-        // From event time (the message's timestamp) to the moment the row is queryable.
-        // For a device with a good clock this is publish → queryable.
-        let queryable_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "sluice_ingest_queryable_lag_seconds",
-                "Time from a reading's event time to when it became queryable",
+        // Lags from event time (the message's timestamp), 1 ms to ~16 min.
+        let lag = |name: &str, help: &str| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
             )
-            .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
+        };
+        // To the moment the row is queryable: for a device with a good clock, publish →
+        // queryable.
+        let queryable_lag = lag(
+            "sluice_ingest_queryable_lag_seconds",
+            "Time from a reading's event time to when it became queryable",
         )?;
-        // From event time to the moment sluice decoded the reading (`received_at − ts`):
-        // how late readings reach sluice (device buffering, network, the broker's queue).
-        let ingest_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "sluice_ingest_lag_seconds",
-                "Time from a reading's event time to when sluice decoded it (received_at - ts)",
-            )
-            .buckets(prometheus::exponential_buckets(0.001, 1.25, 50)?),
+        // To the moment sluice decoded the reading (`received_at − ts`): how late readings
+        // reach sluice (device buffering, network, the broker's queue).
+        let ingest_lag = lag(
+            "sluice_ingest_lag_seconds",
+            "Time from a reading's event time to when sluice decoded it (received_at - ts)",
         )?;
         registry.register(Box::new(batch_rows.clone()))?;
         registry.register(Box::new(ingest_lag.clone()))?;
