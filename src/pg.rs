@@ -10,13 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, AsArray, StringArray};
-use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ParamValues;
-use datafusion::logical_expr::{
-    ColumnarValue, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-    TypeSignature, Volatility,
-};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::{Set, Statement};
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
@@ -39,91 +34,13 @@ use datafusion_postgres::{DfSessionService, QueryHook};
 use futures::Sink;
 use sluice_storage::Storage;
 
+mod compat;
+
 /// What a refusal says may run.
 const ALLOWED: &str = "queries, EXPLAIN, SHOW and session SET only";
 
 /// The catalog name sluice's tables live in (`sluice.public.telemetry`).
 const CATALOG: &str = "sluice";
-
-/// Server settings as `current_setting(name)` reports them (Grafana asks for
-/// `server_version_num` and `search_path`). The version is the one pgwire announces at
-/// startup; sluice's tables live in the one schema `public`.
-const SETTINGS: [(&str, &str); 9] = [
-    ("server_version", "16.6"),
-    ("server_version_num", "160006"),
-    ("search_path", "public"),
-    ("timezone", "UTC"),
-    ("client_encoding", "UTF8"),
-    ("server_encoding", "UTF8"),
-    ("datestyle", "ISO, MDY"),
-    ("standard_conforming_strings", "on"),
-    ("integer_datetimes", "on"),
-];
-
-/// PostgreSQL's `current_setting(name [, missing_ok])`: one of [`SETTINGS`] (names are
-/// case-insensitive), an error naming an unknown one, or NULL for it with `missing_ok`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct CurrentSetting {
-    signature: Signature,
-}
-
-impl CurrentSetting {
-    fn new() -> Self {
-        CurrentSetting {
-            signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Utf8]),
-                    TypeSignature::Exact(vec![DataType::Utf8, DataType::Boolean]),
-                ],
-                Volatility::Stable,
-            ),
-        }
-    }
-}
-
-impl ScalarUDFImpl for CurrentSetting {
-    fn name(&self) -> &str {
-        "current_setting"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-
-    fn invoke_with_args(
-        &self,
-        args: ScalarFunctionArgs,
-    ) -> datafusion::error::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let names = arrays[0].as_string::<i32>();
-        let missing_ok = arrays.get(1).map(|a| a.as_boolean());
-        let values = (0..names.len())
-            .map(|row| {
-                if names.is_null(row) {
-                    return Ok(None);
-                }
-                let name = names.value(row);
-                match SETTINGS
-                    .iter()
-                    .find(|(known, _)| known.eq_ignore_ascii_case(name))
-                {
-                    Some((_, value)) => Ok(Some(*value)),
-                    None if missing_ok.is_some_and(|ok| ok.is_valid(row) && ok.value(row)) => {
-                        Ok(None)
-                    }
-                    None => Err(datafusion::error::DataFusionError::Plan(format!(
-                        "unrecognized configuration parameter \"{name}\""
-                    ))),
-                }
-            })
-            .collect::<datafusion::error::Result<StringArray>>()?;
-        Ok(ColumnarValue::Array(Arc::new(values)))
-    }
-}
 
 pub(crate) struct PgServer {
     addr: SocketAddr,
@@ -142,9 +59,10 @@ impl PgServer {
         let ctx = Arc::new(storage.session().clone());
         setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider)
             .map_err(|e| anyhow::anyhow!("registering pg_catalog: {e}"))?;
-        ctx.register_udf(ScalarUDF::from(CurrentSetting::new()));
+        compat::register(&ctx);
         let hooks: Vec<Arc<dyn QueryHook>> = vec![
             Arc::new(ReadOnly),
+            Arc::new(compat::InformationSchemaTypes),
             Arc::new(CursorStatementHook),
             Arc::new(SetShowHook),
             Arc::new(TransactionStatementHook),

@@ -221,12 +221,12 @@ fn grafana_query_editor_metadata_queries_run() {
              ELSE quote_ident(table_name) = 'public.telemetry' AND {search_path} END"
         ),
     );
-    let names: Vec<&str> = columns
-        .lines()
-        .map(|l| l.split('|').next().unwrap())
-        .collect();
+    // In PostgreSQL's words, which the builder picks its operators by.
     assert!(
-        names.starts_with(&["device_id", "ts", "received_at", "temperature"]),
+        columns.starts_with(
+            "device_id|text\nts|timestamp with time zone\n\
+             received_at|timestamp with time zone\ntemperature|double precision\n"
+        ),
         "{columns}"
     );
     // current_setting names an unknown setting, as PostgreSQL does.
@@ -264,6 +264,10 @@ with psycopg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="analyst", db
     assert count == 2 and isinstance(count, int), count
     (nothing,) = conn.execute("SELECT NULL::double precision").fetchone()
     assert nothing is None
+    (kind,) = conn.execute(
+        "SELECT data_type FROM information_schema.columns WHERE table_name = %s AND column_name = %s",
+        ("telemetry", "ts")).fetchone()
+    assert kind == "timestamp with time zone", kind
 print("ok")
 "#;
     client_says_ok(&sluice, "python3", &["-c", script]);
