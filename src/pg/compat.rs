@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ParamValues;
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{
     ColumnarValue, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
     TypeSignature, Volatility,
@@ -32,8 +33,8 @@ use datafusion_postgres::pgwire::error::{PgWireError, PgWireResult};
 
 /// Registers the functions of this module on `ctx`.
 pub(super) fn register(ctx: &SessionContext) {
-    ctx.register_udf(ScalarUDF::from(CurrentSetting::new()));
-    ctx.register_udf(ScalarUDF::from(PgTypeName::new()));
+    ctx.register_udf(TextFunction::current_setting());
+    ctx.register_udf(TextFunction::pg_type_name());
 }
 
 /// Server settings as `current_setting(name)` reports them (Grafana asks for
@@ -53,72 +54,20 @@ const SETTINGS: [(&str, &str); 9] = [
 
 /// PostgreSQL's `current_setting(name [, missing_ok])`: one of [`SETTINGS`] (names are
 /// case-insensitive), an error naming an unknown one, or NULL for it with `missing_ok`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct CurrentSetting {
-    signature: Signature,
-}
-
-impl CurrentSetting {
-    fn new() -> Self {
-        CurrentSetting {
-            signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Utf8]),
-                    TypeSignature::Exact(vec![DataType::Utf8, DataType::Boolean]),
-                ],
-                Volatility::Stable,
-            ),
-        }
-    }
-}
-
-impl ScalarUDFImpl for CurrentSetting {
-    fn name(&self) -> &str {
-        "current_setting"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-
-    fn invoke_with_args(
-        &self,
-        args: ScalarFunctionArgs,
-    ) -> datafusion::error::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let names = arrays[0].as_string::<i32>();
-        let missing_ok = arrays.get(1).map(|a| a.as_boolean());
-        let values = (0..names.len())
-            .map(|row| {
-                if names.is_null(row) {
-                    return Ok(None);
-                }
-                let name = names.value(row);
-                match SETTINGS
-                    .iter()
-                    .find(|(known, _)| known.eq_ignore_ascii_case(name))
-                {
-                    Some((_, value)) => Ok(Some(*value)),
-                    None if missing_ok.is_some_and(|ok| ok.is_valid(row) && ok.value(row)) => {
-                        Ok(None)
-                    }
-                    None => Err(datafusion::error::DataFusionError::Plan(format!(
-                        "unrecognized configuration parameter \"{name}\""
-                    ))),
-                }
-            })
-            .collect::<datafusion::error::Result<StringArray>>()?;
-        Ok(ColumnarValue::Array(Arc::new(values)))
+fn current_setting(name: &str, missing_ok: bool) -> Result<Option<&'static str>, String> {
+    match SETTINGS
+        .iter()
+        .find(|(known, _)| known.eq_ignore_ascii_case(name))
+    {
+        Some((_, value)) => Ok(Some(value)),
+        None if missing_ok => Ok(None),
+        None => Err(format!("unrecognized configuration parameter \"{name}\"")),
     }
 }
 
 /// The name `information_schema.columns.data_type` has in PostgreSQL for a column of
 /// Arrow type `arrow` (as DataFusion's information_schema prints it).
-fn pg_type_name(arrow: &str) -> &str {
+fn pg_type_name(arrow: &str) -> &'static str {
     match arrow {
         "Utf8" | "LargeUtf8" | "Utf8View" => "text",
         "Float64" => "double precision",
@@ -151,24 +100,58 @@ fn pg_type_name(arrow: &str) -> &str {
     }
 }
 
-/// `sluice_pg_type_name(arrow_type)`: [`pg_type_name`] as a SQL function, for the
-/// rewritten `information_schema.columns`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct PgTypeName {
+/// A SQL function from text (and an optional boolean flag) to text, NULL in NULL out:
+/// `current_setting` and `sluice_pg_type_name` (the latter for the rewritten
+/// `information_schema.columns`).
+#[derive(Debug)]
+struct TextFunction {
+    name: &'static str,
     signature: Signature,
+    apply: fn(&str, bool) -> Result<Option<&'static str>, String>,
 }
 
-impl PgTypeName {
-    fn new() -> Self {
-        PgTypeName {
+impl TextFunction {
+    fn current_setting() -> ScalarUDF {
+        ScalarUDF::from(TextFunction {
+            name: "current_setting",
+            signature: Signature::one_of(
+                vec![
+                    TypeSignature::Exact(vec![DataType::Utf8]),
+                    TypeSignature::Exact(vec![DataType::Utf8, DataType::Boolean]),
+                ],
+                Volatility::Stable,
+            ),
+            apply: current_setting,
+        })
+    }
+
+    fn pg_type_name() -> ScalarUDF {
+        ScalarUDF::from(TextFunction {
+            name: "sluice_pg_type_name",
             signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
-        }
+            apply: |arrow, _| Ok(Some(pg_type_name(arrow))),
+        })
     }
 }
 
-impl ScalarUDFImpl for PgTypeName {
+// DataFusion compares functions by value; a name is one function.
+impl PartialEq for TextFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for TextFunction {}
+
+impl std::hash::Hash for TextFunction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for TextFunction {
     fn name(&self) -> &str {
-        "sluice_pg_type_name"
+        self.name
     }
 
     fn signature(&self) -> &Signature {
@@ -184,12 +167,18 @@ impl ScalarUDFImpl for PgTypeName {
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let names: StringArray = arrays[0]
-            .as_string::<i32>()
-            .iter()
-            .map(|t| t.map(pg_type_name))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(names)))
+        let texts = arrays[0].as_string::<i32>();
+        let flags = arrays.get(1).map(|a| a.as_boolean());
+        let values = (0..texts.len())
+            .map(|row| {
+                if texts.is_null(row) {
+                    return Ok(None);
+                }
+                let flag = flags.is_some_and(|f| f.is_valid(row) && f.value(row));
+                (self.apply)(texts.value(row), flag).map_err(DataFusionError::Plan)
+            })
+            .collect::<datafusion::error::Result<StringArray>>()?;
+        Ok(ColumnarValue::Array(Arc::new(values)))
     }
 }
 
