@@ -5,7 +5,7 @@
 //!   Grafana's query builder picks number, text and time operators by these names.
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, StringArray};
@@ -19,7 +19,8 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    Ident, ObjectName, Statement, TableAlias, TableFactor, VisitMut, VisitorMut,
+    Ident, ObjectName, Query, Statement, TableAlias, TableFactor, VisitMut, VisitorMut,
+    visit_relations,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -194,7 +195,7 @@ const COLUMNS: &str = "SELECT table_catalog, table_schema, table_name, column_na
 /// alias, or naming it `columns`); `None` when the statement reads no such table.
 fn rewrite_columns(statement: &Statement) -> Option<Statement> {
     struct Rewrite {
-        columns: Box<datafusion::sql::sqlparser::ast::Query>,
+        columns: Box<Query>,
         found: bool,
     }
     impl VisitorMut for Rewrite {
@@ -226,18 +227,30 @@ fn rewrite_columns(statement: &Statement) -> Option<Statement> {
             ControlFlow::Continue(())
         }
     }
-    if !matches!(statement, Statement::Query(_)) {
+    static COLUMNS_QUERY: LazyLock<Box<Query>> = LazyLock::new(|| {
+        match Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(COLUMNS)
+            .and_then(|mut p| p.parse_statement())
+        {
+            Ok(Statement::Query(query)) => query,
+            other => panic!("COLUMNS is not a query: {other:?}"),
+        }
+    });
+    // Every query of a PostgreSQL client passes here: look before copying anything.
+    let reads_columns = matches!(statement, Statement::Query(_))
+        && visit_relations(statement, |name| {
+            if is_information_schema_columns(name) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .is_break();
+    if !reads_columns {
         return None;
     }
-    let Statement::Query(columns) = Parser::new(&PostgreSqlDialect {})
-        .try_with_sql(COLUMNS)
-        .and_then(|mut p| p.parse_statement())
-        .expect("COLUMNS is valid SQL")
-    else {
-        unreachable!("COLUMNS is a query")
-    };
     let mut rewrite = Rewrite {
-        columns,
+        columns: COLUMNS_QUERY.clone(),
         found: false,
     };
     let mut statement = statement.clone();
@@ -246,12 +259,13 @@ fn rewrite_columns(statement: &Statement) -> Option<Statement> {
 }
 
 fn is_information_schema_columns(name: &ObjectName) -> bool {
-    let parts: Vec<String> = name
-        .0
-        .iter()
-        .filter_map(|p| p.as_ident().map(|i| i.value.to_ascii_lowercase()))
-        .collect();
-    parts == ["information_schema", "columns"]
+    let part = |i: usize, want: &str| {
+        name.0
+            .get(i)
+            .and_then(|p| p.as_ident())
+            .is_some_and(|ident| ident.value.eq_ignore_ascii_case(want))
+    };
+    name.0.len() == 2 && part(0, "information_schema") && part(1, "columns")
 }
 
 async fn plan(ctx: &SessionContext, statement: Statement) -> PgWireResult<LogicalPlan> {
