@@ -259,6 +259,9 @@ pub enum SealReason {
 }
 
 impl SealReason {
+    /// Every reason (for metrics).
+    pub const ALL: [SealReason; 3] = [SealReason::Rows, SealReason::Age, SealReason::Drain];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SealReason::Rows => "rows",

@@ -131,7 +131,7 @@ impl IngestMetrics {
             rejects.with_label_values(&[reason.as_str()]);
         }
         for table in ["telemetry", "rejects"] {
-            for reason in [SealReason::Rows, SealReason::Age, SealReason::Drain] {
+            for reason in SealReason::ALL {
                 batches.with_label_values(&[table, reason.as_str()]);
             }
         }

@@ -296,9 +296,9 @@ impl Storage {
         let result = self.run_sql(sql).await;
         self.inner.metrics.queried(
             match &result {
-                Ok(_) => metrics::QUERY_OUTCOMES[0],
-                Err(e) if e.is_user_error() => metrics::QUERY_OUTCOMES[1],
-                Err(_) => metrics::QUERY_OUTCOMES[2],
+                Ok(_) => metrics::outcome::OK,
+                Err(e) if e.is_user_error() => metrics::outcome::USER_ERROR,
+                Err(_) => metrics::outcome::ERROR,
             },
             started.elapsed(),
         );

@@ -9,9 +9,15 @@ use prometheus::{
 
 use crate::table::{FlushReport, TableStats};
 
-/// Outcomes of a SQL query: `user_error` is the caller's (bad SQL, a refused statement),
-/// `error` is sluice's.
-pub(crate) const QUERY_OUTCOMES: [&str; 3] = ["ok", "user_error", "error"];
+/// Outcomes of a SQL query (the `outcome` label of `sluice_query_total`).
+pub(crate) mod outcome {
+    pub(crate) const OK: &str = "ok";
+    /// The caller's: bad SQL, a refused statement.
+    pub(crate) const USER_ERROR: &str = "user_error";
+    /// sluice's.
+    pub(crate) const ERROR: &str = "error";
+    pub(crate) const ALL: [&str; 3] = [OK, USER_ERROR, ERROR];
+}
 
 /// Counters and gauges of the hot store, the Parquet writer and the query engine.
 #[derive(Clone)]
@@ -46,8 +52,8 @@ impl StorageMetrics {
         registry.register(Box::new(metrics.flush_errors.clone()))?;
         registry.register(Box::new(metrics.flush_seconds.clone()))?;
         registry.register(Box::new(metrics.backpressure_seconds.clone()))?;
-        for outcome in QUERY_OUTCOMES {
-            metrics.queries.with_label_values(&[outcome]);
+        for name in outcome::ALL {
+            metrics.queries.with_label_values(&[name]);
         }
         registry.register(Box::new(metrics.queries.clone()))?;
         registry.register(Box::new(metrics.query_seconds.clone()))?;
