@@ -194,12 +194,9 @@ fn parquet_bytes(dir: &std::path::Path) -> u64 {
 struct Metrics(String);
 
 impl Metrics {
+    /// [`common::metric_value`], 0 when the series is not there.
     fn value(&self, name: &str) -> f64 {
-        self.0
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        common::metric_value(&self.0, name).unwrap_or(0.0)
     }
 
     /// Cumulative bucket counts of a histogram, by upper bound.

@@ -595,20 +595,9 @@ fn a_short_fleet_run_loses_nothing_and_every_malformed_message_is_a_reject() {
     );
 }
 
-/// The value of the series `series` (name and labels as `/metrics` prints them), or the
-/// sum of every series of a metric when `series` is a bare name.
+/// [`common::metric_value`], which must be there.
 fn metric(metrics: &str, series: &str) -> f64 {
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(name, _)| {
-            *name == series || (!series.contains('{') && name.starts_with(&format!("{series}{{")))
-        })
-        .map(|(_, value)| value.parse().unwrap())
-        .collect();
-    assert!(!values.is_empty(), "no {series} in\n{metrics}");
-    values.iter().sum()
+    common::metric_value(metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 /// An MQTT client on `addr` (3.1.1, or 5 with `v5`) that stays connected until stopped.

@@ -317,3 +317,20 @@ pub fn offline_csv(data_dir: &Path, sql: &str) -> String {
     assert!(ok, "{sql}: {stderr}");
     stdout
 }
+
+/// In a Prometheus text exposition: the value of `series` (name and labels as printed),
+/// or the sum of every series of a metric when `series` is a bare name; `None` when no
+/// line has it.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    let values: Vec<f64> = exposition
+        .lines()
+        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .map(|l| {
+            let value = l.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse()
+                .unwrap_or_else(|e| panic!("{l:?}: {value:?} is not a number: {e}"))
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
