@@ -66,24 +66,75 @@ impl Default for WindowsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct MqttConfig {
-    /// MQTT 3.1.1 listener. Use 0.0.0.0:1883 to accept devices from the network.
+    /// MQTT 3.1.1 and 5 on one port (the CONNECT says which). Use 0.0.0.0:1883 to accept
+    /// devices from the network.
     pub addr: SocketAddr,
-    /// MQTT 5 listener.
-    pub v5_addr: SocketAddr,
-    /// Client connections accepted at once.
+    /// Clients connected at once; more are refused with a CONNACK.
     pub max_connections: usize,
-    /// Largest MQTT packet; a client sending a larger one is disconnected.
+    /// Largest MQTT packet a client may send; a larger one closes its connection.
     pub max_packet_bytes: usize,
-    /// Broker memory for messages not yet decoded. If ingestion falls further behind
-    /// than this, the oldest messages are lost and counted in
-    /// `sluice_broker_skipped_messages_total`.
-    pub buffer_bytes: usize,
-    pub segment_bytes: usize,
-    /// Threads serving MQTT connections.
-    pub io_threads: usize,
-    /// Time a new connection has to send CONNECT.
+    /// Time a new connection has to complete its CONNECT (TLS and WebSocket handshakes
+    /// included).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Time a write to a client may take before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// QoS 1 and 2 messages an MQTT 5 client may have unacknowledged.
+    pub receive_maximum: u16,
+    /// Topic aliases an MQTT 5 client may set.
+    pub topic_alias_maximum: u16,
+    /// Longest keep alive an MQTT 5 client gets (0s: as it asks).
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// Longest a persistent session outlives its connection.
+    #[serde(with = "humantime_serde")]
+    pub max_session_expiry: Duration,
+    /// Router memory for each subscribed filter: an MQTT subscriber further behind
+    /// loses the oldest messages (counted in `sluice_broker_skipped_messages_total`).
+    pub subscriber_buffer_bytes: usize,
+    /// Threads serving MQTT connections.
+    pub io_threads: usize,
+    /// Topic filters refused at SUBSCRIBE (return code 0x80).
+    pub deny_subscribe: Vec<String>,
+    /// MQTT over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTlsConfig>,
+    /// MQTT over WebSocket (subprotocol `mqtt`), for browser clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws: Option<MqttWsConfig>,
+}
+
+/// `[mqtt.tls]`: present, it turns the TLS listener on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MqttTlsConfig {
+    #[serde(default = "MqttTlsConfig::default_addr")]
+    pub addr: SocketAddr,
+    /// PEM: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key.
+    pub key_file: PathBuf,
+}
+
+impl MqttTlsConfig {
+    fn default_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8883))
+    }
+}
+
+/// `[mqtt.ws]`: present, it turns the WebSocket listener on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MqttWsConfig {
+    #[serde(default = "MqttWsConfig::default_addr")]
+    pub addr: SocketAddr,
+}
+
+impl MqttWsConfig {
+    fn default_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8083))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -119,8 +170,8 @@ impl Default for PgConfig {
 pub(crate) struct IngestConfig {
     /// Decoding threads.
     pub workers: usize,
-    /// Chunks of messages queued in front of the decoders (back-pressure beyond).
-    pub queue_chunks: usize,
+    /// Messages queued in front of the decoders; MQTT connections stop reading beyond.
+    pub queue_messages: usize,
     /// A batch is sealed (made queryable) at this many rows…
     pub batch_rows: usize,
     /// …or when its oldest row has waited this long.
@@ -172,16 +223,20 @@ impl Default for MqttConfig {
     fn default() -> Self {
         let broker = sluice_broker::BrokerConfig::default();
         MqttConfig {
-            addr: broker.mqtt_addr,
-            v5_addr: broker
-                .mqtt5_addr
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            addr: broker.addr,
             max_connections: broker.max_connections,
             max_packet_bytes: broker.max_packet_bytes,
-            buffer_bytes: broker.buffer_bytes,
-            segment_bytes: broker.segment_bytes,
-            io_threads: broker.io_threads,
             connect_timeout: broker.connect_timeout,
+            write_timeout: broker.write_timeout,
+            receive_maximum: broker.receive_maximum,
+            topic_alias_maximum: broker.topic_alias_maximum,
+            max_keep_alive: broker.max_keep_alive,
+            max_session_expiry: broker.max_session_expiry,
+            subscriber_buffer_bytes: broker.subscriber_buffer_bytes,
+            io_threads: broker.io_threads,
+            deny_subscribe: broker.deny_subscribe,
+            tls: None,
+            ws: None,
         }
     }
 }
@@ -199,7 +254,7 @@ impl Default for IngestConfig {
         let pipeline = sluice_ingest::PipelineConfig::default();
         IngestConfig {
             workers: pipeline.workers,
-            queue_chunks: pipeline.queue_chunks,
+            queue_messages: pipeline.queue_messages,
             batch_rows: pipeline.seal.max_rows,
             batch_age: pipeline.seal.max_age,
             max_message_bytes: pipeline.limits.max_payload_bytes,
@@ -231,8 +286,6 @@ pub(crate) struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_addr: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mqtt5_addr: Option<SocketAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub http_addr: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_addr: Option<SocketAddr>,
@@ -242,7 +295,7 @@ impl Config {
     /// Loads the layers: defaults, then `file`, then `SLUICE_*` variables from `env`
     /// (`SLUICE_DATA_DIR`, `SLUICE_MQTT__ADDR`, `SLUICE_STORAGE__FLUSH_INTERVAL`, …:
     /// a double underscore separates sections; the flags' names `SLUICE_MQTT_ADDR`,
-    /// `SLUICE_MQTT5_ADDR`, `SLUICE_HTTP_ADDR` work too), then `overrides`.
+    /// `SLUICE_HTTP_ADDR`, `SLUICE_PG_ADDR` work too), then `overrides`.
     pub(crate) fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -263,7 +316,6 @@ impl Config {
             let path = match key.as_str() {
                 // The flags' names work as variables too.
                 "SLUICE_MQTT_ADDR" => "mqtt.addr".to_owned(),
-                "SLUICE_MQTT5_ADDR" => "mqtt.v5_addr".to_owned(),
                 "SLUICE_HTTP_ADDR" => "http.addr".to_owned(),
                 "SLUICE_PG_ADDR" => "pg.addr".to_owned(),
                 _ => key["SLUICE_".len()..]
@@ -288,9 +340,6 @@ impl Config {
         if let Some(addr) = overrides.mqtt_addr {
             config.mqtt.addr = addr;
         }
-        if let Some(addr) = overrides.mqtt5_addr {
-            config.mqtt.v5_addr = addr;
-        }
         if let Some(addr) = overrides.http_addr {
             config.http.addr = addr;
         }
@@ -306,7 +355,11 @@ impl Config {
             ("mqtt.max_connections", self.mqtt.max_connections),
             ("mqtt.io_threads", self.mqtt.io_threads),
             ("ingest.workers", self.ingest.workers),
-            ("ingest.queue_chunks", self.ingest.queue_chunks),
+            ("ingest.queue_messages", self.ingest.queue_messages),
+            (
+                "mqtt.receive_maximum",
+                usize::from(self.mqtt.receive_maximum),
+            ),
             ("ingest.batch_rows", self.ingest.batch_rows),
             ("ingest.max_message_bytes", self.ingest.max_message_bytes),
             ("storage.flush_rows", self.storage.flush_rows),
@@ -352,24 +405,36 @@ impl Config {
         Ok(())
     }
 
-    pub(crate) fn broker(&self) -> sluice_broker::BrokerConfig {
+    /// The broker's settings; `direct_filter` is the telemetry topic filter.
+    pub(crate) fn broker(&self, direct_filter: &str) -> sluice_broker::BrokerConfig {
+        let mqtt = &self.mqtt;
         sluice_broker::BrokerConfig {
-            mqtt_addr: self.mqtt.addr,
-            mqtt5_addr: Some(self.mqtt.v5_addr),
-            max_connections: self.mqtt.max_connections,
-            max_packet_bytes: self.mqtt.max_packet_bytes,
-            buffer_bytes: self.mqtt.buffer_bytes,
-            segment_bytes: self.mqtt.segment_bytes,
-            io_threads: self.mqtt.io_threads,
-            connect_timeout: self.mqtt.connect_timeout,
-            ..sluice_broker::BrokerConfig::default()
+            addr: mqtt.addr,
+            tls: mqtt.tls.as_ref().map(|t| sluice_broker::TlsConfig {
+                addr: t.addr,
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            }),
+            ws_addr: mqtt.ws.as_ref().map(|w| w.addr),
+            max_connections: mqtt.max_connections,
+            max_packet_bytes: mqtt.max_packet_bytes,
+            connect_timeout: mqtt.connect_timeout,
+            write_timeout: mqtt.write_timeout,
+            receive_maximum: mqtt.receive_maximum,
+            topic_alias_maximum: mqtt.topic_alias_maximum,
+            max_keep_alive: mqtt.max_keep_alive,
+            max_session_expiry: mqtt.max_session_expiry,
+            subscriber_buffer_bytes: mqtt.subscriber_buffer_bytes,
+            io_threads: mqtt.io_threads,
+            direct_filter: direct_filter.to_owned(),
+            deny_subscribe: mqtt.deny_subscribe.clone(),
         }
     }
 
     pub(crate) fn pipeline(&self) -> sluice_ingest::PipelineConfig {
         sluice_ingest::PipelineConfig {
             workers: self.ingest.workers,
-            queue_chunks: self.ingest.queue_chunks,
+            queue_messages: self.ingest.queue_messages,
             seal: sluice_ingest::SealPolicy {
                 max_rows: self.ingest.batch_rows,
                 max_age: self.ingest.batch_age,
@@ -467,7 +532,10 @@ mod tests {
         assert_eq!(config.storage.flush_interval, Duration::from_secs(5));
         assert_eq!(config.storage.flush_rows, 10);
         assert_eq!(config.http.addr, "127.0.0.1:3000".parse().unwrap());
-        assert_eq!(config.mqtt.v5_addr, MqttConfig::default().v5_addr);
+        assert_eq!(
+            config.mqtt.max_connections,
+            MqttConfig::default().max_connections
+        );
     }
 
     #[test]

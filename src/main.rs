@@ -57,12 +57,9 @@ struct ServeArgs {
     /// Directory for Parquet files [default: sluice-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// MQTT 3.1.1 listener [default: 127.0.0.1:1883].
+    /// MQTT listener, 3.1.1 and 5 [default: 127.0.0.1:1883].
     #[arg(long, value_name = "HOST:PORT")]
     mqtt_addr: Option<SocketAddr>,
-    /// MQTT 5 listener [default: 127.0.0.1:1884].
-    #[arg(long, value_name = "HOST:PORT")]
-    mqtt5_addr: Option<SocketAddr>,
     /// HTTP listener for /ready, /metrics, /query [default: 127.0.0.1:8080].
     #[arg(long, value_name = "HOST:PORT")]
     http_addr: Option<SocketAddr>,
@@ -85,7 +82,6 @@ impl ServeArgs {
             &Overrides {
                 data_dir: self.data_dir.clone(),
                 mqtt_addr: self.mqtt_addr,
-                mqtt5_addr: self.mqtt5_addr,
                 http_addr: self.http_addr,
                 pg_addr: self.pg_addr,
             },
@@ -127,7 +123,7 @@ struct LoadgenArgs {
     /// MQTT broker, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     broker: String,
-    /// MQTT protocol version (sluice serves MQTT 5 on its `mqtt5` address, :1884).
+    /// MQTT protocol version (sluice serves 3.1.1 and 5 on the same port).
     #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
     protocol: String,
     #[arg(long, default_value_t = 1000)]
@@ -224,10 +220,14 @@ async fn shutdown_signal() {
 
 fn print_ready(server: &Server, config: &Config) {
     let addrs = server.addrs;
+    let optional = |name: &str, addr: Option<SocketAddr>| {
+        addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
+    };
     println!(
-        "sluice ready: mqtt={} mqtt5={} http=http://{} pg={} data_dir={}",
+        "sluice ready: mqtt={}{}{} http=http://{} pg={} data_dir={}",
         addrs.mqtt,
-        addrs.mqtt5.map(|a| a.to_string()).unwrap_or_default(),
+        optional("mqtts", addrs.mqtt_tls),
+        optional("ws", addrs.mqtt_ws),
         addrs.http,
         addrs.pg,
         config.data_dir.display()
@@ -254,10 +254,10 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let storage = server.storage.clone();
-    let received = server.received.clone();
+    let mqtt = server.mqtt.clone();
     let flag = stop.clone();
     std::thread::spawn(move || {
-        let mut last = Sample::take(&storage, &received);
+        let mut last = Sample::take(&storage, &mqtt);
         let mut waited = Duration::ZERO;
         while !flag.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(500));
@@ -265,13 +265,13 @@ fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
             if waited < Duration::from_secs(10) {
                 continue;
             }
-            let now = Sample::take(&storage, &received);
+            let now = Sample::take(&storage, &mqtt);
             tracing::info!(
                 msgs_per_s = now.rate_since(&last).round(),
                 hot_rows = now.hot_rows,
                 cold_rows = now.cold_rows,
                 rejects = now.rejects,
-                lost = now.skipped,
+                subscriber_skips = now.skipped,
                 "status"
             );
             last = now;
@@ -307,10 +307,10 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let signal = runtime.spawn(shutdown_signal());
 
     let tty = std::io::stdout().is_terminal();
-    let mut previous = Sample::take(&server.storage, &server.received);
+    let mut previous = Sample::take(&server.storage, &server.mqtt);
     while !signal.is_finished() && !fleet.is_finished() {
         std::thread::sleep(Duration::from_secs(1));
-        let now = Sample::take(&server.storage, &server.received);
+        let now = Sample::take(&server.storage, &server.mqtt);
         let p = progress.snapshot();
         let line = format!(
             "{} | publish→ack p99 {:.1} ms",

@@ -1,35 +1,34 @@
 //! Wires broker → ingest → storage and the HTTP endpoints, and shuts them down in an
-//! order that loses nothing: stop accepting, drain the broker, seal every batch,
-//! flush every row to Parquet.
+//! order that loses nothing: close the MQTT connections (everything acknowledged is in
+//! the decoders' queues by then), seal every batch, flush every row to Parquet.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, Registry};
 use sluice_aggregator::{
     ALERTS_TABLE, Aggregator, AggregatorMetrics, DEAD_LETTER_TABLE, DeliveryMetrics, LATE_TABLE,
     MINUTE_TABLE, Notifier, ROLLUP_TABLE, TableSink,
 };
-use sluice_broker::{Broker, Delivery, Drain, Received, Subscription, SubscriptionCounters};
-use sluice_ingest::{BatchSink, IngestMetrics, Message, Pipeline};
+use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, PipelineClosed};
+use sluice_ingest::{
+    BatchSink, IngestHandle, IngestMetrics, Message, Pipeline, TELEMETRY_TOPIC_FILTER,
+};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
 
 use crate::config::Config;
 use crate::http;
 
-/// The MQTT filter of the in-process subscription: every topic, so that a publish on a
-/// topic other than `devices/{id}/telemetry` is kept as an `invalid_topic` reject
-/// rather than disconnecting its client or vanishing.
-const SUBSCRIPTION_FILTER: &str = "#";
-
 /// Where sluice publishes alert notifications (`alerts/{deviceId}/{rule}`). Messages under
-/// it are not telemetry: the consumer counts them and does not store them.
+/// it are not telemetry: they are counted and not stored.
 const ALERTS_TOPIC_PREFIX: &[u8] = b"alerts/";
+
+/// How long closing the MQTT connections may take at a stop.
+const MQTT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads the configuration again (file and environment), for a reload.
 pub(crate) type LoadConfig = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
@@ -118,11 +117,38 @@ impl BatchSink for StorageSink {
     }
 }
 
+/// Every message a client publishes goes to the decoders, in the order its connection
+/// received it; messages on `alerts/` (sluice's own notifications) are counted instead.
+struct ToPipeline {
+    handle: IngestHandle,
+    alert_messages: IntCounter,
+}
+
+impl sluice_broker::Pipeline for ToPipeline {
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>> {
+        let mut batch = Vec::with_capacity(messages.len());
+        for m in messages {
+            if m.topic.starts_with(ALERTS_TOPIC_PREFIX) {
+                self.alert_messages.inc();
+            } else {
+                batch.push(Message {
+                    topic: m.topic,
+                    payload: m.payload,
+                    received_at_ns: m.received_at_ns,
+                });
+            }
+        }
+        let handle = self.handle.clone();
+        Box::pin(async move { handle.send(batch).await.map_err(|_| PipelineClosed) })
+    }
+}
+
 /// Where a running server listens.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Addrs {
     pub mqtt: SocketAddr,
-    pub mqtt5: Option<SocketAddr>,
+    pub mqtt_tls: Option<SocketAddr>,
+    pub mqtt_ws: Option<SocketAddr>,
     pub http: SocketAddr,
     pub pg: SocketAddr,
 }
@@ -131,11 +157,9 @@ pub(crate) struct Addrs {
 pub(crate) struct Server {
     pub addrs: Addrs,
     pub storage: Storage,
-    /// What was read from the broker, and what it dropped.
-    pub received: SubscriptionCounters,
+    /// The broker's counters (messages received, handed on, skipped for subscribers).
+    pub mqtt: MqttMeters,
     broker: Broker,
-    drain: Drain,
-    consumer: JoinHandle<()>,
     pipeline: Pipeline,
     alerting: Arc<Alerting>,
     flusher: Flusher,
@@ -169,13 +193,13 @@ impl Server {
         )
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
 
-        // The broker first: alert notifications are published on it. Messages that arrive
-        // before the consumer below starts wait in the broker's buffer.
-        let (broker, subscription, drain) = Broker::start(&config.broker(), SUBSCRIPTION_FILTER)
+        // The listeners are bound first: alert notifications are published on the broker,
+        // and connections wait in the listen backlog until the pipeline is there.
+        let bound = Broker::bind(&config.broker(TELEMETRY_TOPIC_FILTER))
             .context("starting the MQTT broker")?;
         let notifier = Arc::new(
             Notifier::start(
-                Some(broker.addrs().mqtt),
+                Some(bound.addrs().mqtt),
                 config.webhooks()?,
                 Arc::new(HotStore(storage.clone())),
                 DeliveryMetrics::new(&registry).context("registering delivery metrics")?,
@@ -208,27 +232,21 @@ impl Server {
         )
         .context("starting the ingest workers")?;
 
-        let received = subscription.counters();
-        received.register(&registry)?;
-        broker.meters().register(&registry)?;
-        let capacity = IntGauge::new(
-            "sluice_ingest_queue_capacity_chunks",
-            "Chunks the decoders' queue holds before the consumer waits (ingest.queue_chunks)",
-        )?;
-        capacity.set(config.ingest.queue_chunks as i64);
-        registry.register(Box::new(capacity))?;
-        let queue_depth = IntGauge::new(
-            "sluice_ingest_queue_chunks",
-            "Chunks of messages waiting for a decoder",
-        )?;
-        registry.register(Box::new(queue_depth.clone()))?;
         let alert_messages = IntCounter::new(
             "sluice_mqtt_alert_messages_total",
-            "Messages read on alerts/# (sluice's own alert notifications): not telemetry, not stored",
+            "Messages published on alerts/# (sluice's own alert notifications): not telemetry, not stored",
         )?;
         registry.register(Box::new(alert_messages.clone()))?;
-        let consumer =
-            spawn_consumer(subscription, pipeline.sender(), queue_depth, alert_messages)?;
+        let broker = bound
+            .start(
+                Arc::new(ToPipeline {
+                    handle: pipeline.handle(),
+                    alert_messages,
+                }),
+                Arc::new(AllowAll),
+            )
+            .context("starting the MQTT broker")?;
+        broker.meters().register(&registry)?;
 
         let ready = Arc::new(AtomicBool::new(false));
         let reload = {
@@ -260,15 +278,14 @@ impl Server {
         Ok(Server {
             addrs: Addrs {
                 mqtt: broker_addrs.mqtt,
-                mqtt5: broker_addrs.mqtt5,
+                mqtt_tls: broker_addrs.tls,
+                mqtt_ws: broker_addrs.ws,
                 http: http.addr(),
                 pg: pg.addr(),
             },
             storage,
-            received,
+            mqtt: broker.meters().clone(),
             broker,
-            drain,
-            consumer,
             pipeline,
             alerting,
             flusher,
@@ -278,17 +295,13 @@ impl Server {
         })
     }
 
-    /// Stops accepting MQTT connections, stores every message the broker acknowledged,
+    /// Closes the MQTT connections, stores every message the broker acknowledged,
     /// writes every row to Parquet, then stops HTTP. Blocks.
     pub(crate) fn shutdown(mut self) -> anyhow::Result<ShutdownReport> {
         self.ready.store(false, Ordering::SeqCst);
-        tracing::info!("shutting down: closing MQTT listeners");
-        self.broker.stop_listeners();
-        self.drain.start().context("starting the broker drain")?;
-        if self.consumer.join().is_err() {
-            anyhow::bail!("the MQTT consumer thread panicked");
-        }
-        tracing::info!("broker drained; sealing open batches");
+        tracing::info!("shutting down: closing MQTT connections");
+        self.broker.shutdown(MQTT_CLOSE_TIMEOUT);
+        tracing::info!("MQTT connections closed; sealing open batches");
         self.pipeline.finish();
         tracing::info!("writing closed windows and alerts, saving open windows and alert state");
         self.alerting.aggregator.finish();
@@ -307,62 +320,6 @@ impl Server {
             flushed_files: report.files,
         })
     }
-}
-
-/// Reads the subscription and feeds the decoders in chunks, until the drain marker.
-fn spawn_consumer(
-    mut subscription: Subscription,
-    tx: crossbeam_channel::Sender<Vec<Message>>,
-    queue_depth: IntGauge,
-    alert_messages: IntCounter,
-) -> std::io::Result<JoinHandle<()>> {
-    // A chunk goes to the decoders when it is full or its first message has waited
-    // LINGER: at the reference load ~170 messages a hand-off instead of a few, so this
-    // thread and the decoders wake a few hundred times a second, not thousands. LINGER
-    // adds at most 5 ms to publish→queryable, against the 200 ms a batch may wait.
-    const CHUNK: usize = 4096;
-    const LINGER: Duration = Duration::from_millis(5);
-    std::thread::Builder::new()
-        .name("mqtt-consumer".into())
-        .spawn(move || {
-            let mut deliveries: Vec<Delivery> = Vec::with_capacity(CHUNK);
-            loop {
-                let deadline = Instant::now() + Duration::from_millis(100);
-                let outcome = subscription.recv_batch(&mut deliveries, CHUNK, deadline, LINGER);
-                let before = deliveries.len();
-                deliveries.retain(|d| !d.topic.starts_with(ALERTS_TOPIC_PREFIX));
-                alert_messages.inc_by((before - deliveries.len()) as u64);
-                if !deliveries.is_empty() {
-                    let received_at_ns = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as i64)
-                        .unwrap_or_default();
-                    let chunk: Vec<Message> = deliveries
-                        .drain(..)
-                        .map(|d| Message {
-                            topic: d.topic,
-                            payload: d.payload,
-                            received_at_ns,
-                        })
-                        .collect();
-                    // Blocks when the decoders are behind: back-pressure into the
-                    // broker's buffer, where any loss is counted.
-                    if tx.send(chunk).is_err() {
-                        tracing::error!("ingest workers are gone; stopping the consumer");
-                        return;
-                    }
-                    queue_depth.set(tx.len() as i64);
-                }
-                match outcome {
-                    Ok(Received::Open) => {}
-                    Ok(Received::Drained) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the broker's router stopped");
-                        return;
-                    }
-                }
-            }
-        })
 }
 
 /// What a reload can change: the alert rules and the webhooks.

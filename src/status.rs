@@ -1,10 +1,11 @@
-//! The one-line status of a running server: what came in, what is stored, what was lost.
+//! The one-line status of a running server: what came in, what is stored, what MQTT
+//! subscribers missed.
 
 use std::time::Instant;
 
 use sluice_storage::Storage;
 
-use sluice_broker::SubscriptionCounters;
+use sluice_broker::MqttMeters;
 
 use crate::server::{REJECTS, TELEMETRY};
 
@@ -21,15 +22,15 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
-    pub(crate) fn take(storage: &Storage, received: &SubscriptionCounters) -> Sample {
+    pub(crate) fn take(storage: &Storage, mqtt: &MqttMeters) -> Sample {
         let telemetry = storage.stats(TELEMETRY).unwrap_or_default();
         let rejects = storage.stats(REJECTS).unwrap_or_default();
         Sample {
             at: Instant::now(),
-            received: received.delivered(),
+            received: mqtt.pipeline_messages(),
             rows: telemetry.hot_rows as u64 + telemetry.cold_rows,
             rejects: rejects.hot_rows as u64 + rejects.cold_rows,
-            skipped: received.skipped(),
+            skipped: mqtt.skipped(),
             hot_rows: telemetry.hot_rows,
             cold_rows: telemetry.cold_rows,
         }
@@ -43,7 +44,7 @@ impl Sample {
 
     pub(crate) fn line(&self, earlier: &Sample) -> String {
         format!(
-            "in {:>7} msgs/s | stored {} rows (hot {}, cold {}) | rejects {} | lost {}",
+            "in {:>7} msgs/s | stored {} rows (hot {}, cold {}) | rejects {} | subscriber skips {}",
             group(self.rate_since(earlier).round() as u64),
             group(self.rows),
             group(self.hot_rows as u64),

@@ -84,19 +84,24 @@ fn kubernetes_manifests_are_valid_and_their_configuration_runs() {
         .iter()
         .map(|p| p["port"].as_i64().unwrap())
         .collect();
-    assert_eq!(service_ports, [1883, 1884, 8080, 5433]);
+    assert_eq!(service_ports, [1883, 8083, 8080, 5433]);
 
     // The ConfigMap's configuration is one the real binary accepts (addresses moved to
     // port 0 on loopback by the flags, which override the file).
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sluice.toml");
     let text = kind("ConfigMap")["data"]["sluice.toml"].as_str().unwrap();
-    std::fs::write(&config, text.replace("/var/lib/sluice", "")).unwrap();
+    // The file's other listeners move to loopback port 0 too: tests listen nowhere else.
+    let text = text
+        .replace("/var/lib/sluice", "")
+        .replace("0.0.0.0:8083", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
     let sluice = Sluice::start(
         &dir.path().join("data"),
         &["--config", config.to_str().unwrap()],
     );
     assert_eq!(sluice.get("/ready").0, 200);
+    assert!(sluice.ws.is_some(), "the WebSocket listener is on");
     assert!(sluice.terminate().success());
 }
 
@@ -120,7 +125,7 @@ fn the_compose_file_and_the_dockerfile_hold_together() {
     for variable in [
         "SLUICE_DATA_DIR",
         "SLUICE_MQTT_ADDR",
-        "SLUICE_MQTT5_ADDR",
+        "SLUICE_MQTT__WS__ADDR",
         "SLUICE_HTTP_ADDR",
         "SLUICE_PG_ADDR",
     ] {

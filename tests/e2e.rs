@@ -516,8 +516,6 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
         data.to_str().unwrap(),
         "--mqtt-addr",
         &addr,
-        "--mqtt5-addr",
-        "127.0.0.1:0",
         "--http-addr",
         "127.0.0.1:0",
     ]);
@@ -673,14 +671,13 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
     let dir = tempfile::tempdir().unwrap();
     let sluice = Sluice::start(&dir.path().join("data"), &[]);
     let connected = |listener| format!("sluice_mqtt_connections{{listener=\"{listener}\"}}");
-    let attempts = |listener, outcome| {
+    let attempts = |outcome, reason| {
         format!(
-            "sluice_mqtt_connection_attempts_total{{listener=\"{listener}\",outcome=\"{outcome}\"}}"
+            "sluice_mqtt_connection_attempts_total{{listener=\"mqtt\",outcome=\"{outcome}\",reason=\"{reason}\"}}"
         )
     };
-    let received = |listener, qos| {
-        format!("sluice_mqtt_messages_received_total{{listener=\"{listener}\",qos=\"{qos}\"}}")
-    };
+    let received =
+        |qos| format!("sluice_mqtt_messages_received_total{{listener=\"mqtt\",qos=\"{qos}\"}}");
     let bytes = |listener| format!("sluice_mqtt_received_bytes_total{{listener=\"{listener}\"}}");
 
     // sluice's own alert publisher is a client of its broker too; let it settle.
@@ -690,24 +687,20 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
         1.0,
         "the alert publisher"
     );
-    assert_eq!(metric(&before, &connected("mqtt5")), 0.0);
-    // Each listener's readiness probe connected once; the alert publisher once more.
-    assert_eq!(metric(&before, &attempts("mqtt", "accepted")), 2.0);
-    assert_eq!(metric(&before, &attempts("mqtt5", "accepted")), 1.0);
+    assert_eq!(metric(&before, &attempts("accepted", "ok")), 1.0);
     assert_eq!(metric(&before, "sluice_mqtt_messages_received_total"), 0.0);
 
+    // Both protocol versions on the one port.
     let id = |name: &str| format!("meters-{name}-{}", std::process::id());
     let clients = [
         Device::connect(sluice.mqtt, &id("a"), false),
         Device::connect(sluice.mqtt, &id("b"), false),
         Device::connect(sluice.mqtt, &id("c"), false),
-        Device::connect(sluice.mqtt5, &id("d"), true),
+        Device::connect(sluice.mqtt, &id("d"), true),
     ];
     let metrics = sluice.get("/metrics").1;
-    assert_eq!(metric(&metrics, &connected("mqtt")), 4.0);
-    assert_eq!(metric(&metrics, &connected("mqtt5")), 1.0);
-    assert_eq!(metric(&metrics, &attempts("mqtt", "accepted")), 5.0);
-    assert_eq!(metric(&metrics, &attempts("mqtt5", "accepted")), 2.0);
+    assert_eq!(metric(&metrics, &connected("mqtt")), 5.0);
+    assert_eq!(metric(&metrics, &attempts("accepted", "ok")), 5.0);
 
     // QoS 0 ×2 and QoS 1 ×3 on 3.1.1, QoS 1 ×1 on 5; the payloads are rejects.
     for (client, qos, count) in [(0, 0, 2), (1, 1, 3), (3, 1, 1)] {
@@ -723,7 +716,8 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
             }
         }
     }
-    // A client that is refused: a CONNECT with an empty client id and a kept session.
+    // A client that is refused: a CONNECT with an empty client id and a kept session
+    // gets return code 2.
     let mut refused = std::net::TcpStream::connect(sluice.mqtt).unwrap();
     let mut connect = rumqttc::mqttbytes::v4::Connect::new("");
     connect.clean_session = false;
@@ -732,38 +726,51 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
     std::io::Write::write_all(&mut refused, &packet).unwrap();
     let mut connack = [0u8; 4];
     std::io::Read::read_exact(&mut refused, &mut connack).unwrap();
-    assert_ne!(connack[3], 0, "refused: {connack:?}");
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x02]);
 
     let metrics = metrics_when(&sluice, |m| {
-        metric(m, &attempts("mqtt", "refused")) == 1.0
+        metric(m, &attempts("refused", "client_id")) == 1.0
             && metric(m, "sluice_ingest_rejects_total") == 6.0
             && metric(m, "sluice_storage_hot_rows{table=\"rejects\"}") == 6.0
     });
-    assert_eq!(metric(&metrics, &received("mqtt", 0)), 2.0);
-    assert_eq!(metric(&metrics, &received("mqtt", 1)), 3.0);
-    assert_eq!(metric(&metrics, &received("mqtt", 2)), 0.0);
-    assert_eq!(metric(&metrics, &received("mqtt5", 1)), 1.0);
-    assert_eq!(metric(&metrics, &attempts("mqtt", "refused")), 1.0);
-    assert_eq!(metric(&metrics, &attempts("mqtt5", "refused")), 0.0);
+    assert_eq!(metric(&metrics, &received(0)), 2.0);
+    assert_eq!(metric(&metrics, &received(1)), 4.0);
+    assert_eq!(metric(&metrics, &received(2)), 0.0);
+    assert_eq!(metric(&metrics, &attempts("refused", "client_id")), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_mqtt_messages_received_total{listener=\"ws\",qos=\"1\"}"
+        ),
+        0.0
+    );
     // Wire bytes: every packet read (CONNECTs, PUBLISHes, PINGs…), so at least the
     // publishes' topics and payloads.
     let wire = metric(&metrics, &bytes("mqtt")) - metric(&before, &bytes("mqtt"));
-    let publish_bytes = 5.0 * ("devices/meters/telemetry".len() + "not json".len()) as f64;
+    let publish_bytes = 6.0 * ("devices/meters/telemetry".len() + "not json".len()) as f64;
     assert!(wire > publish_bytes, "{wire} bytes read");
-    assert!(metric(&metrics, &bytes("mqtt5")) > metric(&before, &bytes("mqtt5")));
-    // The accounting identity, from the wire to the tables.
+    assert!(metric(&metrics, "sluice_mqtt_sent_bytes_total{listener=\"mqtt\"}") > 0.0);
+    // The accounting identity, from the wire to the tables: every PUBLISH read was
+    // handed to the pipeline or refused, and everything handed on is a row, a reject or
+    // one of sluice's own notifications.
     assert_eq!(
         metric(&metrics, "sluice_mqtt_messages_received_total"),
-        metric(&metrics, "sluice_broker_messages_total")
-            + metric(&metrics, "sluice_broker_skipped_messages_total")
+        metric(
+            &metrics,
+            "sluice_mqtt_pipeline_messages_total{source=\"publish\"}"
+        ) + metric(&metrics, "sluice_mqtt_refused_messages_total")
     );
     assert_eq!(
-        metric(&metrics, "sluice_broker_messages_total"),
+        metric(&metrics, "sluice_mqtt_pipeline_messages_total"),
         metric(&metrics, "sluice_ingest_rows_total")
             + metric(&metrics, "sluice_ingest_rejects_total")
             + metric(&metrics, "sluice_mqtt_alert_messages_total")
     );
-    assert_eq!(metric(&metrics, "sluice_broker_messages_total"), 6.0);
+    assert_eq!(metric(&metrics, "sluice_mqtt_pipeline_messages_total"), 6.0);
+    assert_eq!(
+        metric(&metrics, "sluice_broker_skipped_messages_total"),
+        0.0
+    );
     // The six rejects are in memory (sealed into a batch), and the hot store's capacity
     // is shown.
     assert_eq!(
@@ -780,14 +787,14 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
         (client.stop)();
     }
     drop(refused);
-    let metrics = metrics_when(&sluice, |m| {
-        metric(m, &connected("mqtt")) == 1.0 && metric(m, &connected("mqtt5")) == 0.0
-    });
+    let metrics = metrics_when(&sluice, |m| metric(m, &connected("mqtt")) == 1.0);
     assert_eq!(metric(&metrics, &connected("mqtt")), 1.0);
-    assert_eq!(metric(&metrics, &connected("mqtt5")), 0.0);
-    assert!(
-        metrics.contains("sluice_ingest_queue_capacity_chunks 1024"),
-        "{metrics}"
+    assert_eq!(
+        metric(&metrics, "sluice_mqtt_disconnects_total{reason=\"client\"}"),
+        4.0
     );
-    assert!(metrics.contains("sluice_broker_bytes_total "), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "sluice_ingest_queue_capacity_messages"),
+        131_072.0
+    );
 }

@@ -1,37 +1,111 @@
-//! The embedded MQTT broker: rumqttd's router and listeners (MQTT 3.1.1 and 5) started
-//! from typed config, and one in-process subscription that drains them.
+//! sluice's MQTT broker: sluice's own connection layer in front of rumqttd's router.
 //!
-//! `broker` knows MQTT, not telemetry: it hands every publish matching its filter to the
-//! caller as a [`Delivery`]. Two things rumqttd does not do are added here:
-//! - **Loss detection.** rumqttd drops the oldest log segment under a slow reader and
-//!   moves the reader's cursor on, silently. Each forward carries the log offset, which
-//!   rises by one per message, so [`Subscription`] counts every skipped message.
-//! - **Draining.** After the listeners stop, [`Drain`] publishes a marker through the same
-//!   log; when the subscription reads it, everything the broker acknowledged before has
-//!   been delivered.
-//! - **Meters.** Connections, messages by QoS and bytes per listener, counted in the codec
-//!   (see [`MqttMeters`]).
+//! What is whose, and why:
+//! - **sluice** accepts every socket (plain TCP, TLS, WebSocket) on its own tokio tasks,
+//!   reads the CONNECT and picks the codec from its protocol level (3.1.1 and 5 on one
+//!   port), answers every refusal with a CONNACK code, enforces keep alive and the
+//!   limits, handles client-id takeover, wills and session expiry, and writes every
+//!   PUBACK itself: once the [`Pipeline`] has taken the message, so that an
+//!   acknowledgement never outruns what sluice holds, and a full pipeline stops the
+//!   reading of sockets instead of dropping anything.
+//! - **rumqttd's router** keeps subscriptions, retained messages and persistent
+//!   sessions, and delivers to MQTT subscribers; **rumqttd's codec**
+//!   (`rumqttd::protocol`) encodes and decodes packets.
+//!
+//! The broker knows MQTT, not telemetry: every PUBLISH goes to the [`Pipeline`] in the
+//! order its connection received it; topics matching [`BrokerConfig::direct_filter`]
+//! reach the router only while an MQTT subscription can see them.
 
+mod codec;
+mod connection;
+mod egress;
+mod frame;
+mod listener;
 mod meters;
-mod probe;
+mod router;
+mod session;
+mod transport;
 
 pub use meters::MqttMeters;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prometheus::{IntCounter, Registry};
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::v5::V5;
-use rumqttd::{
-    ConnectionSettings, LinkType, Notification, Router, RouterConfig, SegmentConfig, Server,
-    ServerSettings,
-};
 
-/// Errors starting or draining the broker.
+use crate::connection::{Limits, Shared};
+use crate::listener::Tasks;
+use crate::router::{Router, RouterSettings};
+use crate::session::Sessions;
+use crate::transport::Listener;
+
+/// A boxed future, as the broker's hooks return them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One message a client published (or a will published for it).
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// When sluice read it, ns since the epoch (UTC).
+    pub received_at_ns: i64,
+}
+
+/// The pipeline is gone (the process is stopping).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the pipeline is closed")]
+pub struct PipelineClosed;
+
+/// Where every message goes.
+pub trait Pipeline: Send + Sync + 'static {
+    /// Hands over messages of one connection, in the order they were received. The
+    /// future completes when the pipeline has taken them all; until then that
+    /// connection reads nothing more and acknowledges nothing (back-pressure).
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>>;
+}
+
+/// What a client presented in its CONNECT.
+#[derive(Debug)]
+pub struct ConnectInfo<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    /// `mqtt`, `mqtts` or `ws`.
+    pub listener: &'static str,
+    pub peer: SocketAddr,
+}
+
+/// The decision on a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Allow,
+    /// CONNACK 4 (3.1.1) / 0x86 (5).
+    BadCredentials,
+    /// CONNACK 5 / 0x87.
+    NotAuthorized,
+}
+
+/// Decides who may connect.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> BoxFuture<AuthOutcome>;
+}
+
+/// Lets every client connect.
+pub struct AllowAll;
+
+impl Authenticator for AllowAll {
+    fn authenticate(&self, _: &ConnectInfo<'_>) -> BoxFuture<AuthOutcome> {
+        Box::pin(std::future::ready(AuthOutcome::Allow))
+    }
+}
+
+/// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen for MQTT on {addr}: {source}")]
@@ -39,56 +113,83 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("the MQTT listener on {addr} did not accept a connection within {waited:?}: {detail}")]
-    NotReady {
-        addr: SocketAddr,
-        waited: Duration,
-        detail: String,
-    },
     #[error("invalid broker setting: {0}")]
     Config(String),
-    #[error("the broker's router stopped: {0}")]
-    Router(String),
+    #[error("cannot use the TLS certificate or key: {0}")]
+    Tls(String),
     #[error("cannot start the broker's threads: {0}")]
     Runtime(std::io::Error),
 }
 
-/// Settings of the embedded broker.
+/// The TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub addr: SocketAddr,
+    /// PEM: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Settings of the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listener.
-    pub mqtt_addr: SocketAddr,
-    /// MQTT 5 listener, if any.
-    pub mqtt5_addr: Option<SocketAddr>,
-    /// Connections accepted at once; further ones are closed without CONNACK.
+    /// MQTT 3.1.1 and 5 over TCP.
+    pub addr: SocketAddr,
+    /// MQTT over TLS.
+    pub tls: Option<TlsConfig>,
+    /// MQTT over WebSocket (subprotocol `mqtt`, any path).
+    pub ws_addr: Option<SocketAddr>,
+    /// Clients connected at once; more are refused with a CONNACK (3.1.1: 3, server
+    /// unavailable; 5: 0x97, quota exceeded).
     pub max_connections: usize,
-    /// Largest MQTT packet accepted; a client sending a larger one is disconnected.
+    /// Largest packet (whole packet) accepted from a client: a larger one closes the
+    /// connection (MQTT 5: DISCONNECT 0x95). Told to MQTT 5 clients in the CONNACK.
     pub max_packet_bytes: usize,
-    /// Memory for messages waiting to be read by the subscription. A subscriber that falls
-    /// further behind than this loses the oldest messages (counted as skipped).
-    pub buffer_bytes: usize,
-    /// Size of one segment of that buffer; memory is reclaimed a segment at a time.
-    pub segment_bytes: usize,
-    /// Threads serving MQTT connections.
-    pub io_threads: usize,
-    /// Time a client has to send CONNECT after connecting.
+    /// Time from accept to a complete CONNECT (TLS and WebSocket handshakes included).
     pub connect_timeout: Duration,
-    /// Packets read from one connection per network batch.
-    pub max_inflight: usize,
+    /// Time a write to a client may take before the connection is closed.
+    pub write_timeout: Duration,
+    /// QoS 1 and 2 publishes an MQTT 5 client may have unacknowledged (Receive Maximum);
+    /// more is a protocol error (DISCONNECT 0x93).
+    pub receive_maximum: u16,
+    /// Topic aliases an MQTT 5 client may set (0: none).
+    pub topic_alias_maximum: u16,
+    /// Keep alive an MQTT 5 client gets at most (Server Keep Alive); zero: as asked.
+    pub max_keep_alive: Duration,
+    /// How long a persistent session outlives its connection at most (3.1.1 persistent
+    /// sessions get exactly this).
+    pub max_session_expiry: Duration,
+    /// Memory of the router's log for each subscribed filter: a subscriber further
+    /// behind loses the oldest messages (counted).
+    pub subscriber_buffer_bytes: usize,
+    /// Threads serving connections.
+    pub io_threads: usize,
+    /// Topics that go to the pipeline only, and to the router only while an MQTT
+    /// subscription (or the retained store) needs them.
+    pub direct_filter: String,
+    /// Topic filters refused at SUBSCRIBE (return code 0x80).
+    pub deny_subscribe: Vec<String>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            mqtt5_addr: Some(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls: None,
+            ws_addr: None,
             max_connections: 10_000,
             max_packet_bytes: 2 * 1024 * 1024,
-            buffer_bytes: 128 * 1024 * 1024,
-            segment_bytes: 16 * 1024 * 1024,
-            io_threads: 2,
             connect_timeout: Duration::from_secs(10),
-            max_inflight: 100,
+            write_timeout: Duration::from_secs(30),
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            max_keep_alive: Duration::from_secs(60),
+            max_session_expiry: Duration::from_secs(86_400),
+            subscriber_buffer_bytes: 16 * 1024 * 1024,
+            io_threads: 2,
+            direct_filter: "#".into(),
+            deny_subscribe: Vec::new(),
         }
     }
 }
@@ -97,207 +198,227 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddrs {
     pub mqtt: SocketAddr,
-    pub mqtt5: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
 }
 
-/// One message taken from the broker.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub topic: Bytes,
-    pub payload: Bytes,
+/// Listeners bound, nothing accepted yet: the addresses are known (port 0 resolved), so
+/// that what serves the messages can be wired to them before the first one arrives.
+pub struct Bound {
+    config: BrokerConfig,
+    addrs: ListenAddrs,
+    sockets: Vec<(Listener, tokio::net::TcpListener)>,
+    runtime: tokio::runtime::Runtime,
 }
 
-/// What [`Subscription::recv`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Received {
-    /// Zero or more deliveries were appended; keep reading.
-    Open,
-    /// The drain marker was read: every message acknowledged before [`Drain::start`]
-    /// has been delivered.
-    Drained,
+impl Bound {
+    pub fn addrs(&self) -> ListenAddrs {
+        self.addrs
+    }
+
+    /// Starts the router and accepts connections; every message goes to `pipeline`.
+    pub fn start(
+        self,
+        pipeline: Arc<dyn Pipeline>,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Broker, BrokerError> {
+        let Bound {
+            config,
+            addrs,
+            sockets,
+            runtime,
+        } = self;
+        let router = Router::start(RouterSettings {
+            max_links: config.max_connections,
+            segment_bytes: (config.subscriber_buffer_bytes / 4).max(1024),
+            segments: 4,
+            direct_filter: config.direct_filter.clone(),
+        })
+        .map_err(BrokerError::Runtime)?;
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let meters = MqttMeters::new();
+        let listeners = Listener::ALL
+            .into_iter()
+            .map(|l| (l, meters.listener(l)))
+            .collect::<HashMap<_, _>>();
+        let shared = Arc::new(Shared {
+            limits: Limits {
+                max_connections: config.max_connections,
+                max_packet: config.max_packet_bytes,
+                connect_timeout: config.connect_timeout,
+                write_timeout: config.write_timeout,
+                receive_maximum: config.receive_maximum,
+                topic_alias_max: config.topic_alias_maximum,
+                max_keep_alive: config.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+                max_session_expiry: config.max_session_expiry.as_secs().min(u64::from(u32::MAX))
+                    as u32,
+                deny_subscribe: config.deny_subscribe.clone(),
+            },
+            router,
+            sessions: Arc::new(Sessions::default()),
+            pipeline,
+            auth,
+            meters: meters.clone(),
+            listeners,
+            shutdown,
+            connected: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            tls,
+            // A WebSocket message carries at most one MQTT packet's worth and some.
+            ws_max_message: config.max_packet_bytes + 16,
+        });
+        let tasks = Arc::new(Tasks::new());
+        for (listener, socket) in sockets {
+            runtime.spawn(listener::accept_loop(
+                shared.clone(),
+                tasks.clone(),
+                listener,
+                socket,
+            ));
+        }
+        tracing::info!(mqtt = %addrs.mqtt, tls = ?addrs.tls, ws = ?addrs.ws, "MQTT broker ready (3.1.1 and 5)");
+        Ok(Broker {
+            addrs,
+            meters,
+            stop,
+            tasks,
+            runtime: Some(runtime),
+        })
+    }
 }
 
-/// The running broker. Dropping it stops the listeners (the router thread lives on
-/// until the process exits, as rumqttd has no way to stop it).
+/// The running broker.
 pub struct Broker {
     addrs: ListenAddrs,
     meters: MqttMeters,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Arc<Tasks>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Broker {
-    /// Starts the router, subscribes one in-process link to `filter`, then starts the
-    /// listeners and waits until each accepts an MQTT connection. Returns once the broker
-    /// is ready: no message can arrive before the subscription exists.
-    pub fn start(
-        config: &BrokerConfig,
-        filter: &str,
-    ) -> Result<(Broker, Subscription, Drain), BrokerError> {
+    /// Binds the listeners (port 0 is resolved); [`Bound::start`] then serves them.
+    pub fn bind(config: &BrokerConfig) -> Result<Bound, BrokerError> {
         validate(config)?;
-        let segment_count = (config.buffer_bytes / config.segment_bytes).max(1);
-        let router = Router::new(
-            0,
-            RouterConfig {
-                max_connections: config.max_connections + 2,
-                max_outgoing_packet_count: 200,
-                // Other subscribers' filters (e.g. a user's mosquitto_sub) get a small log.
-                max_segment_size: 1024 * 1024,
-                max_segment_count: 4,
-                custom_segment: Some(HashMap::from([(
-                    filter.to_owned(),
-                    SegmentConfig {
-                        max_segment_size: config.segment_bytes,
-                        max_segment_count: segment_count,
-                    },
-                )])),
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-        );
-        let router_tx = router.spawn();
-
-        let (mut link_tx, link_rx, _ack) =
-            LinkBuilder::new("sluice-ingest", router_tx.clone()).build()?;
-        link_tx.subscribe(filter)?;
-
+        if let Some(tls) = &config.tls {
+            // Refuse a bad certificate before anything listens.
+            tls_acceptor(tls)?;
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.io_threads.max(1))
             .thread_name("mqtt-io")
             .enable_all()
             .build()
             .map_err(BrokerError::Runtime)?;
-
-        let connections = ConnectionSettings {
-            connection_timeout_ms: config.connect_timeout.as_millis().min(u16::MAX as u128) as u16,
-            max_payload_size: config.max_packet_bytes,
-            max_inflight_count: config.max_inflight,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
+        let mut sockets = Vec::new();
+        let entered = runtime.enter();
+        let mut bind = |listener: Listener, addr: SocketAddr| -> Result<SocketAddr, BrokerError> {
+            let socket =
+                listener::bind(addr).map_err(|source| BrokerError::Listen { addr, source })?;
+            let local = socket
+                .local_addr()
+                .map_err(|source| BrokerError::Listen { addr, source })?;
+            sockets.push((listener, socket));
+            Ok(local)
         };
-        let meters = MqttMeters::new();
-        let mqtt = resolve_port(config.mqtt_addr)?;
-        let mqtt5 = config.mqtt5_addr.map(resolve_port).transpose()?;
-        // A macro rather than a function: rumqttd does not export the router channel's
-        // item type, so it can only be passed where it is inferred.
-        macro_rules! spawn_listener {
-            ($name:expr, $addr:expr, $protocol:expr) => {{
-                let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
-                let protocol = meters::Metered::new($protocol, meters.listener($name));
-                let mut server = Server::new(settings($name, $addr, &connections), router_tx.clone(), protocol);
-                runtime.spawn(async move {
-                    let message = match server.start(LinkType::Remote).await {
-                        Ok(()) => "the listener stopped".to_owned(),
-                        Err(e) => e.to_string(),
-                    };
-                    tracing::error!(error = %message, "MQTT listener stopped");
-                    let _ = failed_tx.send(message);
-                });
-                failed_rx
-            }};
-        }
-        let mut listeners = vec![(mqtt, 4u8, spawn_listener!("mqtt", mqtt, V4))];
-        if let Some(addr) = mqtt5 {
-            listeners.push((addr, 5, spawn_listener!("mqtt5", addr, V5)));
-        }
-        for (addr, version, failed) in &listeners {
-            let waited = Duration::from_secs(10);
-            probe::wait_until_accepting(*addr, *version, waited, || failed.try_recv().ok())
-                .map_err(|detail| BrokerError::NotReady {
-                    addr: *addr,
-                    waited,
-                    detail,
-                })?;
-            // With a port resolved from 0, another process could have bound it first and
-            // answered the probe: our listener then fails to bind, at once. Give it a
-            // moment to say so.
-            if let Ok(detail) = failed.recv_timeout(Duration::from_millis(50)) {
-                return Err(BrokerError::NotReady {
-                    addr: *addr,
-                    waited,
-                    detail,
-                });
-            }
-        }
-        tracing::info!(%mqtt, mqtt5 = ?mqtt5, "MQTT broker ready");
+        let mqtt = bind(Listener::Tcp, config.addr)?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| bind(Listener::Tls, t.addr))
+            .transpose()?;
+        let ws = config.ws_addr.map(|a| bind(Listener::Ws, a)).transpose()?;
+        drop(entered);
+        Ok(Bound {
+            config: config.clone(),
+            addrs: ListenAddrs { mqtt, tls, ws },
+            sockets,
+            runtime,
+        })
+    }
 
-        let marker = marker_topic(filter);
-        Ok((
-            Broker {
-                addrs: ListenAddrs { mqtt, mqtt5 },
-                meters,
-                runtime: Some(runtime),
-            },
-            Subscription {
-                rx: link_rx,
-                last_offset: None,
-                counters: SubscriptionCounters::new(),
-                marker: marker.clone(),
-                resumed: false,
-            },
-            Drain {
-                tx: link_tx,
-                marker,
-            },
-        ))
+    /// Binds and starts at once.
+    pub fn start(
+        config: &BrokerConfig,
+        pipeline: Arc<dyn Pipeline>,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Broker, BrokerError> {
+        Broker::bind(config)?.start(pipeline, auth)
     }
 
     pub fn addrs(&self) -> ListenAddrs {
         self.addrs
     }
 
-    /// The listeners' meters (connections, messages by QoS, bytes), to register.
+    /// The broker's meters, to register.
     pub fn meters(&self) -> &MqttMeters {
         &self.meters
     }
 
-    /// Closes every client connection and stops accepting new ones. Messages already
-    /// acknowledged stay in the log for the subscription to read.
+    /// Stops accepting, closes every connection (MQTT 5: DISCONNECT 0x8B), and waits up
+    /// to `within` for their tasks to end. Every message a client was acknowledged for
+    /// is in the pipeline by then; those not acknowledged the client sends again.
     ///
-    /// Blocks for up to two seconds: call it from a thread that may block, not from
-    /// inside an async task.
-    pub fn stop_listeners(&mut self) {
+    /// Blocks: call it from a thread that may block, not from async code.
+    pub fn shutdown(&mut self, within: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = Instant::now() + within;
+        while self.tasks.count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_secs(2));
+            runtime.shutdown_timeout(Duration::from_secs(1));
         }
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
 }
 
-impl From<LinkError> for BrokerError {
-    fn from(e: LinkError) -> Self {
-        // LinkError can carry a whole router event; the message is what a caller uses.
-        BrokerError::Router(e.to_string())
-    }
-}
-
 fn validate(config: &BrokerConfig) -> Result<(), BrokerError> {
-    if config.segment_bytes < 1024 {
-        return Err(BrokerError::Config(format!(
-            "mqtt.segment_bytes is {}, it must be at least 1024",
-            config.segment_bytes
-        )));
-    }
-    if config.buffer_bytes < config.segment_bytes {
-        return Err(BrokerError::Config(format!(
-            "mqtt.buffer_bytes ({}) must be at least mqtt.segment_bytes ({})",
-            config.buffer_bytes, config.segment_bytes
-        )));
-    }
     if config.max_connections == 0 {
         return Err(BrokerError::Config(
             "mqtt.max_connections must be at least 1".into(),
         ));
     }
-    // Every connection is a file descriptor. Past the process's limit accept() fails, and
-    // rumqttd retries it at once, forever: refuse such a setting instead.
+    if config.receive_maximum == 0 {
+        return Err(BrokerError::Config(
+            "mqtt.receive_maximum must be at least 1".into(),
+        ));
+    }
+    if config.max_packet_bytes < 64 {
+        return Err(BrokerError::Config(format!(
+            "mqtt.max_packet_bytes is {}, it must be at least 64",
+            config.max_packet_bytes
+        )));
+    }
+    if config.subscriber_buffer_bytes < 4096 {
+        return Err(BrokerError::Config(format!(
+            "mqtt.subscriber_buffer_bytes is {}, it must be at least 4096",
+            config.subscriber_buffer_bytes
+        )));
+    }
+    for filter in &config.deny_subscribe {
+        if !frame::valid_filter(filter) {
+            return Err(BrokerError::Config(format!(
+                "mqtt.deny_subscribe: {filter:?} is not a valid topic filter"
+            )));
+        }
+    }
+    if !frame::valid_filter(&config.direct_filter) {
+        return Err(BrokerError::Config(format!(
+            "the direct filter {:?} is not a valid topic filter",
+            config.direct_filter
+        )));
+    }
+    // Every connection is a file descriptor: refuse a limit the process cannot reach.
     if let Some(limit) = raise_open_files_limit() {
         let room = limit.saturating_sub(RESERVED_FILES);
         if config.max_connections as u64 > room {
@@ -327,232 +448,33 @@ pub fn raise_open_files_limit() -> Option<u64> {
     Some(soft)
 }
 
-fn settings(name: &str, listen: SocketAddr, connections: &ConnectionSettings) -> ServerSettings {
-    ServerSettings {
-        name: name.to_owned(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: connections.clone(),
+fn tls_acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert_file)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", config.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(BrokerError::Tls(format!(
+            "{}: no certificate in it",
+            config.cert_file.display()
+        )));
     }
-}
-
-/// rumqttd binds its listeners itself and does not report the port it got, so port 0 is
-/// resolved here: bind, read the port, release it for rumqttd. Another process could take
-/// the port in between; the readiness probe would then fail rather than pass silently
-/// only if that process does not speak MQTT, so this is for tests and local use.
-fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    TcpListener::bind(addr)
-        .and_then(|l| l.local_addr())
-        .map_err(|source| BrokerError::Listen { addr, source })
-}
-
-/// A topic matching `filter` that no device can be expected to use.
-fn marker_topic(filter: &str) -> Bytes {
-    let nonce = format!(
-        "sluice-drain-{:016x}{:08x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64,
-        std::process::id()
-    );
-    let topic: Vec<&str> = filter
-        .split('/')
-        .map(|level| match level {
-            "+" | "#" => nonce.as_str(),
-            other => other,
-        })
-        .collect();
-    Bytes::from(topic.join("/"))
-}
-
-/// Sends the drain marker.
-pub struct Drain {
-    tx: LinkTx,
-    marker: Bytes,
-}
-
-impl Drain {
-    /// Publishes the marker behind every message the router has taken so far. Call it
-    /// after [`Broker::stop_listeners`], then read the [`Subscription`] until
-    /// [`Received::Drained`].
-    pub fn start(mut self) -> Result<(), BrokerError> {
-        self.tx.publish(self.marker.clone(), Bytes::new())?;
-        Ok(())
-    }
-}
-
-/// The in-process subscription: the only consumer of telemetry.
-pub struct Subscription {
-    rx: LinkRx,
-    last_offset: Option<u64>,
-    counters: SubscriptionCounters,
-    marker: Bytes,
-    /// The last read found the link paused by the router (its buffer was full) and
-    /// resumed it: more is waiting right now.
-    resumed: bool,
-}
-
-/// Counters of a subscription (Prometheus counters, readable from any thread).
-#[derive(Clone)]
-pub struct SubscriptionCounters {
-    skipped: IntCounter,
-    delivered: IntCounter,
-    bytes: IntCounter,
-}
-
-impl SubscriptionCounters {
-    fn new() -> Self {
-        SubscriptionCounters {
-            skipped: IntCounter::new(
-                "sluice_broker_skipped_messages_total",
-                "Messages the broker dropped before sluice read them (ingestion fell behind by more than mqtt.buffer_bytes)",
-            )
-            .expect("valid metric"),
-            delivered: IntCounter::new(
-                "sluice_broker_messages_total",
-                "Messages read from the broker",
-            )
-            .expect("valid metric"),
-            bytes: IntCounter::new(
-                "sluice_broker_bytes_total",
-                "Bytes (topic and payload) of the messages read from the broker",
-            )
-            .expect("valid metric"),
-        }
-    }
-
-    /// Exports the counters through `registry`.
-    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.skipped.clone()))?;
-        registry.register(Box::new(self.bytes.clone()))?;
-        registry.register(Box::new(self.delivered.clone()))
-    }
-
-    /// Messages the broker dropped before this subscription read them.
-    pub fn skipped(&self) -> u64 {
-        self.skipped.get()
-    }
-
-    /// Messages delivered to the caller.
-    pub fn delivered(&self) -> u64 {
-        self.delivered.get()
-    }
-}
-
-impl Subscription {
-    pub fn counters(&self) -> SubscriptionCounters {
-        self.counters.clone()
-    }
-
-    /// Appends up to `max` more deliveries to `out`, waiting until `deadline` for the
-    /// first one and not at all for the rest.
-    pub fn recv(
-        &mut self,
-        out: &mut Vec<Delivery>,
-        max: usize,
-        deadline: Instant,
-    ) -> Result<Received, BrokerError> {
-        let mut first = true;
-        let limit = out.len() + max;
-        while out.len() < limit {
-            let notification = if first {
-                first = false;
-                match self.rx.recv_deadline(deadline) {
-                    Ok(n) => n,
-                    Err(LinkError::RecvTimeout(_)) => return Ok(Received::Open),
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                // Only what is already buffered: never wait once something was read.
-                match self.rx.recv_deadline(Instant::now()) {
-                    Ok(n) => n,
-                    Err(LinkError::RecvTimeout(_)) => return Ok(Received::Open),
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            match notification {
-                Some(Notification::Forward(forward)) => {
-                    if let Some((_, offset)) = forward.cursor {
-                        self.track(offset);
-                    }
-                    if forward.publish.topic == self.marker {
-                        return Ok(Received::Drained);
-                    }
-                    self.counters.delivered.inc();
-                    self.counters.bytes.inc_by(
-                        (forward.publish.topic.len() + forward.publish.payload.len()) as u64,
-                    );
-                    out.push(Delivery {
-                        topic: forward.publish.topic,
-                        payload: forward.publish.payload,
-                    });
-                }
-                // The router paused this link because its buffer filled: ask for more.
-                Some(Notification::Unschedule) => {
-                    self.rx.ready()?;
-                    self.resumed = true;
-                }
-                Some(_) | None => {}
-            }
-        }
-        Ok(Received::Open)
-    }
-
-    /// Like [`recv`](Self::recv), then keeps collecting for `linger` after the first
-    /// delivery (or until `max`). It sleeps meanwhile instead of waking for each of the
-    /// router's hand-offs, and the router buffers for it (up to 200 messages, then the
-    /// link is paused and resumed here without sleeping). At tens of thousands of messages
-    /// a second this turns thousands of thread wake-ups into a few hundred.
-    pub fn recv_batch(
-        &mut self,
-        out: &mut Vec<Delivery>,
-        max: usize,
-        deadline: Instant,
-        linger: Duration,
-    ) -> Result<Received, BrokerError> {
-        let limit = out.len() + max;
-        let before = out.len();
-        self.resumed = false;
-        match self.recv(out, max, deadline)? {
-            Received::Drained => return Ok(Received::Drained),
-            Received::Open if out.len() == before => return Ok(Received::Open),
-            Received::Open => {}
-        }
-        let until = Instant::now() + linger;
-        while out.len() < limit {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            let wait = if std::mem::take(&mut self.resumed) {
-                until
-            } else {
-                std::thread::sleep(until - now);
-                Instant::now()
-            };
-            if self.recv(out, limit - out.len(), wait)? == Received::Drained {
-                return Ok(Received::Drained);
-            }
-        }
-        Ok(Received::Open)
-    }
-
-    fn track(&mut self, offset: u64) {
-        if let Some(last) = self.last_offset
-            && offset > last + 1
-        {
-            let lost = offset - last - 1;
-            self.counters.skipped.inc_by(lost);
-            tracing::error!(
-                lost,
-                "the broker dropped messages before sluice could read them (ingestion fell behind by more than mqtt.buffer_bytes)"
-            );
-        }
-        self.last_offset = Some(offset);
-    }
+    let key = PrivateKeyDer::from_pem_file(&config.key_file)
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", config.key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?
+        // Client certificates come with device identity (issue 15).
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            BrokerError::Tls(format!(
+                "{} and {}: {e}",
+                config.cert_file.display(),
+                config.key_file.display()
+            ))
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }

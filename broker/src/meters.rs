@@ -1,41 +1,210 @@
-//! MQTT meters per listener, counted as packets cross the wire.
+//! The broker's metrics, counted where things happen in sluice's connection layer.
 //!
-//! rumqttd 0.20 hands an embedding program no counts: its router meters are pushed only
-//! on a timer that its own `Broker::start` spawns (sluice builds the router itself), and
-//! the router's connection count goes down on disconnects. What rumqttd does take from
-//! the embedder is the codec: a listener parses and writes every packet through a
-//! [`Protocol`] value, cloned once per accepted socket and dropped when the connection
-//! ends. [`Metered`] wraps rumqttd's own codec and counts what passes through it:
-//! - a CONNECT read, then either a successful CONNACK written (accepted; the client is
-//!   connected until its codec is dropped) or none (refused: bad credentials, zero
-//!   keep-alive, an invalid client id, the router full);
-//! - each PUBLISH read, by the QoS bits of its fixed header (read before the codec
-//!   consumes the packet);
-//! - the bytes of every whole packet read.
-//!
-//! The cost is two relaxed atomic increments per message on the I/O threads.
+//! Accounting of PUBLISH packets (every one read is exactly one of these):
+//! `sluice_mqtt_messages_received_total` =
+//! Σ `sluice_mqtt_pipeline_messages_total{source="publish"}` +
+//! Σ `sluice_mqtt_refused_messages_total`. Wills add `source="will"` messages to the
+//! pipeline. Copies for MQTT subscribers (`sluice_mqtt_routed_messages_total`) are on top
+//! of that, never instead of it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use bytes::BytesMut;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use rumqttd::protocol::{ConnectReturnCode, Error, Packet, Protocol};
 
-/// The MQTT meters of every listener (Prometheus metrics, readable from any thread).
+use crate::transport::Listener;
+
+/// Why a connection attempt was refused (the `reason` label), or `ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    Ok,
+    /// No CONNECT within `mqtt.connect_timeout` (TLS and WebSocket handshakes included).
+    Timeout,
+    /// Closed, or not MQTT, before a CONNECT was read.
+    Closed,
+    /// MQTT 3.1 or a level sluice does not speak.
+    ProtocolVersion,
+    /// The CONNECT could not be decoded or broke a rule of the specification.
+    Malformed,
+    ClientId,
+    BadCredentials,
+    NotAuthorized,
+    /// `mqtt.max_connections` reached.
+    ServerFull,
+    /// The process is stopping.
+    Unavailable,
+}
+
+impl Attempt {
+    const ALL: [Attempt; 10] = [
+        Attempt::Ok,
+        Attempt::Timeout,
+        Attempt::Closed,
+        Attempt::ProtocolVersion,
+        Attempt::Malformed,
+        Attempt::ClientId,
+        Attempt::BadCredentials,
+        Attempt::NotAuthorized,
+        Attempt::ServerFull,
+        Attempt::Unavailable,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Attempt::Ok => "ok",
+            Attempt::Timeout => "timeout",
+            Attempt::Closed => "closed",
+            Attempt::ProtocolVersion => "protocol_version",
+            Attempt::Malformed => "malformed",
+            Attempt::ClientId => "client_id",
+            Attempt::BadCredentials => "bad_credentials",
+            Attempt::NotAuthorized => "not_authorized",
+            Attempt::ServerFull => "server_full",
+            Attempt::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Why a connection ended (the `reason` label of `sluice_mqtt_disconnects_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The client sent DISCONNECT.
+    Client,
+    /// The socket closed or failed without a DISCONNECT.
+    Network,
+    /// Nothing read for 1.5 × keep alive.
+    KeepAlive,
+    /// Another connection took the client id over.
+    TakenOver,
+    /// A malformed packet or a protocol error.
+    Protocol,
+    /// A packet larger than `mqtt.max_packet_bytes`.
+    TooLarge,
+    /// More unacknowledged QoS 1/2 publishes than the Receive Maximum.
+    ReceiveMaximum,
+    /// Writing to the client took longer than `mqtt.write_timeout`.
+    WriteTimeout,
+    /// sluice is stopping.
+    Shutdown,
+    /// The pipeline or the router is gone.
+    Internal,
+}
+
+impl Close {
+    const ALL: [Close; 10] = [
+        Close::Client,
+        Close::Network,
+        Close::KeepAlive,
+        Close::TakenOver,
+        Close::Protocol,
+        Close::TooLarge,
+        Close::ReceiveMaximum,
+        Close::WriteTimeout,
+        Close::Shutdown,
+        Close::Internal,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Close::Client => "client",
+            Close::Network => "network",
+            Close::KeepAlive => "keep_alive",
+            Close::TakenOver => "taken_over",
+            Close::Protocol => "protocol_error",
+            Close::TooLarge => "too_large",
+            Close::ReceiveMaximum => "receive_maximum",
+            Close::WriteTimeout => "write_timeout",
+            Close::Shutdown => "shutdown",
+            Close::Internal => "internal",
+        }
+    }
+}
+
+/// Why a PUBLISH read from a client was not handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// A QoS 2 publish sent again before its PUBREL: acknowledged, not delivered twice.
+    Qos2Duplicate,
+    /// Its topic (or topic alias) broke the rules; the connection was closed.
+    Topic,
+    /// Over the Receive Maximum; the connection was closed.
+    ReceiveMaximum,
+    /// Read but not handed on because the connection closed first (not acknowledged).
+    Closed,
+}
+
+impl Refused {
+    const ALL: [Refused; 4] = [
+        Refused::Qos2Duplicate,
+        Refused::Topic,
+        Refused::ReceiveMaximum,
+        Refused::Closed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refused::Qos2Duplicate => "qos2_duplicate",
+            Refused::Topic => "invalid_topic",
+            Refused::ReceiveMaximum => "receive_maximum",
+            Refused::Closed => "connection_closed",
+        }
+    }
+}
+
+/// Why a message for a subscriber was not sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    /// Larger than the Maximum Packet Size the client asked for [MQTT-3.1.2-25].
+    TooLarge,
+    /// Another of the client's subscriptions delivered the same message.
+    Overlap,
+    /// The client's own message on a No Local subscription [MQTT-3.8.3-3].
+    NoLocal,
+    /// A retained message on a subscription with Retain Handling 2 [MQTT-3.3.1-11].
+    RetainHandling,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 4] = [
+        Dropped::TooLarge,
+        Dropped::Overlap,
+        Dropped::NoLocal,
+        Dropped::RetainHandling,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Dropped::TooLarge => "too_large",
+            Dropped::Overlap => "overlapping_subscription",
+            Dropped::NoLocal => "no_local",
+            Dropped::RetainHandling => "retain_handling",
+        }
+    }
+}
+
+/// The broker's meters (Prometheus metrics, readable from any thread).
 #[derive(Clone)]
 pub struct MqttMeters {
     connected: IntGaugeVec,
     attempts: IntCounterVec,
     messages: IntCounterVec,
-    bytes: IntCounterVec,
+    bytes_in: IntCounterVec,
+    bytes_out: IntCounterVec,
+    disconnects: IntCounterVec,
+    refused: IntCounterVec,
+    pipeline: IntCounterVec,
+    pub(crate) routed: IntCounter,
+    pub(crate) forwarded: IntCounter,
+    dropped: IntCounterVec,
+    pub(crate) skipped: IntCounter,
+    pub(crate) router_links: IntGauge,
+    pub(crate) sessions_stored: IntGauge,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 impl MqttMeters {
     pub(crate) fn new() -> MqttMeters {
-        let vec = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
-        };
-        MqttMeters {
+        let meters = MqttMeters {
             connected: IntGaugeVec::new(
                 Opts::new(
                     "sluice_mqtt_connections",
@@ -44,36 +213,100 @@ impl MqttMeters {
                 &["listener"],
             )
             .expect("valid metric"),
-            attempts: vec(
+            attempts: counter_vec(
                 "sluice_mqtt_connection_attempts_total",
-                "MQTT CONNECT packets read, by listener and outcome: accepted (successful \
-                 CONNACK) or refused (closed without one: bad credentials, zero keep-alive, \
-                 invalid client id, broker full)",
-                &["listener", "outcome"],
+                "Sockets accepted, by listener, outcome (accepted: CONNACK 0; refused) and reason",
+                &["listener", "outcome", "reason"],
             ),
-            messages: vec(
+            messages: counter_vec(
                 "sluice_mqtt_messages_received_total",
                 "PUBLISH packets read from MQTT clients, by listener and QoS",
                 &["listener", "qos"],
             ),
-            bytes: vec(
+            bytes_in: counter_vec(
                 "sluice_mqtt_received_bytes_total",
-                "Bytes of the MQTT packets read from clients (whole packets of every type), by listener",
+                "Bytes read from MQTT clients (whole packets of every type), by listener",
                 &["listener"],
             ),
+            bytes_out: counter_vec(
+                "sluice_mqtt_sent_bytes_total",
+                "Bytes written to MQTT clients, by listener",
+                &["listener"],
+            ),
+            disconnects: counter_vec(
+                "sluice_mqtt_disconnects_total",
+                "MQTT connections ended after their CONNACK, by reason",
+                &["reason"],
+            ),
+            refused: counter_vec(
+                "sluice_mqtt_refused_messages_total",
+                "PUBLISH packets read but not handed to the pipeline, by reason",
+                &["reason"],
+            ),
+            pipeline: counter_vec(
+                "sluice_mqtt_pipeline_messages_total",
+                "Messages handed to the ingest pipeline: client publishes and wills",
+                &["source"],
+            ),
+            routed: IntCounter::new(
+                "sluice_mqtt_routed_messages_total",
+                "Copies of messages handed to the router for MQTT subscribers and the retained store",
+            )
+            .expect("valid metric"),
+            forwarded: IntCounter::new(
+                "sluice_mqtt_forwarded_messages_total",
+                "PUBLISH packets sent to MQTT subscribers",
+            )
+            .expect("valid metric"),
+            dropped: counter_vec(
+                "sluice_mqtt_dropped_forwards_total",
+                "Messages for a subscriber not sent to it, as MQTT requires, by reason",
+                &["reason"],
+            ),
+            skipped: IntCounter::new(
+                "sluice_broker_skipped_messages_total",
+                "Messages the router did not forward to a subscription: it fell behind by more \
+                 than the router's log (mqtt.subscriber_buffer_bytes) or the message expired \
+                 (MQTT 5 message expiry) first",
+            )
+            .expect("valid metric"),
+            router_links: IntGauge::new(
+                "sluice_mqtt_router_links",
+                "Connections registered with the router (clients that subscribe or keep a persistent session)",
+            )
+            .expect("valid metric"),
+            sessions_stored: IntGauge::new(
+                "sluice_mqtt_sessions_stored",
+                "Persistent sessions kept for clients that are not connected",
+            )
+            .expect("valid metric"),
+        };
+        // Every series exists from the start, so a rate over it is 0, not "no data".
+        for listener in Listener::ALL {
+            let name = listener.label();
+            meters.connected.with_label_values(&[name]);
+            for attempt in Attempt::ALL {
+                meters.attempt_counter(listener, attempt);
+            }
+            for qos in ["0", "1", "2"] {
+                meters.messages.with_label_values(&[name, qos]);
+            }
+            meters.bytes_in.with_label_values(&[name]);
+            meters.bytes_out.with_label_values(&[name]);
         }
-    }
-
-    /// The meters of one listener; every series it has starts at 0.
-    pub(crate) fn listener(&self, name: &str) -> ListenerMeters {
-        let qos = |level: &str| self.messages.with_label_values(&[name, level]);
-        ListenerMeters {
-            connected: self.connected.with_label_values(&[name]),
-            accepted: self.attempts.with_label_values(&[name, "accepted"]),
-            refused: self.attempts.with_label_values(&[name, "refused"]),
-            qos: [qos("0"), qos("1"), qos("2")],
-            bytes: self.bytes.with_label_values(&[name]),
+        for close in Close::ALL {
+            meters.disconnects.with_label_values(&[close.label()]);
         }
+        for refused in Refused::ALL {
+            meters.refused.with_label_values(&[refused.label()]);
+        }
+        for dropped in Dropped::ALL {
+            meters.dropped.with_label_values(&[dropped.label()]);
+        }
+        for source in ["publish", "will"] {
+            meters.pipeline.with_label_values(&[source]);
+        }
+        meters
     }
 
     /// Exports the meters through `registry`.
@@ -81,228 +314,80 @@ impl MqttMeters {
         registry.register(Box::new(self.connected.clone()))?;
         registry.register(Box::new(self.attempts.clone()))?;
         registry.register(Box::new(self.messages.clone()))?;
-        registry.register(Box::new(self.bytes.clone()))
+        registry.register(Box::new(self.bytes_in.clone()))?;
+        registry.register(Box::new(self.bytes_out.clone()))?;
+        registry.register(Box::new(self.disconnects.clone()))?;
+        registry.register(Box::new(self.refused.clone()))?;
+        registry.register(Box::new(self.pipeline.clone()))?;
+        registry.register(Box::new(self.routed.clone()))?;
+        registry.register(Box::new(self.forwarded.clone()))?;
+        registry.register(Box::new(self.dropped.clone()))?;
+        registry.register(Box::new(self.skipped.clone()))?;
+        registry.register(Box::new(self.router_links.clone()))?;
+        registry.register(Box::new(self.sessions_stored.clone()))
+    }
+
+    /// Messages the router did not forward to a subscription (see the metric's help).
+    pub fn skipped(&self) -> u64 {
+        self.skipped.get()
+    }
+
+    /// Messages handed to the pipeline so far (publishes and wills).
+    pub fn pipeline_messages(&self) -> u64 {
+        ["publish", "will"]
+            .iter()
+            .map(|s| self.pipeline.with_label_values(&[s]).get())
+            .sum()
+    }
+
+    fn attempt_counter(&self, listener: Listener, attempt: Attempt) -> IntCounter {
+        let outcome = if attempt == Attempt::Ok {
+            "accepted"
+        } else {
+            "refused"
+        };
+        self.attempts
+            .with_label_values(&[listener.label(), outcome, attempt.label()])
+    }
+
+    pub(crate) fn attempt(&self, listener: Listener, attempt: Attempt) {
+        self.attempt_counter(listener, attempt).inc();
+    }
+
+    pub(crate) fn listener(&self, listener: Listener) -> ListenerMeters {
+        let name = listener.label();
+        let qos = |level: &str| self.messages.with_label_values(&[name, level]);
+        ListenerMeters {
+            connected: self.connected.with_label_values(&[name]),
+            qos: [qos("0"), qos("1"), qos("2")],
+            bytes_in: self.bytes_in.with_label_values(&[name]),
+            bytes_out: self.bytes_out.with_label_values(&[name]),
+            publishes: self.pipeline.with_label_values(&["publish"]),
+        }
+    }
+
+    pub(crate) fn closed(&self, close: Close) {
+        self.disconnects.with_label_values(&[close.label()]).inc();
+    }
+
+    pub(crate) fn refused(&self, refused: Refused, n: u64) {
+        self.refused.with_label_values(&[refused.label()]).inc_by(n);
+    }
+
+    pub(crate) fn will(&self) {
+        self.pipeline.with_label_values(&["will"]).inc();
+    }
+
+    pub(crate) fn dropped(&self, dropped: Dropped) {
+        self.dropped.with_label_values(&[dropped.label()]).inc();
     }
 }
 
 /// One listener's series, resolved once so that counting takes no label lookup.
-#[derive(Clone)]
 pub(crate) struct ListenerMeters {
-    connected: IntGauge,
-    accepted: IntCounter,
-    refused: IntCounter,
-    qos: [IntCounter; 3],
-    bytes: IntCounter,
-}
-
-/// rumqttd's codec `P`, counting into one listener's meters. The listener clones it for
-/// each socket it accepts, so one value follows one connection.
-pub(crate) struct Metered<P> {
-    inner: P,
-    meters: ListenerMeters,
-    /// This connection sent CONNECT.
-    connect_read: bool,
-    /// The broker accepted it (an atomic only because `write` takes `&self`).
-    connected: AtomicBool,
-}
-
-impl<P> Metered<P> {
-    pub(crate) fn new(inner: P, meters: ListenerMeters) -> Metered<P> {
-        Metered {
-            inner,
-            meters,
-            connect_read: false,
-            connected: AtomicBool::new(false),
-        }
-    }
-}
-
-impl<P: Clone> Clone for Metered<P> {
-    /// A new connection's codec: nothing read or written yet.
-    fn clone(&self) -> Self {
-        Metered::new(self.inner.clone(), self.meters.clone())
-    }
-}
-
-impl<P: Protocol> Protocol for Metered<P> {
-    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
-        let before = stream.len();
-        let header = stream.first().copied().unwrap_or_default();
-        let packet = self.inner.read_mut(stream, max_size)?;
-        self.meters.bytes.inc_by((before - stream.len()) as u64);
-        match &packet {
-            // Bits 2-1 of a PUBLISH's first byte are its QoS; the codec refuses 3.
-            Packet::Publish(..) => {
-                if let Some(counter) = self.meters.qos.get(usize::from((header >> 1) & 0b11)) {
-                    counter.inc();
-                }
-            }
-            Packet::Connect(..) => self.connect_read = true,
-            _ => {}
-        }
-        Ok(packet)
-    }
-
-    fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<usize, Error> {
-        if let Packet::ConnAck(ack, _) = &packet
-            && ack.code == ConnectReturnCode::Success
-            && !self.connected.swap(true, Ordering::Relaxed)
-        {
-            self.meters.accepted.inc();
-            self.meters.connected.inc();
-        }
-        self.inner.write(packet, out)
-    }
-}
-
-impl<P> Drop for Metered<P> {
-    /// The connection is over (rumqttd drops its codec with it).
-    fn drop(&mut self) {
-        if *self.connected.get_mut() {
-            self.meters.connected.dec();
-        } else if self.connect_read {
-            self.meters.refused.inc();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rumqttc::QoS;
-    use rumqttc::mqttbytes::v4 as client;
-    use rumqttd::protocol::ConnAck;
-    use rumqttd::protocol::v4::V4;
-
-    fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let family = registry
-            .gather()
-            .into_iter()
-            .find(|f| f.name() == name)
-            .unwrap_or_else(|| panic!("no {name}"));
-        let metric = family
-            .get_metric()
-            .iter()
-            .find(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .unwrap_or_else(|| panic!("no {name}{labels:?}"));
-        if family.get_field_type() == prometheus::proto::MetricType::GAUGE {
-            metric.get_gauge().get_value()
-        } else {
-            metric.get_counter().get_value()
-        }
-    }
-
-    /// The bytes a real client (rumqttc's encoder) sends.
-    fn connect_bytes() -> BytesMut {
-        let mut out = BytesMut::new();
-        client::Connect::new("meter-test").write(&mut out).unwrap();
-        out
-    }
-
-    fn publish_bytes(qos: QoS) -> BytesMut {
-        let mut publish = client::Publish::new("devices/d/telemetry", qos, "{}");
-        publish.pkid = if qos == QoS::AtMostOnce { 0 } else { 7 };
-        let mut out = BytesMut::new();
-        publish.write(&mut out).unwrap();
-        out
-    }
-
-    fn connack(code: ConnectReturnCode) -> Packet {
-        Packet::ConnAck(
-            ConnAck {
-                session_present: false,
-                code,
-            },
-            None,
-        )
-    }
-
-    #[test]
-    fn counts_connections_messages_by_qos_and_bytes() {
-        let meters = MqttMeters::new();
-        let registry = Registry::new();
-        meters.register(&registry).unwrap();
-        let listener = Metered::new(V4, meters.listener("mqtt"));
-        let get = |name, labels: &[(&str, &str)]| value(&registry, name, labels);
-        let mqtt = ("listener", "mqtt");
-        let outcome = |o| {
-            get(
-                "sluice_mqtt_connection_attempts_total",
-                &[mqtt, ("outcome", o)],
-            )
-        };
-        let qos = |level| {
-            get(
-                "sluice_mqtt_messages_received_total",
-                &[mqtt, ("qos", level)],
-            )
-        };
-        let bytes = || get("sluice_mqtt_received_bytes_total", &[mqtt]);
-        assert_eq!(
-            (outcome("accepted"), outcome("refused"), bytes()),
-            (0.0, 0.0, 0.0)
-        );
-
-        let mut connection = listener.clone();
-        let mut wire = connect_bytes();
-        let sent = [
-            publish_bytes(QoS::AtMostOnce),
-            publish_bytes(QoS::AtLeastOnce),
-            publish_bytes(QoS::AtLeastOnce),
-            publish_bytes(QoS::ExactlyOnce),
-        ];
-        for packet in &sent {
-            wire.extend_from_slice(packet);
-        }
-        let total = wire.len();
-        assert!(matches!(
-            connection.read_mut(&mut wire, 1 << 20),
-            Ok(Packet::Connect(..))
-        ));
-        let mut out = BytesMut::new();
-        connection
-            .write(connack(ConnectReturnCode::Success), &mut out)
-            .unwrap();
-        for _ in &sent {
-            assert!(matches!(
-                connection.read_mut(&mut wire, 1 << 20),
-                Ok(Packet::Publish(..))
-            ));
-        }
-        assert!(wire.is_empty());
-        assert_eq!(get("sluice_mqtt_connections", &[mqtt]), 1.0);
-        assert_eq!(outcome("accepted"), 1.0);
-        assert_eq!((qos("0"), qos("1"), qos("2")), (1.0, 2.0, 1.0));
-        assert_eq!(bytes(), total as f64);
-
-        // A packet is counted once it is whole.
-        let mut partial = connect_bytes();
-        let rest = partial.split_off(3);
-        let mut refused = listener.clone();
-        assert!(matches!(
-            refused.read_mut(&mut partial, 1 << 20),
-            Err(Error::InsufficientBytes(_))
-        ));
-        assert_eq!(bytes(), total as f64);
-        partial.unsplit(rest);
-        refused.read_mut(&mut partial, 1 << 20).unwrap();
-        refused
-            .write(connack(ConnectReturnCode::NotAuthorized), &mut out)
-            .unwrap();
-
-        // Closed: the accepted connection leaves the gauge, the refused one is counted,
-        // a socket closed before CONNECT is neither.
-        drop(listener.clone());
-        drop(refused);
-        drop(connection);
-        assert_eq!(get("sluice_mqtt_connections", &[mqtt]), 0.0);
-        assert_eq!((outcome("accepted"), outcome("refused")), (1.0, 1.0));
-        assert_eq!(bytes(), (total + connect_bytes().len()) as f64);
-    }
+    pub(crate) connected: IntGauge,
+    pub(crate) qos: [IntCounter; 3],
+    pub(crate) bytes_in: IntCounter,
+    pub(crate) bytes_out: IntCounter,
+    pub(crate) publishes: IntCounter,
 }

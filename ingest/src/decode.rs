@@ -151,6 +151,9 @@ pub struct Reading<'a> {
 const TOPIC_PREFIX: &str = "devices/";
 const TOPIC_SUFFIX: &str = "/telemetry";
 
+/// The MQTT topic filter of telemetry topics.
+pub const TELEMETRY_TOPIC_FILTER: &str = "devices/+/telemetry";
+
 /// The device id in a `devices/{deviceId}/telemetry` topic.
 pub fn device_id_from_topic(topic: &[u8]) -> Result<&str, Rejection> {
     let topic = std::str::from_utf8(topic)

@@ -1,8 +1,9 @@
 //! Decode, validate and batch device telemetry.
 //!
 //! `ingest` knows the message contract and Arrow; it knows nothing of files, the broker or
-//! SQL. Raw messages come in as [`Message`]s through a bounded queue; sealed Arrow batches
-//! for the `telemetry` and `rejects` tables go out to a [`BatchSink`].
+//! SQL. Raw messages come in as [`Message`]s through an [`IngestHandle`] (bounded queues, one
+//! per decoder, a device always on the same one); sealed Arrow batches for the `telemetry`
+//! and `rejects` tables go out to a [`BatchSink`].
 
 mod batch;
 mod decode;
@@ -12,5 +13,10 @@ pub use batch::{
     Batcher, RejectsBuilder, RowBuilder, SealPolicy, SealReason, TelemetryBuilder, rejects_schema,
     telemetry_schema,
 };
-pub use decode::{DecodeLimits, Reading, RejectReason, Rejection, decode, device_id_from_topic};
-pub use pipeline::{BatchSink, IngestMetrics, Message, Pipeline, PipelineConfig};
+pub use decode::{
+    DecodeLimits, Reading, RejectReason, Rejection, TELEMETRY_TOPIC_FILTER, decode,
+    device_id_from_topic,
+};
+pub use pipeline::{
+    BatchSink, Closed, IngestHandle, IngestMetrics, Message, Pipeline, PipelineConfig,
+};

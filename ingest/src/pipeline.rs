@@ -1,19 +1,26 @@
-//! The batching stage: worker threads take chunks of raw messages from a bounded
-//! crossbeam queue, decode them, and hand sealed Arrow batches to a [`BatchSink`].
+//! The batching stage: decoder threads, each with its own bounded crossbeam queue, turn
+//! raw messages into sealed Arrow batches for a [`BatchSink`].
 //!
-//! Back-pressure is explicit: the queue is bounded, so a producer that outruns the
-//! workers blocks in `send` rather than growing memory.
+//! - **Per-device order.** A message goes to the decoder its topic hashes to, so the
+//!   readings of one device are decoded, batched and handed on in the order they were
+//!   sent, whatever the number of decoders.
+//! - **Back-pressure.** The queues hold at most `queue_messages` messages in all, counted
+//!   by a semaphore: [`IngestHandle::send`] waits (asynchronously) for room, and room
+//!   comes back as decoders finish with messages, after their batches were taken by
+//!   the sink. A slow sink therefore slows the senders; nothing is dropped.
 
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arrow::array::AsArray;
 use arrow::datatypes::TimestampNanosecondType;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::Semaphore;
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
 use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
@@ -23,12 +30,18 @@ const TS_COLUMN: usize = 1;
 /// Index of `received_at` in the telemetry schema.
 const RECEIVED_AT_COLUMN: usize = 2;
 
+/// How long a decoder lets messages gather after it wakes up for one: at tens of
+/// thousands of messages a second from thousands of connections, a decoder wakes a few
+/// hundred times a second instead of once per message. It delays visibility by at
+/// most this (acknowledgements not at all: they are sent when a message is queued).
+const LINGER: Duration = Duration::from_millis(2);
+
 /// One message as it came off the broker.
 #[derive(Debug, Clone)]
 pub struct Message {
     pub topic: Bytes,
     pub payload: Bytes,
-    /// When sluice took the message from the broker, ns since the epoch (UTC).
+    /// When sluice read the message, ns since the epoch (UTC).
     pub received_at_ns: i64,
 }
 
@@ -43,8 +56,8 @@ pub trait BatchSink: Send + Sync + 'static {
 pub struct PipelineConfig {
     /// Decoding threads; each builds its own batches.
     pub workers: usize,
-    /// Capacity of the queue in front of the workers, in chunks of messages.
-    pub queue_chunks: usize,
+    /// Messages queued in front of the decoders, in all; senders wait beyond.
+    pub queue_messages: usize,
     pub seal: SealPolicy,
     pub limits: DecodeLimits,
     /// How much of a rejected payload is kept in `rejects.payload`.
@@ -55,7 +68,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             workers: 2,
-            queue_chunks: 1024,
+            queue_messages: 131_072,
             seal: SealPolicy::default(),
             limits: DecodeLimits::default(),
             reject_payload_bytes: 1024,
@@ -63,10 +76,102 @@ impl Default for PipelineConfig {
     }
 }
 
+/// The pipeline stopped taking messages.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the ingest pipeline is closed")]
+pub struct Closed;
+
+/// The decoder a topic goes to.
+fn decoder_for(topic: &[u8], decoders: usize) -> usize {
+    if decoders == 1 {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut hasher);
+    (hasher.finish() % decoders as u64) as usize
+}
+
+struct Queues {
+    /// `None` once the pipeline is finishing: the workers drain what is queued and stop.
+    senders: RwLock<Option<Vec<Sender<Vec<Message>>>>>,
+    room: Semaphore,
+    capacity: usize,
+}
+
+/// Feeds the decoders; cheap to clone.
+#[derive(Clone)]
+pub struct IngestHandle {
+    queues: Arc<Queues>,
+}
+
+impl IngestHandle {
+    /// Queues messages, in order; waits while the queues are full. Cancel-safe: if the
+    /// future is dropped before it completes, none of the messages was queued.
+    pub async fn send(&self, messages: Vec<Message>) -> Result<(), Closed> {
+        let mut messages = messages;
+        while !messages.is_empty() {
+            // A larger batch than the whole queue goes in parts.
+            let rest = if messages.len() > self.queues.capacity {
+                messages.split_off(self.queues.capacity)
+            } else {
+                Vec::new()
+            };
+            let permits = self
+                .queues
+                .room
+                .acquire_many(messages.len() as u32)
+                .await
+                .map_err(|_| Closed)?;
+            permits.forget();
+            self.push(messages)?;
+            messages = rest;
+        }
+        Ok(())
+    }
+
+    /// [`send`](Self::send) from a thread that may block.
+    pub fn send_blocking(&self, messages: Vec<Message>) -> Result<(), Closed> {
+        futures::executor::block_on(self.send(messages))
+    }
+
+    /// Messages queued now.
+    pub fn queued(&self) -> usize {
+        self.queues.capacity - self.queues.room.available_permits()
+    }
+
+    fn push(&self, messages: Vec<Message>) -> Result<(), Closed> {
+        let senders = self
+            .queues
+            .senders
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(senders) = senders.as_ref() else {
+            self.queues.room.add_permits(messages.len());
+            return Err(Closed);
+        };
+        // Room was taken for every message, so no queue can be full.
+        if senders.len() == 1 {
+            return senders[0].send(messages).map_err(|_| Closed);
+        }
+        let mut parts: Vec<Vec<Message>> = vec![Vec::new(); senders.len()];
+        for message in messages {
+            parts[decoder_for(&message.topic, senders.len())].push(message);
+        }
+        for (sender, part) in senders.iter().zip(parts) {
+            if !part.is_empty() {
+                sender.send(part).map_err(|_| Closed)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Counters of the batching stage.
 #[derive(Clone)]
 pub struct IngestMetrics {
     pub messages: IntCounter,
+    queued: IntGauge,
+    queue_capacity: IntGauge,
     pub rows: IntCounter,
     rejects: IntCounterVec,
     batches: IntCounterVec,
@@ -100,7 +205,17 @@ impl IngestMetrics {
             HistogramOpts::new("sluice_ingest_batch_rows", "Rows per sealed batch")
                 .buckets(prometheus::exponential_buckets(1.0, 4.0, 10)?),
         )?;
+        let queued = IntGauge::new(
+            "sluice_ingest_queue_messages",
+            "Messages waiting for a decoder",
+        )?;
+        let queue_capacity = IntGauge::new(
+            "sluice_ingest_queue_capacity_messages",
+            "Messages the decoders' queues hold before senders wait (ingest.queue_messages)",
+        )?;
         registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(queue_capacity.clone()))?;
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(rejects.clone()))?;
         registry.register(Box::new(batches.clone()))?;
@@ -137,6 +252,8 @@ impl IngestMetrics {
         }
         Ok(IngestMetrics {
             messages,
+            queued,
+            queue_capacity,
             rows,
             rejects,
             batches,
@@ -164,7 +281,7 @@ impl IngestMetrics {
 
 /// The running batching stage.
 pub struct Pipeline {
-    tx: Sender<Vec<Message>>,
+    queues: Arc<Queues>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -175,33 +292,50 @@ impl Pipeline {
         sink: Arc<dyn BatchSink>,
         metrics: IngestMetrics,
     ) -> std::io::Result<Pipeline> {
-        let (tx, rx) = crossbeam_channel::bounded(config.queue_chunks.max(1));
-        let workers = (0..config.workers.max(1))
-            .map(|i| {
-                let worker = Worker::new(&config, rx.clone(), sink.clone(), metrics.clone());
+        let capacity = config.queue_messages.clamp(1, Semaphore::MAX_PERMITS);
+        let decoders = config.workers.max(1);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..decoders)
+            .map(|_| crossbeam_channel::bounded(capacity))
+            .unzip();
+        let queues = Arc::new(Queues {
+            senders: RwLock::new(Some(senders)),
+            room: Semaphore::new(capacity),
+            capacity,
+        });
+        metrics.queue_capacity.set(capacity as i64);
+        let workers = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| {
+                let worker =
+                    Worker::new(&config, rx, queues.clone(), sink.clone(), metrics.clone());
                 std::thread::Builder::new()
                     .name(format!("ingest-{i}"))
                     .spawn(move || worker.run())
             })
             .collect::<std::io::Result<_>>()?;
-        Ok(Pipeline { tx, workers })
+        Ok(Pipeline { queues, workers })
     }
 
-    /// A handle to feed the workers. Every clone must be dropped before [`Pipeline::finish`]
-    /// can return.
-    pub fn sender(&self) -> Sender<Vec<Message>> {
-        self.tx.clone()
+    /// A handle to feed the decoders.
+    pub fn handle(&self) -> IngestHandle {
+        IngestHandle {
+            queues: self.queues.clone(),
+        }
     }
 
-    /// Chunks waiting in the queue.
-    pub fn queue_depth(&self) -> usize {
-        self.tx.len()
-    }
-
-    /// Waits until every queued message is decoded and every open batch is sealed and
-    /// handed to the sink.
+    /// Stops taking messages, waits until every queued message is decoded and every
+    /// open batch is sealed and handed to the sink.
     pub fn finish(self) {
-        drop(self.tx);
+        self.queues.room.close();
+        // Waits for a send in progress to finish its push.
+        drop(
+            self.queues
+                .senders
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         for worker in self.workers {
             if worker.join().is_err() {
                 tracing::error!("an ingest worker panicked");
@@ -212,6 +346,7 @@ impl Pipeline {
 
 struct Worker {
     rx: Receiver<Vec<Message>>,
+    queues: Arc<Queues>,
     sink: Arc<dyn BatchSink>,
     metrics: IngestMetrics,
     limits: DecodeLimits,
@@ -223,11 +358,13 @@ impl Worker {
     fn new(
         config: &PipelineConfig,
         rx: Receiver<Vec<Message>>,
+        queues: Arc<Queues>,
         sink: Arc<dyn BatchSink>,
         metrics: IngestMetrics,
     ) -> Self {
         Worker {
             rx,
+            queues,
             sink,
             metrics,
             limits: config.limits,
@@ -250,7 +387,15 @@ impl Worker {
                 None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match received {
-                Ok(chunk) => self.process(&chunk),
+                Ok(chunk) => {
+                    self.take(chunk);
+                    if self.rx.is_empty() {
+                        std::thread::sleep(LINGER);
+                    }
+                    while let Ok(chunk) = self.rx.try_recv() {
+                        self.take(chunk);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -268,6 +413,15 @@ impl Worker {
         if let Some(batch) = self.rejects.drain() {
             self.emit_rejects(batch, SealReason::Drain);
         }
+    }
+
+    /// Decodes a chunk, then gives its room in the queue back.
+    fn take(&mut self, chunk: Vec<Message>) {
+        self.process(&chunk);
+        self.queues.room.add_permits(chunk.len());
+        self.metrics
+            .queued
+            .set((self.queues.capacity - self.queues.room.available_permits()) as i64);
     }
 
     fn process(&mut self, chunk: &[Message]) {
@@ -388,7 +542,7 @@ mod tests {
             Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
         // Event times 10:30:10, :20 and :30, all received at 10:31:00.
         let chunk = [10, 20, 30].map(|second| message(1, second)).to_vec();
-        pipeline.sender().send(chunk).unwrap();
+        pipeline.handle().send_blocking(chunk).unwrap();
         pipeline.finish();
         assert_eq!(rows(&sink.telemetry), 3);
         let ingest = &metrics.ingest_lag;
@@ -407,7 +561,7 @@ mod tests {
         let metrics = IngestMetrics::new(&registry).unwrap();
         let config = PipelineConfig {
             workers: 3,
-            queue_chunks: 4,
+            queue_messages: 400,
             seal: SealPolicy {
                 max_rows: 100,
                 max_age: Duration::from_secs(3600),
@@ -415,7 +569,7 @@ mod tests {
             ..PipelineConfig::default()
         };
         let pipeline = Pipeline::start(config, sink.clone(), metrics.clone()).unwrap();
-        let tx = pipeline.sender();
+        let tx = pipeline.handle();
         let mut bad = 0;
         for c in 0..50 {
             let chunk: Vec<Message> = (0..97)
@@ -431,7 +585,7 @@ mod tests {
                     }
                 })
                 .collect();
-            tx.send(chunk).unwrap();
+            tx.send_blocking(chunk).unwrap();
         }
         drop(tx);
         pipeline.finish();
@@ -445,6 +599,118 @@ mod tests {
                 .unwrap()
                 .iter()
                 .all(|b| b.num_rows() <= 100)
+        );
+    }
+
+    /// A sink that records each device's readings in the order they were handed on.
+    #[derive(Default)]
+    struct Order {
+        seen: Mutex<std::collections::HashMap<String, Vec<i64>>>,
+    }
+
+    impl BatchSink for Order {
+        fn append_telemetry(&self, batch: RecordBatch) {
+            let devices = batch.column(0).as_string::<i32>();
+            let ts = batch
+                .column(TS_COLUMN)
+                .as_primitive::<TimestampNanosecondType>();
+            let mut seen = self.seen.lock().unwrap();
+            for (device, ts) in devices.iter().zip(ts.values()) {
+                seen.entry(device.unwrap().to_owned())
+                    .or_default()
+                    .push(*ts);
+            }
+        }
+        fn append_rejects(&self, _: RecordBatch) {}
+    }
+
+    #[test]
+    fn each_device_is_handed_on_in_the_order_it_was_sent_at_any_number_of_decoders() {
+        for workers in [1, 2, 3, 8] {
+            let sink = Arc::new(Order::default());
+            let config = PipelineConfig {
+                workers,
+                // Small, so that senders wait and batches are sealed often.
+                queue_messages: 64,
+                seal: SealPolicy {
+                    max_rows: 7,
+                    max_age: Duration::from_secs(3600),
+                },
+                ..PipelineConfig::default()
+            };
+            let pipeline = Pipeline::start(
+                config,
+                sink.clone(),
+                IngestMetrics::new(&Registry::new()).unwrap(),
+            )
+            .unwrap();
+            let handle = pipeline.handle();
+            // Chunks interleave 20 devices, 60 readings each, in rising event time.
+            for round in 0..60 {
+                let chunk = (0..20).map(|device| message(device, round)).collect();
+                handle.send_blocking(chunk).unwrap();
+            }
+            pipeline.finish();
+            let seen = sink.seen.lock().unwrap();
+            assert_eq!(seen.len(), 20, "{workers} decoders");
+            for (device, ts) in seen.iter() {
+                assert_eq!(ts.len(), 60, "{device}, {workers} decoders");
+                assert!(
+                    ts.windows(2).all(|w| w[0] <= w[1]),
+                    "{device} out of order with {workers} decoders"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_sender_waits_for_room_and_a_dropped_send_queues_nothing() {
+        struct Slow(Mutex<usize>, std::sync::Condvar);
+        impl BatchSink for Slow {
+            fn append_telemetry(&self, batch: RecordBatch) {
+                let mut rows = self.0.lock().unwrap();
+                *rows += batch.num_rows();
+                self.1.notify_all();
+            }
+            fn append_rejects(&self, _: RecordBatch) {}
+        }
+        let sink = Arc::new(Slow(Mutex::new(0), std::sync::Condvar::new()));
+        let config = PipelineConfig {
+            workers: 1,
+            queue_messages: 10,
+            seal: SealPolicy {
+                max_rows: 1,
+                max_age: Duration::from_secs(3600),
+            },
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::start(
+            config,
+            sink.clone(),
+            IngestMetrics::new(&Registry::new()).unwrap(),
+        )
+        .unwrap();
+        let handle = pipeline.handle();
+        // More than the queue holds: goes in parts, waiting for room each time.
+        handle
+            .send_blocking((0..25).map(|i| message(1, i)).collect())
+            .unwrap();
+        // A send whose future is dropped before it completes queues nothing.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let hog = rt.block_on(handle.queues.room.acquire_many(10)).unwrap();
+        let dropped = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(50), handle.send(vec![message(2, 0)])).await
+        });
+        assert!(dropped.is_err(), "the send should have waited");
+        drop(hog);
+        pipeline.finish();
+        assert_eq!(*sink.0.lock().unwrap(), 25);
+        assert!(
+            handle.send_blocking(vec![message(3, 0)]).is_err(),
+            "a finished pipeline takes nothing"
         );
     }
 
@@ -469,7 +735,10 @@ mod tests {
         };
         let pipeline =
             Pipeline::start(config, sink.clone(), IngestMetrics::new(&registry).unwrap()).unwrap();
-        pipeline.sender().send(vec![message(1, 1)]).unwrap();
+        pipeline
+            .handle()
+            .send_blocking(vec![message(1, 1)])
+            .unwrap();
         let waited = Instant::now();
         while rows(&sink.telemetry) == 0 {
             assert!(waited.elapsed() < Duration::from_secs(10), "never sealed");

@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn every_kind_is_malformed_in_its_own_way() {
         let mut payloads = std::collections::HashSet::new();
-        for kind in 0..BAD_KINDS.len() {
+        for (kind, name) in BAD_KINDS.iter().enumerate() {
             let (topic, payload) = bad_message(kind, "device-000001", "2024-01-15T10:30:00.000Z");
             assert!(topic.starts_with("devices/device-000001/"));
             assert!(
@@ -70,13 +70,13 @@ mod tests {
             let json = std::str::from_utf8(&payload)
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
-            match BAD_KINDS[kind] {
+            match *name {
                 "invalid_json" | "invalid_utf8" => assert!(json.is_none()),
                 "too_large" => assert!(payload.len() > 64 * 1024),
                 "invalid_topic" => assert!(topic.ends_with("/status")),
                 // 1e999 is valid JSON syntax that overflows f64; serde_json refuses it.
                 "non_finite" => assert!(std::str::from_utf8(&payload).unwrap().contains("1e999")),
-                _ => assert!(json.is_some(), "{}", BAD_KINDS[kind]),
+                _ => assert!(json.is_some(), "{name}"),
             }
         }
     }

@@ -27,8 +27,11 @@ pub fn sluice_command() -> Command {
 /// A `sluice serve` child process.
 pub struct Sluice {
     child: Option<Child>,
+    /// MQTT, 3.1.1 and 5.
     pub mqtt: SocketAddr,
-    pub mqtt5: SocketAddr,
+    /// MQTT over TLS and over WebSocket, when configured.
+    pub mqtts: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
     pub http: String,
     /// The PostgreSQL wire-protocol endpoint.
     pub pg: SocketAddr,
@@ -41,13 +44,7 @@ impl Sluice {
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Sluice {
         let log = data_dir.with_extension("log");
         let mut child = sluice_command()
-            .args([
-                "serve",
-                "--mqtt-addr",
-                "127.0.0.1:0",
-                "--mqtt5-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["serve", "--mqtt-addr", "127.0.0.1:0"])
             .args(["--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
@@ -70,17 +67,18 @@ impl Sluice {
         };
         // Keep reading stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let field = |name: &str| {
+        let optional = |name: &str| {
             ready
                 .split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name} in {ready:?}"))
-                .to_owned()
+                .map(str::to_owned)
         };
+        let field = |name: &str| optional(name).unwrap_or_else(|| panic!("no {name} in {ready:?}"));
         Sluice {
             child: Some(child),
             mqtt: field("mqtt").parse().unwrap(),
-            mqtt5: field("mqtt5").parse().unwrap(),
+            mqtts: optional("mqtts").map(|a| a.parse().unwrap()),
+            ws: optional("ws").map(|a| a.parse().unwrap()),
             http: field("http"),
             pg: field("pg").parse().unwrap(),
             data_dir: data_dir.to_path_buf(),

@@ -1,0 +1,1656 @@
+//! One MQTT connection, from its first byte to its close: one tokio task each.
+//!
+//! - **Handshake.** Within `mqtt.connect_timeout` (TLS and WebSocket handshakes
+//!   included) the first packet must be a CONNECT. Its protocol level picks the codec
+//!   (4: MQTT 3.1.1, 5: MQTT 5; 3.1 and unknown levels get return code 1 / reason
+//!   0x84). Every refusal that MQTT gives a code for is answered with a CONNACK carrying
+//!   it, then the socket is closed.
+//! - **Publishes** go to the pipeline (every one of them: a telemetry reading becomes a
+//!   row, anything else a reject) and, when an MQTT subscriber or the retained store
+//!   needs them, to the router. The PUBACK (PUBREC) is written once the pipeline has
+//!   taken the message. While the pipeline is full the task stops reading its socket:
+//!   TCP back-pressure reaches the device, nothing is dropped.
+//! - **Acknowledgements go out in the order of the packets they answer**
+//!   [MQTT-4.6.0-2]: each is a slot in a queue, filled when the pipeline took the
+//!   message or when the router answered a SUBSCRIBE/UNSUBSCRIBE.
+//! - **Subscriptions** are the router's, through a link of this connection's own,
+//!   registered the first time it is needed. Messages from the router go out through
+//!   [`egress`](crate::egress).
+//! - **Keep alive**: 0 is accepted (no timeout); otherwise nothing read for 1.5 × keep
+//!   alive closes the connection [MQTT-3.1.2-24]. MQTT 5 clients asking for more than
+//!   `mqtt.max_keep_alive` are told the maximum (Server Keep Alive).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectProperties, ConnectReturnCode, Disconnect,
+    DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet,
+    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::codec::{Codec, ReadError, Version};
+use crate::egress::Egress;
+use crate::frame::{self, Header, Protocol};
+use crate::meters::{Attempt, Close, ListenerMeters, MqttMeters, Refused};
+use crate::router::{self, Link, Routed, Router};
+use crate::session::{Control, Expired, SessionState, Sessions, Stored, Sub, Will};
+use crate::transport::{Listener, Transport};
+use crate::{AuthOutcome, Authenticator, ConnectInfo, Inbound, Pipeline};
+
+/// Connection limits and protocol settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_packet: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+    pub(crate) receive_maximum: u16,
+    pub(crate) topic_alias_max: u16,
+    /// 0: any keep alive is accepted as asked.
+    pub(crate) max_keep_alive: u16,
+    pub(crate) max_session_expiry: u32,
+    /// Filters refused at SUBSCRIBE.
+    pub(crate) deny_subscribe: Vec<String>,
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) router: Router,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) pipeline: Arc<dyn Pipeline>,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) meters: MqttMeters,
+    pub(crate) listeners: HashMap<Listener, ListenerMeters>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Clients past their CONNACK, for `max_connections`.
+    pub(crate) connected: AtomicUsize,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) ws_max_message: usize,
+}
+
+/// Serves one accepted socket until it closes.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: Listener,
+    socket: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = socket.set_nodelay(true);
+    let deadline = Instant::now() + shared.limits.connect_timeout;
+    let mut read = BytesMut::new();
+    let opened = tokio::time::timeout_at(deadline, async {
+        let mut transport = open(&shared, listener, socket).await?;
+        let header = read_first(&shared, listener, &mut transport, &mut read).await?;
+        Ok::<_, Attempt>((transport, header))
+    })
+    .await;
+    let (transport, header) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(attempt)) => return shared.meters.attempt(listener, attempt),
+        Err(_) => return shared.meters.attempt(listener, Attempt::Timeout),
+    };
+    let handshake = Handshake {
+        shared: &shared,
+        listener,
+        transport,
+        read,
+        peer,
+    };
+    match handshake.connect(header).await {
+        Ok(conn) => conn.run().await,
+        Err(attempt) => shared.meters.attempt(listener, attempt),
+    }
+}
+
+/// The TLS or WebSocket handshake, if the listener has one.
+async fn open(
+    shared: &Shared,
+    listener: Listener,
+    socket: TcpStream,
+) -> Result<Transport, Attempt> {
+    match listener {
+        Listener::Tcp => Ok(Transport::Tcp(socket)),
+        Listener::Tls => {
+            let acceptor = shared.tls.as_ref().ok_or(Attempt::Closed)?;
+            let stream = acceptor.accept(socket).await.map_err(|e| {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                Attempt::Closed
+            })?;
+            Ok(Transport::Tls(Box::new(stream)))
+        }
+        Listener::Ws => {
+            use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+            // tungstenite's callback signature fixes the (large) error type.
+            #[allow(clippy::result_large_err)]
+            let choose_mqtt = |request: &Request, mut response: Response| {
+                // The subprotocol is "mqtt" [MQTT-6.0.0-3]; clients that offer none are
+                // served too.
+                let offered = request
+                    .headers()
+                    .get_all("sec-websocket-protocol")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(str::trim)
+                    .find(|p| p.eq_ignore_ascii_case("mqtt") || p.eq_ignore_ascii_case("mqttv3.1"))
+                    .map(str::to_owned);
+                if let Some(protocol) = offered
+                    && let Ok(value) = protocol.parse()
+                {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", value);
+                }
+                Ok(response)
+            };
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(shared.ws_max_message))
+                .max_frame_size(Some(shared.ws_max_message));
+            let stream =
+                tokio_tungstenite::accept_hdr_async_with_config(socket, choose_mqtt, Some(config))
+                    .await
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "WebSocket handshake failed");
+                        Attempt::Closed
+                    })?;
+            Ok(Transport::Ws(Box::new(stream)))
+        }
+    }
+}
+
+/// Reads until the first whole packet is buffered; returns its header.
+async fn read_first(
+    shared: &Shared,
+    listener: Listener,
+    transport: &mut Transport,
+    read: &mut BytesMut,
+) -> Result<Header, Attempt> {
+    let max_packet = shared.limits.max_packet;
+    loop {
+        match frame::header(read, max_packet) {
+            Ok(header) if read.len() >= header.frame_len() => return Ok(header),
+            Ok(_) | Err(frame::FrameError::Incomplete) => {}
+            Err(frame::FrameError::TooLarge(_)) => {
+                // A CONNECT over the limit: MQTT 5 has a code for it, 3.1.1 does not. The
+                // protocol level is in the first bytes.
+                if read.len() >= 10
+                    && read
+                        .get(..10)
+                        .is_some_and(|b| &b[4..8] == b"MQTT" && b[8] == 5)
+                {
+                    let _ = transport.write_all(&[0x20, 0x03, 0x00, 0x95, 0x00]).await;
+                    linger(transport).await;
+                    return Err(Attempt::Malformed);
+                }
+                if read.len() < 10 {
+                    // Not enough to tell the version yet.
+                } else {
+                    return Err(Attempt::Malformed);
+                }
+            }
+            Err(frame::FrameError::MalformedLength) => return Err(Attempt::Malformed),
+        }
+        let n = transport
+            .read(read, 1024)
+            .await
+            .map_err(|_| Attempt::Closed)?;
+        if n == 0 {
+            return Err(Attempt::Closed);
+        }
+        if let Some(m) = shared.listeners.get(&listener) {
+            m.bytes_in.inc_by(n as u64);
+        }
+        if read.len() > max_packet + 8 {
+            return Err(Attempt::Malformed);
+        }
+    }
+}
+
+/// Half-closes after a refusal or a server DISCONNECT and reads what the client still
+/// sends for a moment, so that the last packet reaches it instead of a reset.
+async fn linger(transport: &mut Transport) {
+    transport.shutdown().await;
+    let mut sink = BytesMut::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            sink.clear();
+            match transport.read(&mut sink, 4096).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+struct Handshake<'a> {
+    shared: &'a Arc<Shared>,
+    listener: Listener,
+    transport: Transport,
+    read: BytesMut,
+    peer: SocketAddr,
+}
+
+impl Handshake<'_> {
+    async fn refuse(
+        &mut self,
+        version: Version,
+        code: ConnectReturnCode,
+        attempt: Attempt,
+    ) -> Attempt {
+        let mut buf = BytesMut::new();
+        let ack = ConnAck {
+            session_present: false,
+            code,
+        };
+        if Codec::new(version)
+            .write(Packet::ConnAck(ack, None), &mut buf)
+            .is_ok()
+        {
+            let _ = self.transport.write_all(&buf).await;
+        }
+        linger(&mut self.transport).await;
+        attempt
+    }
+
+    /// Reads and checks the CONNECT, sets up the session, writes the CONNACK.
+    async fn connect(mut self, header: Header) -> Result<Conn, Attempt> {
+        use ConnectReturnCode as Rc;
+        if header.kind() != frame::kind::CONNECT {
+            // [MQTT-3.1.0-1]: the first packet must be CONNECT; no CONNACK for anything else.
+            return Err(Attempt::Closed);
+        }
+        let packet = &self.read[..header.frame_len()];
+        let version = match frame::connect_protocol(&header, packet) {
+            Protocol::V311 => Version::V311,
+            Protocol::V5 => Version::V5,
+            Protocol::Unsupported(_) => {
+                return Err(self
+                    .refuse(
+                        Version::V311,
+                        Rc::RefusedProtocolVersion,
+                        Attempt::ProtocolVersion,
+                    )
+                    .await);
+            }
+            Protocol::UnsupportedV5(_) => {
+                return Err(self
+                    .refuse(
+                        Version::V5,
+                        Rc::UnsupportedProtocolVersion,
+                        Attempt::ProtocolVersion,
+                    )
+                    .await);
+            }
+            Protocol::NotMqtt => return Err(Attempt::Closed),
+        };
+        let v5 = version == Version::V5;
+        let flags = frame::connect_flags(&header, packet).unwrap_or(0);
+        // Reserved flag [MQTT-3.1.2-3]; will QoS/retain without a will [MQTT-3.1.2-11..15];
+        // in 3.1.1 a password needs a user name [MQTT-3.1.2-22].
+        let malformed = flags & 0x01 != 0
+            || (flags & 0x04 == 0 && flags & 0x38 != 0)
+            || (flags >> 3) & 0x03 == 3
+            || (!v5 && flags & 0x40 != 0 && flags & 0x80 == 0);
+        let codec = Codec::new(version);
+        let decoded = if malformed {
+            Err(ReadError::Malformed("reserved connect flags".into()))
+        } else {
+            codec.read(&mut self.read, self.shared.limits.max_packet)
+        };
+        let (connect, props, will, will_props, login) = match decoded {
+            Ok(Some(read)) => match read.packet {
+                Packet::Connect(c, p, w, wp, l) => (c, p, w, wp, l),
+                _ => return Err(Attempt::Malformed),
+            },
+            _ if v5 => {
+                return Err(self
+                    .refuse(version, Rc::MalformedPacket, Attempt::Malformed)
+                    .await);
+            }
+            // [MQTT-3.1.4-1]: a CONNECT that breaks the rules is closed without CONNACK.
+            _ => return Err(Attempt::Malformed),
+        };
+        if v5 && let Some(code) = connect_properties_error(props.as_ref()) {
+            let attempt = if code == Rc::BadAuthenticationMethod {
+                Attempt::NotAuthorized
+            } else {
+                Attempt::Malformed
+            };
+            return Err(self.refuse(version, code, attempt).await);
+        }
+        if let Some(will) = &will
+            && (will.topic.is_empty() || !frame::valid_topic_name(&will.topic))
+        {
+            return Err(if v5 {
+                self.refuse(version, Rc::TopicNameInvalid, Attempt::Malformed)
+                    .await
+            } else {
+                Attempt::Malformed
+            });
+        }
+
+        // Client identifier [MQTT-3.1.3-6..9]: an empty one is assigned one, except in
+        // 3.1.1 with a persistent session.
+        let clean = connect.clean_session;
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if !v5 && !clean {
+                return Err(self
+                    .refuse(version, Rc::ClientIdentifierNotValid, Attempt::ClientId)
+                    .await);
+            }
+            let id = format!("sluice-{:016x}", rand_id(&self.shared.next_id));
+            assigned = v5.then(|| id.clone());
+            id.into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+
+        let info = ConnectInfo {
+            client_id: &client_id,
+            username: login.as_ref().map(|l| l.username.as_str()),
+            password: login.as_ref().map(|l| l.password.as_bytes()),
+            listener: self.listener.label(),
+            peer: self.peer,
+        };
+        match self.shared.auth.authenticate(&info).await {
+            AuthOutcome::Allow => {}
+            AuthOutcome::BadCredentials => {
+                // 3.1.1's return code 4 and MQTT 5's 0x86 are one variant.
+                return Err(self
+                    .refuse(version, Rc::BadUserNamePassword, Attempt::BadCredentials)
+                    .await);
+            }
+            AuthOutcome::NotAuthorized => {
+                return Err(self
+                    .refuse(version, Rc::NotAuthorized, Attempt::NotAuthorized)
+                    .await);
+            }
+        }
+        if *self.shared.shutdown.borrow() {
+            let code = if v5 {
+                Rc::ServerUnavailable
+            } else {
+                Rc::ServiceUnavailable
+            };
+            return Err(self.refuse(version, code, Attempt::Unavailable).await);
+        }
+        let slot = ConnectionSlot::take(self.shared);
+        let Some(slot) = slot else {
+            let code = if v5 {
+                Rc::QuotaExceeded
+            } else {
+                Rc::ServiceUnavailable
+            };
+            return Err(self.refuse(version, code, Attempt::ServerFull).await);
+        };
+
+        let limits = &self.shared.limits;
+        // Keep alive: as asked, but an MQTT 5 client asking for more than the maximum
+        // (or for none) while a maximum is set is told the maximum.
+        let mut server_keep_alive = None;
+        let mut keep_alive = connect.keep_alive;
+        if v5 && limits.max_keep_alive > 0 && keep_alive > limits.max_keep_alive {
+            keep_alive = limits.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+        // Session expiry: MQTT 5 asks for it; a 3.1.1 persistent session gets the maximum.
+        let asked_expiry = if v5 {
+            props
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0)
+        } else if clean {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry = asked_expiry.min(limits.max_session_expiry);
+        let granted_expiry = (v5 && expiry != asked_expiry).then_some(expiry);
+
+        // Takeover [MQTT-3.1.4-2]: the older connection closes before this one goes on.
+        let conn_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (control, done) = Control::new();
+        if let Some(older) = self
+            .shared
+            .sessions
+            .claim(&client_id, conn_id, control.clone())
+        {
+            older.kick();
+            older.closed(Duration::from_secs(10)).await;
+        }
+        let stored = self.shared.sessions.take_stored(&client_id);
+        if stored.is_some() {
+            self.shared.meters.sessions_stored.dec();
+        }
+        let resume = !clean && stored.is_some();
+        let persistent = expiry > 0;
+        let key = router::session_key(&client_id);
+        let mut session = match stored {
+            Some(stored) if resume => {
+                // A delayed will is not published if the client came back in time
+                // [MQTT-3.1.3-9].
+                let Stored { mut state, .. } = stored;
+                for sub in state.subs.values_mut() {
+                    sub.last_offset = None;
+                }
+                state
+            }
+            Some(stored) => {
+                // A clean start ends the old session: its will goes out now, the router
+                // forgets it.
+                end_session(self.shared, &client_id, stored).await;
+                SessionState::new(conn_id)
+            }
+            None => SessionState::new(conn_id),
+        };
+        let mut link = None;
+        if resume || persistent {
+            match self.shared.router.connect(key.clone(), false).await {
+                Ok(l) => {
+                    self.shared.meters.router_links.inc();
+                    session.router_session = true;
+                    link = Some(l);
+                }
+                Err(e) => {
+                    tracing::warn!(client_id = %client_id, error = %e, "the router refused a session");
+                    self.shared
+                        .sessions
+                        .release(&client_id, conn_id, None, on_timer(self.shared));
+                    drop(slot);
+                    let code = if v5 {
+                        Rc::ServerBusy
+                    } else {
+                        Rc::ServiceUnavailable
+                    };
+                    return Err(self.refuse(version, code, Attempt::ServerFull).await);
+                }
+            }
+        }
+
+        let connack_props = v5.then(|| ConnAckProperties {
+            session_expiry_interval: granted_expiry,
+            receive_max: Some(limits.receive_maximum),
+            max_packet_size: Some(limits.max_packet.min(u32::MAX as usize) as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: (limits.topic_alias_max > 0).then_some(limits.topic_alias_max),
+            server_keep_alive,
+            ..ConnAckProperties::default()
+        });
+        let mut write = BytesMut::new();
+        let ack = ConnAck {
+            session_present: resume,
+            code: Rc::Success,
+        };
+        let _ = codec.write(Packet::ConnAck(ack, connack_props), &mut write);
+        let meters = &self.shared.listeners[&self.listener];
+        meters.connected.inc();
+        self.shared.meters.attempt(self.listener, Attempt::Ok);
+
+        let client_props = props.unwrap_or_else(empty_connect_properties);
+        let will = will.map(|will| Will {
+            delay: Duration::from_secs(u64::from(
+                will_props
+                    .as_ref()
+                    .and_then(|p| p.delay_interval)
+                    .unwrap_or(0),
+            )),
+            will,
+            properties: will_props,
+        });
+        let egress = Egress::new(
+            codec,
+            client_props.receive_maximum.unwrap_or(u16::MAX),
+            client_props
+                .max_packet_size
+                .map_or(usize::MAX, |m| m as usize),
+            client_props.topic_alias_max.unwrap_or(0),
+        );
+        let transport = self.transport;
+        Ok(Conn {
+            shared: self.shared.clone(),
+            listener: self.listener,
+            transport,
+            codec,
+            version,
+            client_id,
+            conn_id,
+            key,
+            control,
+            _done: done,
+            _slot: slot,
+            read: self.read,
+            read_chunk: MIN_READ,
+            write,
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            expiry,
+            connect_expiry: expiry,
+            session,
+            link,
+            will,
+            aliases_in: HashMap::new(),
+            slots: VecDeque::new(),
+            slot_base: 0,
+            expect: VecDeque::new(),
+            pending: Vec::new(),
+            routed: Vec::new(),
+            batch_slots: Vec::new(),
+            to_router: Vec::new(),
+            egress,
+            qos1_unacked: 0,
+        })
+    }
+}
+
+fn empty_connect_properties() -> ConnectProperties {
+    ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+/// MQTT 5 CONNECT properties that are protocol errors, or ask for what sluice does not
+/// offer (enhanced authentication).
+fn connect_properties_error(props: Option<&ConnectProperties>) -> Option<ConnectReturnCode> {
+    let p = props?;
+    if p.receive_maximum == Some(0)
+        || p.max_packet_size == Some(0)
+        || p.request_response_info.is_some_and(|v| v > 1)
+        || p.request_problem_info.is_some_and(|v| v > 1)
+        || (p.authentication_data.is_some() && p.authentication_method.is_none())
+    {
+        return Some(ConnectReturnCode::ProtocolError);
+    }
+    p.authentication_method
+        .is_some()
+        .then_some(ConnectReturnCode::BadAuthenticationMethod)
+}
+
+fn rand_id(seq: &AtomicU64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // Unique in this process (the sequence) and unlikely to repeat across restarts.
+    nanos.rotate_left(17)
+        ^ seq
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// A place among `mqtt.max_connections`, given back when dropped.
+pub(crate) struct ConnectionSlot(Arc<Shared>);
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ConnectionSlot> {
+        let max = shared.limits.max_connections;
+        shared
+            .connected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connected.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Read buffer sizes: start small, grow while reads fill the buffer.
+const MIN_READ: usize = 2048;
+const MAX_READ: usize = 64 * 1024;
+/// Messages handed to the pipeline in one go at most.
+const MAX_BATCH: usize = 1024;
+
+/// One acknowledgement owed to the client, in the order of the packets it answers.
+struct Slot {
+    packet: Option<Packet>,
+    /// Conditions still to be met: the pipeline took the message, the router answered.
+    waiting: u16,
+    /// Counted in the QoS 1 messages awaiting their PUBACK.
+    qos1: bool,
+}
+
+/// An answer awaited from the router on this connection's link, in the order the
+/// router gives them.
+pub(crate) enum Expect {
+    /// The code of filter `index` of the SUBACK in slot `slot`.
+    SubAck { slot: u64, index: usize },
+    /// One filter of the UNSUBACK in slot `slot`.
+    UnsubAck { slot: u64 },
+    /// A PUBREL for a QoS 2 message sent to the client (goes to the client).
+    PubRel,
+    /// A PUBREL for a QoS 2 message the client never got (too large, no local…): sluice
+    /// completes it with the router.
+    SwallowPubRel,
+}
+
+/// Why the main loop ended.
+struct Ending {
+    close: Close,
+    /// MQTT 5 DISCONNECT reason to send, if any.
+    reason: Option<DisconnectReasonCode>,
+    /// Whether the will is published.
+    will: bool,
+}
+
+impl Ending {
+    fn server(close: Close, reason: DisconnectReasonCode) -> Ending {
+        Ending {
+            close,
+            reason: Some(reason),
+            will: true,
+        }
+    }
+}
+
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    listener: Listener,
+    transport: Transport,
+    codec: Codec,
+    version: Version,
+    client_id: Arc<str>,
+    conn_id: u64,
+    /// rumqttd's session key for this client id.
+    key: String,
+    control: Arc<Control>,
+    /// Dropped when the connection is done: the taker-over waits for it.
+    _done: tokio::sync::oneshot::Sender<()>,
+    _slot: ConnectionSlot,
+    read: BytesMut,
+    read_chunk: usize,
+    write: BytesMut,
+    keep_alive: Option<Duration>,
+    /// Session expiry, seconds (may be changed by DISCONNECT).
+    expiry: u32,
+    connect_expiry: u32,
+    session: SessionState,
+    link: Option<Link>,
+    will: Option<Will>,
+    /// Topic aliases the client set (MQTT 5).
+    aliases_in: HashMap<u16, Bytes>,
+    slots: VecDeque<Slot>,
+    /// Sequence number of `slots[0]`.
+    slot_base: u64,
+    expect: VecDeque<Expect>,
+    /// Messages read, not yet handed to the pipeline.
+    pending: Vec<Inbound>,
+    /// Copies for the router.
+    routed: Vec<Routed>,
+    /// Slots waiting for `pending` to be taken.
+    batch_slots: Vec<u64>,
+    /// Packets for the router on this connection's link.
+    to_router: Vec<Packet>,
+    egress: Egress,
+    /// QoS 1 publishes read whose PUBACK is not written yet.
+    qos1_unacked: usize,
+}
+
+impl Conn {
+    async fn run(mut self) {
+        let ending = self.serve().await;
+        self.finish(ending).await;
+    }
+
+    async fn serve(&mut self) -> Ending {
+        // The CONNACK, and (on a resumed session) what the router has queued.
+        if let Err(close) = self.flush().await {
+            return Ending {
+                close,
+                reason: None,
+                will: true,
+            };
+        }
+        let mut shutdown = self.shared.shutdown.clone();
+        let control = self.control.clone();
+        let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86400 * 365)));
+        tokio::pin!(idle);
+        loop {
+            if *shutdown.borrow() {
+                return Ending::server(Close::Shutdown, DisconnectReasonCode::ServerShuttingDown);
+            }
+            let chunk = self.read_chunk;
+            tokio::select! {
+                biased;
+                _ = control.kicked() => {
+                    return Ending::server(Close::TakenOver, DisconnectReasonCode::SessionTakenOver);
+                }
+                _ = shutdown.changed() => {}
+                _ = &mut idle, if self.keep_alive.is_some() => {
+                    return Ending::server(Close::KeepAlive, DisconnectReasonCode::KeepAliveTimeout);
+                }
+                notification = next_notification(&mut self.link) => {
+                    if let Err(ending) = self.on_router(notification).await {
+                        return ending;
+                    }
+                }
+                read = self.transport.read(&mut self.read, chunk) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => return Ending { close: Close::Network, reason: None, will: true },
+                        Ok(n) => n,
+                    };
+                    self.shared.listeners[&self.listener].bytes_in.inc_by(n as u64);
+                    self.read_chunk = if n >= chunk { (chunk * 2).min(MAX_READ) } else { MIN_READ.max(chunk / 2) };
+                    if let Some(keep_alive) = self.keep_alive {
+                        idle.as_mut().reset(Instant::now() + keep_alive);
+                    }
+                    if let Err(ending) = self.on_bytes().await {
+                        return ending;
+                    }
+                    if self.read.is_empty() {
+                        // An idle connection holds no read buffer.
+                        self.read = BytesMut::new();
+                    }
+                }
+            }
+            if let Err(close) = self.after_step().await {
+                return Ending {
+                    close,
+                    reason: None,
+                    will: true,
+                };
+            }
+        }
+    }
+
+    /// Sends what the last step produced: packets for the router, then for the client.
+    async fn after_step(&mut self) -> Result<(), Close> {
+        self.flush_router().await?;
+        self.flush().await
+    }
+
+    /// Decodes every whole packet read so far.
+    async fn on_bytes(&mut self) -> Result<(), Ending> {
+        let received_at_ns = now_ns();
+        loop {
+            let read = match self
+                .codec
+                .read(&mut self.read, self.shared.limits.max_packet)
+            {
+                Ok(Some(read)) => read,
+                Ok(None) => break,
+                Err(ReadError::TooLarge(_)) => {
+                    return Err(self
+                        .protocol_end(Close::TooLarge, DisconnectReasonCode::PacketTooLarge)
+                        .await);
+                }
+                Err(ReadError::NotAllowed(_)) | Err(ReadError::Malformed(_)) => {
+                    return Err(self
+                        .protocol_end(Close::Protocol, DisconnectReasonCode::MalformedPacket)
+                        .await);
+                }
+            };
+            match read.packet {
+                Packet::Publish(publish, properties) => {
+                    if let Err(ending) =
+                        self.on_publish(read.header, read.pkid, publish, properties, received_at_ns)
+                    {
+                        return Err(self.end_with_pending(ending).await);
+                    }
+                    if self.pending.len() >= MAX_BATCH {
+                        self.deliver().await?;
+                    }
+                }
+                Packet::PubAck(ack, _) => self.egress.client_puback(ack.pkid),
+                Packet::PubRec(rec, _) => self.egress.client_pubrec(rec.pkid, rec.reason),
+                Packet::PubComp(comp, _) => self.egress.client_pubcomp(comp.pkid),
+                Packet::PubRel(rel, _) => {
+                    // The end of a QoS 2 publish of the client's [MQTT-4.3.3-2].
+                    let reason = if self.session.qos2_in.remove(&rel.pkid)
+                        || self.version == Version::V311
+                    {
+                        PubCompReason::Success
+                    } else {
+                        PubCompReason::PacketIdentifierNotFound
+                    };
+                    self.slot(
+                        Some(Packet::PubComp(
+                            PubComp {
+                                pkid: rel.pkid,
+                                reason,
+                            },
+                            None,
+                        )),
+                        0,
+                        false,
+                    );
+                }
+                Packet::Subscribe(subscribe, props) => {
+                    self.deliver().await?;
+                    self.on_subscribe(subscribe, props).await?;
+                }
+                Packet::Unsubscribe(unsubscribe, _) => {
+                    self.deliver().await?;
+                    self.on_unsubscribe(unsubscribe).await?;
+                }
+                Packet::PingReq(_) => {
+                    // Never behind other acknowledgements.
+                    let _ = self
+                        .codec
+                        .write(Packet::PingResp(PingResp), &mut self.write);
+                }
+                Packet::Disconnect(disconnect, props) => {
+                    self.deliver().await?;
+                    return Err(self.on_disconnect(disconnect, props).await);
+                }
+                Packet::Connect(..) => {
+                    // A second CONNECT is a protocol violation [MQTT-3.1.0-2].
+                    return Err(self
+                        .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                        .await);
+                }
+                _ => {
+                    return Err(self
+                        .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                        .await);
+                }
+            }
+        }
+        self.deliver().await?;
+        self.egress
+            .release(&mut self.write, &mut self.to_router, &mut self.expect);
+        Ok(())
+    }
+
+    fn on_publish(
+        &mut self,
+        header: Header,
+        pkid: u16,
+        mut publish: rumqttd::protocol::Publish,
+        mut properties: Option<PublishProperties>,
+        received_at_ns: i64,
+    ) -> Result<(), Ending> {
+        let (qos, _dup, retain) = frame::publish_flags(header.byte1);
+        let meters = &self.shared.listeners[&self.listener];
+        meters.qos[usize::from(qos.min(2))].inc();
+        let v5 = self.version == Version::V5;
+        // Topic aliases (MQTT 5) are resolved here: nothing behind sees one.
+        if let Some(alias) = properties.as_mut().and_then(|p| p.topic_alias.take()) {
+            if alias == 0 || alias > self.shared.limits.topic_alias_max {
+                self.shared.meters.refused(Refused::Topic, 1);
+                return Err(Ending::server(
+                    Close::Protocol,
+                    DisconnectReasonCode::TopicAliasInvalid,
+                ));
+            }
+            if publish.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => {
+                        self.shared.meters.refused(Refused::Topic, 1);
+                        return Err(Ending::server(
+                            Close::Protocol,
+                            DisconnectReasonCode::ProtocolError,
+                        ));
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, publish.topic.clone());
+            }
+        }
+        if publish.topic.is_empty() || !frame::valid_topic_name(&publish.topic) {
+            self.shared.meters.refused(Refused::Topic, 1);
+            let reason = if publish.topic.is_empty() {
+                DisconnectReasonCode::ProtocolError
+            } else {
+                DisconnectReasonCode::TopicNameInvalid
+            };
+            return Err(Ending::server(Close::Protocol, reason));
+        }
+        if let Some(p) = &properties
+            && !p.subscription_identifiers.is_empty()
+        {
+            // A client may not send one [MQTT-3.3.4-6].
+            self.shared.meters.refused(Refused::Topic, 1);
+            return Err(Ending::server(
+                Close::Protocol,
+                DisconnectReasonCode::ProtocolError,
+            ));
+        }
+        // Whatever poses as sluice's marker goes.
+        router::unmark(&mut properties);
+
+        // Receive Maximum (MQTT 5): QoS 1 and 2 publishes not yet acknowledged.
+        if v5 && qos > 0 {
+            let in_flight = self.qos1_unacked + self.session.qos2_in.len() + usize::from(qos == 1);
+            let in_flight = if qos == 2 { in_flight + 1 } else { in_flight };
+            if in_flight > usize::from(self.shared.limits.receive_maximum) {
+                self.shared.meters.refused(Refused::ReceiveMaximum, 1);
+                return Err(Ending::server(
+                    Close::ReceiveMaximum,
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                ));
+            }
+        }
+        if qos == 2 && !self.session.qos2_in.insert(pkid) {
+            // Sent again before its PUBREL: acknowledged again, not delivered twice
+            // [MQTT-4.3.3-2].
+            self.shared.meters.refused(Refused::Qos2Duplicate, 1);
+            let rec = PubRec {
+                pkid,
+                reason: PubRecReason::Success,
+            };
+            self.slot(Some(Packet::PubRec(rec, None)), 0, false);
+            return Ok(());
+        }
+
+        self.pending.push(Inbound {
+            topic: publish.topic.clone(),
+            payload: publish.payload.clone(),
+            received_at_ns,
+        });
+        // A copy for the router, when someone may want it: any topic but the direct
+        // ones and `$` topics, which no client subscription sees [MQTT-4.7.2-1]; a direct
+        // topic while a subscription sees it, or when it is to be retained.
+        let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+        let visibility = &self.shared.router.visibility;
+        if !topic.starts_with('$')
+            && (!visibility.is_direct(topic) || retain || visibility.watched(topic))
+        {
+            let origin = self.session.has_no_local().then_some(self.session.origin);
+            let mut marker = self.shared.router.marker_for(qos, retain, origin);
+            if retain && qos < 2 {
+                // A retained message keeps its QoS for every later subscriber.
+                marker.qos = Some(qos);
+            }
+            router::mark(&mut properties, &marker);
+            self.routed.push(Routed {
+                publish,
+                properties,
+                qos,
+                pkid,
+            });
+        }
+        let ack = match qos {
+            1 => Some(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            2 => Some(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            )),
+            _ => None,
+        };
+        let seq = self.slot(ack, 1, qos == 1);
+        if qos == 1 {
+            self.qos1_unacked += 1;
+        }
+        self.batch_slots.push(seq);
+        Ok(())
+    }
+
+    /// Hands the messages read so far to the pipeline (waiting while it is full), and
+    /// their copies to the router; then their acknowledgements can go.
+    async fn deliver(&mut self) -> Result<(), Ending> {
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            let n = batch.len() as u64;
+            let delivery = self.shared.pipeline.deliver(batch);
+            let mut shutdown = self.shared.shutdown.clone();
+            let control = self.control.clone();
+            let delivered = tokio::select! {
+                delivered = delivery => delivered.map_err(|_| Close::Internal),
+                _ = control.kicked() => Err(Close::TakenOver),
+                _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
+            };
+            if let Err(close) = delivered {
+                // Not taken, so not acknowledged: the client sends them again.
+                self.shared.meters.refused(Refused::Closed, n);
+                let reason = match close {
+                    Close::TakenOver => DisconnectReasonCode::SessionTakenOver,
+                    Close::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+                    _ => DisconnectReasonCode::UnspecifiedError,
+                };
+                return Err(Ending::server(close, reason));
+            }
+            self.shared.listeners[&self.listener].publishes.inc_by(n);
+        }
+        if !self.routed.is_empty() {
+            let routed = std::mem::take(&mut self.routed);
+            self.shared.meters.routed.inc_by(routed.len() as u64);
+            if self.shared.router.route(routed).await.is_err() {
+                return Err(Ending::server(
+                    Close::Internal,
+                    DisconnectReasonCode::UnspecifiedError,
+                ));
+            }
+        }
+        for seq in std::mem::take(&mut self.batch_slots) {
+            self.fulfil(seq);
+        }
+        Ok(())
+    }
+
+    /// Ends the connection after a protocol error, first handing on what was read
+    /// before the bad packet (it was well-formed and is acknowledged).
+    async fn end_with_pending(&mut self, ending: Ending) -> Ending {
+        match self.deliver().await {
+            Ok(()) => {
+                self.drain_slots();
+                let _ = self.flush().await;
+                ending
+            }
+            Err(e) => e,
+        }
+    }
+
+    async fn protocol_end(&mut self, close: Close, reason: DisconnectReasonCode) -> Ending {
+        self.end_with_pending(Ending::server(close, reason)).await
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        props: Option<SubscribeProperties>,
+    ) -> Result<(), Ending> {
+        let v5 = self.version == Version::V5;
+        let client_sub_id = props.as_ref().and_then(|p| p.id);
+        if client_sub_id == Some(0) || subscribe.filters.is_empty() {
+            // [MQTT-3.8.3-2]: at least one filter; a subscription identifier is not 0.
+            return Err(self
+                .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                .await);
+        }
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut packets = Vec::new();
+        let mut expects = Vec::new();
+        let seq = self.slot_base + self.slots.len() as u64;
+        for (index, filter) in subscribe.filters.iter().enumerate() {
+            let path = filter.path.as_str();
+            if !frame::valid_filter(path) {
+                codes.push(if v5 {
+                    SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                });
+                continue;
+            }
+            let shared_sub = frame::shared_filter(path).is_some();
+            if shared_sub && filter.nolocal {
+                // [MQTT-3.8.3-4]
+                return Err(self
+                    .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                    .await);
+            }
+            if self.shared.limits.deny_subscribe.iter().any(|d| d == path) {
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            let qos = filter.qos as u8;
+            if path.starts_with('$') && !shared_sub {
+                // No client may publish to a `$` topic, and sluice publishes none: the
+                // subscription is granted and never gets a message.
+                codes.push(granted(qos));
+                continue;
+            }
+            if self.link.is_none() {
+                match self.shared.router.connect(self.key.clone(), true).await {
+                    Ok(link) => {
+                        self.shared.meters.router_links.inc();
+                        self.link = Some(link);
+                    }
+                    Err(e) => {
+                        tracing::warn!(client_id = %self.client_id, error = %e, "the router refused a subscription link");
+                        codes.push(if v5 {
+                            SubscribeReasonCode::QuotaExceeded
+                        } else {
+                            SubscribeReasonCode::Failure
+                        });
+                        continue;
+                    }
+                }
+            }
+            let retain_handling = match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => 0,
+                RetainForwardRule::OnNewSubscribe => 1,
+                RetainForwardRule::Never => 2,
+            };
+            let existing = self.session.subs.get(path).cloned();
+            let internal_id = existing.as_ref().map_or_else(
+                || {
+                    let id = self.session.next_internal_id;
+                    self.session.next_internal_id += 1;
+                    id
+                },
+                |s| s.internal_id,
+            );
+            let visible = match &existing {
+                Some(s) => s.visible,
+                None => self.shared.router.visibility.add(path),
+            };
+            // rumqttd keeps an existing subscription as it was (QoS included) and sends
+            // retained messages only for new ones: a replacement that changes the QoS or
+            // asks for retained messages again [MQTT-3.8.4-3] is made anew.
+            let renew = existing
+                .as_ref()
+                .is_some_and(|s| s.qos != qos || retain_handling == 0);
+            if renew {
+                packets.push(Packet::Unsubscribe(
+                    Unsubscribe {
+                        pkid: subscribe.pkid,
+                        filters: vec![path.to_owned()],
+                    },
+                    None,
+                ));
+                expects.push(Expect::UnsubAck { slot: u64::MAX });
+            }
+            self.session.subs.insert(
+                path.to_owned(),
+                Sub {
+                    internal_id,
+                    qos,
+                    no_local: filter.nolocal,
+                    retain_as_published: filter.preserve_retain,
+                    retain_handling,
+                    client_id: client_sub_id,
+                    visible,
+                    last_offset: existing.and_then(|s| s.last_offset).filter(|_| !renew),
+                },
+            );
+            self.session.by_id.insert(internal_id, path.to_owned());
+            self.shared.router.granted(qos);
+            packets.push(Packet::Subscribe(
+                Subscribe {
+                    pkid: subscribe.pkid,
+                    filters: vec![Filter {
+                        path: path.to_owned(),
+                        qos: filter.qos,
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                    }],
+                },
+                Some(SubscribeProperties {
+                    id: Some(internal_id),
+                    user_properties: Vec::new(),
+                }),
+            ));
+            expects.push(Expect::SubAck { slot: seq, index });
+            codes.push(granted(qos));
+        }
+        let waiting = expects
+            .iter()
+            .filter(|e| matches!(e, Expect::SubAck { .. }))
+            .count() as u16;
+        let suback = SubAck {
+            pkid: subscribe.pkid,
+            return_codes: codes,
+        };
+        let at = self.slot(Some(Packet::SubAck(suback, None)), waiting, false);
+        debug_assert_eq!(at, seq);
+        self.expect.extend(expects);
+        self.to_router.extend(packets);
+        Ok(())
+    }
+
+    async fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Ending> {
+        if unsubscribe.filters.is_empty() {
+            return Err(self
+                .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                .await);
+        }
+        let seq = self.slot_base + self.slots.len() as u64;
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        let mut waiting = 0;
+        for filter in &unsubscribe.filters {
+            match self.session.subs.remove(filter) {
+                Some(sub) => {
+                    self.session.by_id.remove(&sub.internal_id);
+                    if sub.visible {
+                        self.shared.router.visibility.remove(filter);
+                    }
+                    self.to_router.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid: unsubscribe.pkid,
+                            filters: vec![filter.clone()],
+                        },
+                        None,
+                    ));
+                    self.expect.push_back(Expect::UnsubAck { slot: seq });
+                    waiting += 1;
+                    reasons.push(UnsubAckReason::Success);
+                }
+                // [MQTT-3.10.4-5]: an UNSUBACK even if nothing was deleted.
+                None => reasons.push(UnsubAckReason::NoSubscriptionExisted),
+            }
+        }
+        let unsuback = UnsubAck {
+            pkid: unsubscribe.pkid,
+            reasons,
+        };
+        let at = self.slot(Some(Packet::UnsubAck(unsuback, None)), waiting, false);
+        debug_assert_eq!(at, seq);
+        Ok(())
+    }
+
+    async fn on_disconnect(
+        &mut self,
+        disconnect: Disconnect,
+        props: Option<DisconnectProperties>,
+    ) -> Ending {
+        if let Some(expiry) = props.as_ref().and_then(|p| p.session_expiry_interval) {
+            if self.connect_expiry == 0 && expiry != 0 {
+                // A session that ends at disconnect cannot be made to outlive it.
+                return self
+                    .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
+                    .await;
+            }
+            self.expiry = expiry.min(self.shared.limits.max_session_expiry);
+        }
+        self.drain_slots();
+        let _ = self.flush().await;
+        Ending {
+            close: Close::Client,
+            reason: None,
+            // Only a normal disconnection discards the will [MQTT-3.14.4-3].
+            will: disconnect.reason_code != DisconnectReasonCode::NormalDisconnection,
+        }
+    }
+
+    /// Handles what the router sent on this connection's link.
+    async fn on_router(
+        &mut self,
+        first: Result<Option<rumqttd::Notification>, ()>,
+    ) -> Result<(), Ending> {
+        let mut next = Some(first);
+        while let Some(notification) = next.take() {
+            match notification {
+                Err(()) => {
+                    tracing::warn!(client_id = %self.client_id, "the router closed this connection's link");
+                    return Err(Ending::server(
+                        Close::Internal,
+                        DisconnectReasonCode::UnspecifiedError,
+                    ));
+                }
+                Ok(None) => {}
+                Ok(Some(rumqttd::Notification::Forward(forward))) => {
+                    self.egress.forward(
+                        forward,
+                        &mut self.session,
+                        &mut self.write,
+                        &self.shared.meters,
+                    );
+                }
+                Ok(Some(rumqttd::Notification::Unschedule)) => {
+                    if let Some(link) = &self.link
+                        && link.rx.wake().await.is_err()
+                    {
+                        return Err(Ending::server(
+                            Close::Internal,
+                            DisconnectReasonCode::UnspecifiedError,
+                        ));
+                    }
+                }
+                Ok(Some(rumqttd::Notification::Disconnect(..))) => {
+                    return Err(Ending::server(
+                        Close::Internal,
+                        DisconnectReasonCode::UnspecifiedError,
+                    ));
+                }
+                Ok(Some(other)) => {
+                    if let Some(packet) = Option::<Packet>::from(other) {
+                        self.on_router_ack(packet);
+                    }
+                }
+            }
+            // Whatever else is already there, without waiting.
+            if let Some(link) = &mut self.link {
+                match link.rx.recv_deadline(std::time::Instant::now()) {
+                    Ok(n) => next = Some(Ok(n)),
+                    Err(rumqttd::local::LinkError::RecvTimeout(_)) => {}
+                    Err(_) => next = Some(Err(())),
+                }
+            }
+        }
+        self.egress
+            .release(&mut self.write, &mut self.to_router, &mut self.expect);
+        Ok(())
+    }
+
+    fn on_router_ack(&mut self, packet: Packet) {
+        match (packet, self.expect.pop_front()) {
+            (Packet::SubAck(suback, _), Some(Expect::SubAck { slot, index })) => {
+                let code = suback
+                    .return_codes
+                    .first()
+                    .copied()
+                    .unwrap_or(SubscribeReasonCode::Failure);
+                // The router grants what it is asked, or fails.
+                let failed = matches!(
+                    code,
+                    SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified
+                );
+                if let Some(s) = self.slot_mut(slot)
+                    && let Some(Packet::SubAck(ack, _)) = &mut s.packet
+                    && let Some(c) = ack.return_codes.get_mut(index)
+                    && failed
+                {
+                    *c = code;
+                }
+                self.fulfil(slot);
+            }
+            (Packet::UnsubAck(..), Some(Expect::UnsubAck { slot })) => {
+                if slot != u64::MAX {
+                    self.fulfil(slot);
+                }
+            }
+            (Packet::PubRel(rel, _), Some(Expect::PubRel)) => {
+                self.egress.router_pubrel(rel.pkid, true);
+                let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.write);
+            }
+            (Packet::PubRel(rel, _), Some(Expect::SwallowPubRel)) => {
+                self.egress.router_pubrel(rel.pkid, false);
+            }
+            (packet, expected) => {
+                tracing::debug!(client_id = %self.client_id, ?packet, "unexpected answer from the router");
+                if let Some(expected) = expected {
+                    self.expect.push_front(expected);
+                }
+            }
+        }
+    }
+
+    /// Appends an acknowledgement slot; returns its sequence number.
+    fn slot(&mut self, packet: Option<Packet>, waiting: u16, qos1: bool) -> u64 {
+        self.slots.push_back(Slot {
+            packet,
+            waiting,
+            qos1,
+        });
+        let seq = self.slot_base + self.slots.len() as u64 - 1;
+        self.drain_slots();
+        seq
+    }
+
+    fn slot_mut(&mut self, seq: u64) -> Option<&mut Slot> {
+        let index = seq.checked_sub(self.slot_base)?;
+        self.slots.get_mut(usize::try_from(index).ok()?)
+    }
+
+    /// One condition of slot `seq` is met.
+    fn fulfil(&mut self, seq: u64) {
+        if let Some(slot) = self.slot_mut(seq) {
+            slot.waiting = slot.waiting.saturating_sub(1);
+        }
+        self.drain_slots();
+    }
+
+    /// Writes the acknowledgements that are ready, in order.
+    fn drain_slots(&mut self) {
+        while self.slots.front().is_some_and(|s| s.waiting == 0) {
+            let Some(slot) = self.slots.pop_front() else {
+                break;
+            };
+            self.slot_base += 1;
+            if slot.qos1 {
+                self.qos1_unacked = self.qos1_unacked.saturating_sub(1);
+            }
+            if let Some(packet) = slot.packet {
+                let _ = self.codec.write(packet, &mut self.write);
+            }
+        }
+    }
+
+    async fn flush_router(&mut self) -> Result<(), Close> {
+        if self.to_router.is_empty() {
+            return Ok(());
+        }
+        let packets = std::mem::take(&mut self.to_router);
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
+        self.shared
+            .router
+            .send(&mut link.tx, packets)
+            .await
+            .map_err(|_| Close::Internal)
+    }
+
+    /// Writes what is buffered for the client.
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.write.is_empty() {
+            return Ok(());
+        }
+        let n = self.write.len() as u64;
+        let control = self.control.clone();
+        let write_timeout = self.shared.limits.write_timeout;
+        tokio::select! {
+            written = tokio::time::timeout(write_timeout, self.transport.write_all(&self.write)) => match written {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Close::Network),
+                Err(_) => return Err(Close::WriteTimeout),
+            },
+            _ = control.kicked() => return Err(Close::TakenOver),
+        }
+        self.shared.listeners[&self.listener].bytes_out.inc_by(n);
+        if self.write.capacity() > MAX_READ {
+            self.write = BytesMut::new();
+        } else {
+            self.write.clear();
+        }
+        Ok(())
+    }
+
+    /// Closes the connection: DISCONNECT (MQTT 5), will, session, router link.
+    async fn finish(mut self, ending: Ending) {
+        if !self.pending.is_empty() {
+            self.shared
+                .meters
+                .refused(Refused::Closed, self.pending.len() as u64);
+            self.pending.clear();
+        }
+        if let (Version::V5, Some(reason)) = (self.version, ending.reason) {
+            let disconnect = Disconnect {
+                reason_code: reason,
+            };
+            let _ = self
+                .codec
+                .write(Packet::Disconnect(disconnect, None), &mut self.write);
+        }
+        let _ = self.flush().await;
+        if ending.reason.is_some() {
+            linger(&mut self.transport).await;
+        } else {
+            self.transport.shutdown().await;
+        }
+        let shared = self.shared.clone();
+        shared.listeners[&self.listener].connected.dec();
+        shared.meters.closed(ending.close);
+
+        // No will at sluice's own shutdown: the client did nothing wrong, and its will
+        // would only fill the pipeline with "went offline" messages at every restart.
+        let mut will = if ending.will && ending.close != Close::Shutdown {
+            self.will.take()
+        } else {
+            None
+        };
+        let persistent = self.expiry > 0;
+        let expiry = Duration::from_secs(u64::from(self.expiry));
+        if let Some(w) = &will
+            && (!persistent || w.delay.is_zero())
+        {
+            publish_will(&shared, w).await;
+            will = None;
+        }
+        if let Some(link) = self.link.take() {
+            shared.meters.router_links.dec();
+            shared.router.release(link);
+        }
+        let session = std::mem::take(&mut self.session);
+        if persistent {
+            shared.meters.sessions_stored.inc();
+            shared.sessions.release(
+                &self.client_id,
+                self.conn_id,
+                Some((session, expiry, will)),
+                on_timer(&shared),
+            );
+        } else {
+            if session.router_session {
+                shared.router.wipe(self.key.clone()).await;
+            }
+            forget_visibility(&shared, &session);
+            shared
+                .sessions
+                .release(&self.client_id, self.conn_id, None, on_timer(&shared));
+        }
+        // `_done` drops last: a connection taking this client id over goes on now.
+    }
+}
+
+/// The next notification of the router on `link`, or never (no link).
+async fn next_notification(link: &mut Option<Link>) -> Result<Option<rumqttd::Notification>, ()> {
+    match link {
+        Some(link) => link.rx.next().await.map_err(drop),
+        None => std::future::pending().await,
+    }
+}
+
+fn granted(qos: u8) -> SubscribeReasonCode {
+    match qos {
+        0 => SubscribeReasonCode::QoS0,
+        1 => SubscribeReasonCode::QoS1,
+        _ => SubscribeReasonCode::QoS2,
+    }
+}
+
+pub(crate) fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The subscriptions of a session that ends stop counting toward direct-topic
+/// visibility.
+fn forget_visibility(shared: &Shared, session: &SessionState) {
+    for (filter, sub) in &session.subs {
+        if sub.visible {
+            shared.router.visibility.remove(filter);
+        }
+    }
+}
+
+/// A stored session ends (expiry or a clean start): its pending will is published, the
+/// router forgets it.
+async fn end_session(shared: &Arc<Shared>, client_id: &str, stored: Stored) {
+    if let Some(will) = &stored.will {
+        publish_will(shared, will).await;
+    }
+    if stored.state.router_session {
+        shared.router.wipe(router::session_key(client_id)).await;
+    }
+    forget_visibility(shared, &stored.state);
+}
+
+/// What the session timers do when they fire.
+fn on_timer(shared: &Arc<Shared>) -> impl Fn(Arc<str>, Expired) + Send + Sync + Clone + 'static {
+    let shared = Arc::downgrade(shared);
+    move |client_id, expired| {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            match expired {
+                Expired::Will(will) => publish_will(&shared, &will).await,
+                Expired::Session(stored) => {
+                    shared.meters.sessions_stored.dec();
+                    end_session(&shared, &client_id, stored).await;
+                }
+            }
+        });
+    }
+}
+
+/// Publishes a will on its client's behalf: to the pipeline like any message, and to
+/// the router for its subscribers.
+pub(crate) async fn publish_will(shared: &Shared, will: &Will) {
+    let LastWill {
+        topic,
+        message,
+        qos,
+        retain,
+    } = &will.will;
+    let qos = *qos as u8;
+    let delivered = shared
+        .pipeline
+        .deliver(vec![Inbound {
+            topic: topic.clone(),
+            payload: message.clone(),
+            received_at_ns: now_ns(),
+        }])
+        .await;
+    if delivered.is_err() {
+        tracing::warn!("a will could not be handed to the pipeline: it is stopping");
+        return;
+    }
+    shared.meters.will();
+    let topic_str = std::str::from_utf8(topic).unwrap_or_default();
+    let visibility = &shared.router.visibility;
+    if topic_str.starts_with('$')
+        || !(!visibility.is_direct(topic_str) || *retain || visibility.watched(topic_str))
+    {
+        return;
+    }
+    let publish = router::build_publish(topic, message, qos, *retain, u16::from(qos > 0));
+    let mut properties = will.properties.as_ref().map(will_publish_properties);
+    let mut marker = shared.router.marker_for(qos, *retain, None);
+    if *retain && qos < 2 {
+        marker.qos = Some(qos);
+    }
+    router::mark(&mut properties, &marker);
+    shared.meters.routed.inc();
+    let _ = shared
+        .router
+        .route(vec![Routed {
+            publish,
+            properties,
+            qos,
+            pkid: u16::from(qos > 0),
+        }])
+        .await;
+}
+
+fn will_publish_properties(p: &LastWillProperties) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    }
+}
