@@ -842,11 +842,15 @@ impl Conn {
                 }
                 Packet::Subscribe(subscribe, props) => {
                     self.deliver().await?;
+                    let _ordered = self.shared.router.changing_subscriptions().await;
                     self.on_subscribe(subscribe, props).await?;
+                    self.to_router_now().await?;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
                     self.deliver().await?;
+                    let _ordered = self.shared.router.changing_subscriptions().await;
                     self.on_unsubscribe(unsubscribe).await?;
+                    self.to_router_now().await?;
                 }
                 Packet::PingReq(_) => {
                     // Never behind other acknowledgements.
@@ -1421,6 +1425,16 @@ impl Conn {
                 let _ = self.codec.write(packet, &mut self.write);
             }
         }
+    }
+
+    /// Sends what is queued for the router now (a subscription change is in the
+    /// router before any publish read after it is routed).
+    async fn to_router_now(&mut self) -> Result<(), Ending> {
+        self.flush_router().await.map_err(|close| Ending {
+            close,
+            reason: None,
+            will: true,
+        })
     }
 
     async fn flush_router(&mut self) -> Result<(), Close> {

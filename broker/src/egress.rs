@@ -218,34 +218,39 @@ impl Egress {
             self.answer_router(router_qos, pkid);
             return;
         }
-        let mut qos = router_qos;
-        if let Some(published) = marker.qos
-            && published == 0
-            && router_qos > 0
-        {
-            // Published at QoS 0: the client gets QoS 0, sluice answers the router.
+        // QoS = min(published, granted): the router sent the granted one.
+        let qos = marker
+            .qos
+            .map_or(router_qos, |published| published.min(router_qos));
+        if qos < router_qos {
             write.truncate(start);
-            self.answer_router(router_qos, pkid);
-            let mut downgraded = router::build_publish(&original_topic, &payload, 0, retain, 0);
+            if qos == 0 {
+                // Nothing for the client to acknowledge: sluice answers the router.
+                self.answer_router(router_qos, pkid);
+            }
+            // A QoS 1 copy of the router's QoS 2 message keeps its packet id: the
+            // client's PUBACK stands for the PUBREC the router waits for, so the id is
+            // not the router's to reuse before the client is done with it.
+            let pkid = if qos == 0 { 0 } else { pkid };
+            let mut downgraded =
+                router::build_publish(&original_topic, &payload, qos, retain, pkid);
             if let Some((_, false)) = alias {
                 downgraded.topic = Bytes::new();
             }
-            if self
-                .codec
-                .write(
-                    rumqttd::protocol::Packet::Publish(downgraded, properties),
-                    write,
-                )
-                .is_err()
-            {
-                return;
-            }
-            if write.len() - start > self.max_packet {
+            let encoded = self.codec.write(
+                rumqttd::protocol::Packet::Publish(downgraded, properties),
+                write,
+            );
+            if encoded.is_err() || write.len() - start > self.max_packet {
                 write.truncate(start);
-                meters.dropped(Dropped::TooLarge);
+                if qos > 0 {
+                    self.answer_router(router_qos, pkid);
+                }
+                if encoded.is_ok() {
+                    meters.dropped(Dropped::TooLarge);
+                }
                 return;
             }
-            qos = 0;
         }
         if let Some((alias, true)) = alias {
             self.aliases.insert(original_topic, alias);
@@ -254,7 +259,7 @@ impl Egress {
         if qos > 0 {
             self.acks.push_back(RouterAck {
                 pkid,
-                qos,
+                qos: router_qos,
                 done: None,
                 own: false,
             });
@@ -300,6 +305,8 @@ impl Egress {
             .find(|a| a.pkid == pkid && a.done.is_none() && !a.own)
         {
             ack.done = Some(PubRecReason::Success);
+            // A QoS 1 copy of a QoS 2 message: sluice completes the rest with the router.
+            ack.own = ack.qos == 2;
             self.in_flight = self.in_flight.saturating_sub(1);
         }
     }

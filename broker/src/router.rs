@@ -23,8 +23,8 @@
 //! every inbound publish and every outbound one.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -208,6 +208,12 @@ impl Visibility {
 
 /// The router and the threads that talk to it.
 pub(crate) struct Router {
+    /// Orders subscription changes and routed publishes as they were read, across
+    /// connections: a SUBSCRIBE holds it shared until the router has it, a routed batch
+    /// takes it alone (so it waits for SUBSCRIBEs read before it, and SUBSCRIBEs read
+    /// after it wait for it). Without it, a message published just after another client
+    /// subscribed could reach the router first and miss the new subscriber.
+    gate: Arc<tokio::sync::RwLock<()>>,
     requests: flume::Sender<Request>,
     feed: flume::Sender<Vec<Routed>>,
     is_full: Box<dyn Fn() -> bool + Send + Sync>,
@@ -285,6 +291,7 @@ impl Router {
             .spawn(move || run_feed(feed_link_tx, feed_link_rx, feed_rx))?;
 
         Ok(Router {
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             requests,
             feed,
             is_full: Box::new(move || router_tx.is_full()),
@@ -333,7 +340,13 @@ impl Router {
         if batch.is_empty() {
             return Ok(());
         }
+        let _alone = self.gate.write().await;
         self.feed.send_async(batch).await.map_err(|_| RouterGone)
+    }
+
+    /// Held while a SUBSCRIBE or UNSUBSCRIBE goes to the router (see `gate`).
+    pub(crate) async fn changing_subscriptions(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.gate.clone().read_owned().await
     }
 
     /// Sends packets on a connection's own link without blocking the I/O thread on the
