@@ -844,13 +844,13 @@ impl Conn {
                     self.deliver().await?;
                     let _ordered = self.shared.router.changing_subscriptions().await;
                     self.on_subscribe(subscribe, props).await?;
-                    self.to_router_now().await?;
+                    self.send_to_router_now().await?;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
                     self.deliver().await?;
                     let _ordered = self.shared.router.changing_subscriptions().await;
                     self.on_unsubscribe(unsubscribe).await?;
-                    self.to_router_now().await?;
+                    self.send_to_router_now().await?;
                 }
                 Packet::PingReq(_) => {
                     // Never behind other acknowledgements.
@@ -1429,7 +1429,7 @@ impl Conn {
 
     /// Sends what is queued for the router now (a subscription change is in the
     /// router before any publish read after it is routed).
-    async fn to_router_now(&mut self) -> Result<(), Ending> {
+    async fn send_to_router_now(&mut self) -> Result<(), Ending> {
         self.flush_router().await.map_err(|close| Ending {
             close,
             reason: None,
