@@ -1,0 +1,886 @@
+//! sluice's MQTT front door through the real binary, with clients no one here wrote:
+//! mosquitto_pub / mosquitto_sub (Debian's `mosquitto-clients`), Eclipse Paho
+//! (`paho-mqtt` from PyPI) over TCP, TLS and WebSocket, and rumqttc; the conformance
+//! checks of `tests/mqtt/conformance.py`; back-pressure against a storage fault; the
+//! accounting identity after a mixed run.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{Sluice, metric_value, python_has, telemetry};
+
+const CLIENTS_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/clients.py");
+
+/// Whether the mosquitto clients are installed; `.ci/run` installs them and sets
+/// `CI_REQUIRE_MOSQUITTO`, under which their absence fails the test.
+fn have_mosquitto() -> bool {
+    let have = Command::new("mosquitto_pub")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("mosquitto_pub"));
+    if !have {
+        assert!(
+            std::env::var_os("CI_REQUIRE_MOSQUITTO").is_none(),
+            "CI_REQUIRE_MOSQUITTO is set but mosquitto_pub is missing"
+        );
+        eprintln!("skipped: mosquitto_pub is not installed (Debian: mosquitto-clients)");
+    }
+    have
+}
+
+fn have_paho() -> bool {
+    python_has("paho.mqtt", "CI_REQUIRE_PAHO")
+}
+
+/// A client process whose stdout lines are collected.
+struct Peer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Peer {
+    fn spawn(command: &mut Command) -> Peer {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Peer {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line starting with `prefix`.
+    fn wait_for(&mut self, prefix: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.seen.iter().any(|l| l.starts_with(prefix)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no {prefix:?} line within {within:?}: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the process to end; returns its success and every stdout line.
+    fn finish(mut self, within: Duration) -> (bool, Vec<String>) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        self.seen.extend(self.lines.try_iter());
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        if !status.success() {
+            eprintln!("client failed: {status}: {stderr}");
+        }
+        (status.success(), self.seen)
+    }
+}
+
+fn paho(args: &[&str]) -> Command {
+    let mut command = Command::new("python3");
+    command.arg(CLIENTS_PY).args(args);
+    command
+}
+
+fn mosquitto(program: &str, addr: SocketAddr, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(args);
+    command
+}
+
+/// Polls /metrics until `series` reaches `want`.
+fn wait_metric(sluice: &Sluice, series: &str, want: f64, within: Duration) -> f64 {
+    let started = Instant::now();
+    loop {
+        let value = metric_value(&sluice.get("/metrics").1, series).unwrap_or(0.0);
+        if value >= want || started.elapsed() > within {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn reading(device: &str, temperature: f64) -> (String, String) {
+    let (topic, payload) = telemetry(device, "2024-01-15T10:30:00Z", temperature, 80.0);
+    (topic, String::from_utf8(payload).unwrap())
+}
+
+/// A rumqttc client (3.1.1 with keep alive 0, or 5) publishing one QoS 1 message.
+fn rumqttc_publish(addr: SocketAddr, v5: bool, client_id: &str, topic: &str, payload: &str) {
+    let (host, port) = (addr.ip().to_string(), addr.port());
+    if v5 {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{Client, Event, MqttOptions};
+        let mut options = MqttOptions::new(client_id, host, port);
+        // rumqttc's MQTT 5 client wants at least 5 s.
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = Client::new(options, 10);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_owned())
+            .unwrap();
+        for event in connection.iter() {
+            if let Event::Incoming(Packet::PubAck(_)) = event.expect("rumqttc v5 connection") {
+                break;
+            }
+        }
+        let _ = client.disconnect();
+    } else {
+        use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::ZERO);
+        let (client, mut connection) = Client::new(options, 10);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_owned())
+            .unwrap();
+        for event in connection.iter() {
+            if let Event::Incoming(Packet::PubAck(_)) = event.expect("rumqttc connection") {
+                break;
+            }
+        }
+        let _ = client.disconnect();
+    }
+}
+
+/// A rumqttc subscriber: the topics it received, as they come.
+fn rumqttc_subscribe(
+    addr: SocketAddr,
+    v5: bool,
+    client_id: &str,
+    filter: &str,
+) -> Arc<Mutex<Vec<String>>> {
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = received.clone();
+    let (subscribed_tx, subscribed) = mpsc::channel();
+    let (host, port) = (addr.ip().to_string(), addr.port());
+    let (client_id, filter) = (client_id.to_owned(), filter.to_owned());
+    std::thread::spawn(move || {
+        if v5 {
+            use rumqttc::v5::mqttbytes::QoS;
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            use rumqttc::v5::{Client, Event, MqttOptions};
+            let mut options = MqttOptions::new(client_id, host, port);
+            options.set_keep_alive(Duration::from_secs(30));
+            let (client, mut connection) = Client::new(options, 100);
+            client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => drop(subscribed_tx.send(())),
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&p.topic).into_owned()),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        } else {
+            use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+            let mut options = MqttOptions::new(client_id, host, port);
+            options.set_keep_alive(Duration::from_secs(30));
+            let (client, mut connection) = Client::new(options, 100);
+            client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => drop(subscribed_tx.send(())),
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push(p.topic),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    });
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    received
+}
+
+#[test]
+fn peer_clients_publish_and_subscribe_on_one_port_with_both_versions() {
+    if !have_mosquitto() || !have_paho() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let addr = sluice.mqtt;
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let filter = "devices/+/telemetry";
+    let publishers = 6;
+    let count = publishers.to_string();
+
+    // Subscribers: mosquitto_sub and Paho, each in both versions, and rumqttc in both.
+    let mut subscribers = vec![
+        Peer::spawn(&mut mosquitto(
+            "mosquitto_sub",
+            addr,
+            &[
+                "-V", "mqttv311", "-q", "1", "-t", filter, "-C", &count, "-W", "30", "-v",
+            ],
+        )),
+        Peer::spawn(&mut mosquitto(
+            "mosquitto_sub",
+            addr,
+            &[
+                "-V", "mqttv5", "-q", "1", "-t", filter, "-C", &count, "-W", "30", "-v",
+            ],
+        )),
+        Peer::spawn(&mut paho(&[
+            "sub", &host, &port, "3.1.1", filter, &count, "30",
+        ])),
+        Peer::spawn(&mut paho(&["sub", &host, &port, "5", filter, &count, "30"])),
+    ];
+    for paho_sub in &mut subscribers[2..] {
+        paho_sub.wait_for("subscribed", Duration::from_secs(10));
+    }
+    let rumqttc_subs = [
+        rumqttc_subscribe(addr, false, "rumqttc-sub-4", filter),
+        rumqttc_subscribe(addr, true, "rumqttc-sub-5", filter),
+    ];
+    // mosquitto_sub prints nothing when subscribed: every subscriber has a router link
+    // once its SUBSCRIBE is in the router.
+    assert_eq!(
+        wait_metric(
+            &sluice,
+            "sluice_mqtt_router_links",
+            6.0,
+            Duration::from_secs(10)
+        ),
+        6.0
+    );
+
+    // Publishers: each client in each version sends one reading (Paho and rumqttc with
+    // keep alive 0, which mosquitto_pub does not allow).
+    let (t, p) = reading("peer-mosquitto-4", 21.0);
+    assert!(
+        mosquitto(
+            "mosquitto_pub",
+            addr,
+            &["-V", "mqttv311", "-q", "1", "-t", &t, "-m", &p]
+        )
+        .status()
+        .unwrap()
+        .success()
+    );
+    let (t, p) = reading("peer-mosquitto-5", 22.0);
+    assert!(
+        mosquitto(
+            "mosquitto_pub",
+            addr,
+            &["-V", "mqttv5", "-q", "1", "-t", &t, "-m", &p]
+        )
+        .status()
+        .unwrap()
+        .success()
+    );
+    let (t, p) = reading("peer-paho-4", 23.0);
+    assert!(
+        paho(&["pub", &host, &port, "3.1.1", &t, &p, "1"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (t, p) = reading("peer-paho-5", 24.0);
+    assert!(
+        paho(&["pub", &host, &port, "5", &t, &p, "1"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (t, p) = reading("peer-rumqttc-4", 25.0);
+    rumqttc_publish(addr, false, "rumqttc-pub-4", &t, &p);
+    let (t, p) = reading("peer-rumqttc-5", 26.0);
+    rumqttc_publish(addr, true, "rumqttc-pub-5", &t, &p);
+
+    let expected: Vec<String> = [
+        "mosquitto-4",
+        "mosquitto-5",
+        "paho-4",
+        "paho-5",
+        "rumqttc-4",
+        "rumqttc-5",
+    ]
+    .iter()
+    .map(|d| format!("devices/peer-{d}/telemetry"))
+    .collect();
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let (ok, lines) = subscriber.finish(Duration::from_secs(30));
+        assert!(ok, "subscriber {i}: {lines:?}");
+        for topic in &expected {
+            assert!(
+                lines.iter().any(|l| l.contains(topic.as_str())),
+                "subscriber {i} missed {topic}: {lines:?}"
+            );
+        }
+    }
+    for (i, received) in rumqttc_subs.iter().enumerate() {
+        let started = Instant::now();
+        while received.lock().unwrap().len() < publishers
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut got = received.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, expected, "rumqttc subscriber {i}");
+    }
+    // Every reading is a row, once.
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", 6, Duration::from_secs(10)),
+        6
+    );
+    assert_eq!(
+        sluice.scalar("SELECT count(DISTINCT device_id) FROM telemetry"),
+        6
+    );
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost: (certificate file, key file).
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    (cert_file, key_file)
+}
+
+#[test]
+fn tls_handshakes_run_in_their_own_task_and_an_idle_socket_delays_nobody() {
+    if !have_mosquitto() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt.tls]\naddr = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let tls = sluice.mqtts.expect("the ready line names the TLS listener");
+
+    // A socket that opens TCP on the TLS port and says nothing: rumqttd's listener waited
+    // for its handshake before accepting anyone else.
+    let _idle = TcpStream::connect(tls).unwrap();
+    let cafile = cert.to_str().unwrap();
+    for (i, version) in ["mqttv311", "mqttv5"].iter().enumerate() {
+        let (topic, payload) = reading(&format!("tls-{i}"), 20.0);
+        let started = Instant::now();
+        let status = mosquitto(
+            "mosquitto_pub",
+            tls,
+            &[
+                "--cafile", cafile, "-V", version, "-q", "1", "-t", &topic, "-m", &payload,
+            ],
+        )
+        .status()
+        .unwrap();
+        let took = started.elapsed();
+        assert!(status.success(), "{version} over TLS");
+        assert!(
+            took < Duration::from_secs(1),
+            "{version}: connect, handshake, publish took {took:?}"
+        );
+    }
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", 2, Duration::from_secs(10)),
+        2
+    );
+    // Plain MQTT on the TLS port is not MQTT: refused, and the listener goes on.
+    let (_, plain) = raw_exchange(tls, &connect_packet(4, 30, "plain-on-tls"), 4);
+    assert!(plain.is_empty() || plain[0] != 0x20, "{plain:02x?}");
+    assert_eq!(
+        metric_value(
+            &sluice.get("/metrics").1,
+            "sluice_mqtt_connection_attempts_total{listener=\"mqtts\",outcome=\"accepted\",reason=\"ok\"}"
+        ),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn a_bad_tls_certificate_stops_the_start_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = certificate(dir.path());
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt.tls]\naddr = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = \"/no/such/key.pem\"\n",
+            cert.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = common::cli(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--mqtt-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--pg-addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("/no/such/key.pem"), "{stderr}");
+}
+
+#[test]
+fn browsers_subscribe_to_alerts_over_websocket() {
+    if !have_paho() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[mqtt.ws]\naddr = \"127.0.0.1:0\"\n\n[[alert]]\nname = \"overheat\"\nmetric = \"temperature\"\nabove = 80.0\n",
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let ws = sluice
+        .ws
+        .expect("the ready line names the WebSocket listener");
+    let (host, port) = (ws.ip().to_string(), ws.port().to_string());
+    // Paho over WebSocket (subprotocol mqtt, path /mqtt), as MQTT.js and Paho JS in a
+    // browser connect; both versions.
+    let mut subscribers = vec![
+        Peer::spawn(&mut paho(&[
+            "sub",
+            &host,
+            &port,
+            "5",
+            "alerts/#",
+            "1",
+            "30",
+            "websockets",
+        ])),
+        Peer::spawn(&mut paho(&[
+            "sub",
+            &host,
+            &port,
+            "3.1.1",
+            "alerts/#",
+            "1",
+            "30",
+            "websockets",
+        ])),
+    ];
+    for s in &mut subscribers {
+        s.wait_for("subscribed", Duration::from_secs(10));
+    }
+    // A device overheats (over plain MQTT); the rule fires; the notification reaches the
+    // browsers.
+    let (topic, payload) = telemetry("ws-device", "2024-01-15T10:30:00Z", 91.0, 80.0);
+    assert_eq!(
+        common::publish(
+            sluice.mqtt,
+            vec![(topic, payload)],
+            rumqttc::QoS::AtLeastOnce,
+            1
+        ),
+        1
+    );
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let (ok, lines) = subscriber.finish(Duration::from_secs(30));
+        assert!(ok, "WebSocket subscriber {i}: {lines:?}");
+        let alert = lines
+            .iter()
+            .find(|l| l.starts_with("message alerts/ws-device/overheat"))
+            .unwrap();
+        assert!(alert.contains("\"state\":\"firing\""), "{alert}");
+    }
+    // A WebSocket client can publish too.
+    let (topic, payload) = reading("ws-publisher", 20.0);
+    assert!(
+        paho(&[
+            "pub",
+            &host,
+            &port,
+            "5",
+            &topic,
+            &payload,
+            "1",
+            "websockets"
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", 2, Duration::from_secs(10)),
+        2
+    );
+}
+
+#[test]
+fn a_stalled_pipeline_holds_pubacks_and_every_acknowledged_message_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    // A small hot store and queue, so that a storage fault stalls the pipeline quickly.
+    std::fs::write(
+        &config,
+        "[windows]\nenabled = false\n[ingest]\nqueue_messages = 500\nbatch_rows = 100\n\
+         [storage]\nflush_interval = \"1s\"\nflush_rows = 500\nmax_hot_rows = 1000\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let sluice = Sluice::start(&data, &["--config", config.to_str().unwrap()]);
+    // The fault: the telemetry table's directory becomes a file, so flushes fail (even
+    // for root) and the hot store fills up.
+    let table = data.join("telemetry");
+    let aside = data.join("telemetry.aside");
+    std::fs::rename(&table, &aside).unwrap();
+    std::fs::write(&table, b"not a directory").unwrap();
+
+    let total = 5000;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let acked = acked.clone();
+        let addr = sluice.mqtt;
+        std::thread::spawn(move || {
+            use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+            let mut options =
+                MqttOptions::new("stalled-publisher", addr.ip().to_string(), addr.port());
+            options.set_keep_alive(Duration::from_secs(60));
+            options.set_inflight(100);
+            let (client, mut connection) = Client::new(options, 200);
+            std::thread::spawn(move || {
+                for i in 0..total {
+                    let (topic, payload) = telemetry(
+                        &format!("stall-{}", i % 50),
+                        &format!("2024-01-15T10:{:02}:{:02}Z", i / 3000, (i / 50) % 60),
+                        20.0,
+                        80.0,
+                    );
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .unwrap();
+                }
+            });
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        if acked.fetch_add(1, Ordering::SeqCst) + 1 == total {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher: {e}"),
+                }
+            }
+        })
+    };
+    // Acknowledgements stop once the hot store and the queue are full…
+    let mut last = usize::MAX;
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = acked.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "acknowledgements never stopped"
+        );
+    }
+    assert!(
+        last < total,
+        "every message was acknowledged while nothing could be stored"
+    );
+    assert!(
+        last >= 1000,
+        "the hot store and the queue take some: {last}"
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(&metrics, "sluice_broker_skipped_messages_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "sluice_mqtt_refused_messages_total"),
+        Some(0.0)
+    );
+    assert!(sluice.log_text().contains("flush failed"));
+
+    // …and resume when the disk is back: nothing was lost or doubled.
+    std::fs::remove_file(&table).unwrap();
+    std::fs::rename(&aside, &table).unwrap();
+    publisher.join().unwrap();
+    assert_eq!(acked.load(Ordering::SeqCst), total);
+    assert_eq!(
+        sluice.wait_for(
+            "SELECT count(*) FROM telemetry",
+            total as i64,
+            Duration::from_secs(30)
+        ),
+        total as i64
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(&metrics, "sluice_broker_skipped_messages_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_mqtt_pipeline_messages_total{source=\"publish\"}"
+        ),
+        Some(total as f64)
+    );
+}
+
+/// A CONNECT packet (protocol level 4 or 5, clean session).
+fn connect_packet(level: u8, keep_alive: u16, client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Sends `packet` on a new connection; returns the socket and up to `want` bytes of
+/// the answer.
+fn raw_exchange(addr: SocketAddr, packet: &[u8], want: usize) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream.write_all(packet).unwrap();
+    let mut answer = vec![0u8; want];
+    let mut got = 0;
+    while got < want {
+        match stream.read(&mut answer[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    answer.truncate(got);
+    (stream, answer)
+}
+
+#[test]
+fn every_publish_is_accounted_for_after_a_mixed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start(&dir.path().join("data"), &[]);
+    let addr = sluice.mqtt;
+    // An MQTT subscriber sees telemetry (so those readings are also routed) and status
+    // topics.
+    let seen = rumqttc_subscribe(addr, true, "accounting-watcher", "devices/#");
+    // A fleet with malformed messages, QoS 0 and 1, over both versions.
+    for (protocol, qos, seed) in [("3.1.1", "1", "1"), ("5", "0", "2")] {
+        let (ok, _, stderr) = common::cli(&[
+            "loadgen",
+            "--broker",
+            &addr.to_string(),
+            "--protocol",
+            protocol,
+            "--qos",
+            qos,
+            "--devices",
+            "200",
+            "--rate",
+            "1000",
+            "--duration",
+            "2",
+            "--connections",
+            "2",
+            "--bad-rate",
+            "0.1",
+            "--seed",
+            seed,
+        ]);
+        assert!(ok, "{stderr}");
+    }
+    // A QoS 2 message sent twice before its PUBREL: acknowledged twice, handed on once.
+    let (mut raw, connack) = raw_exchange(addr, &connect_packet(4, 0, "accounting-qos2"), 4);
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let (topic, payload) = telemetry("qos2-device", "2024-01-15T10:30:00Z", 20.0, 80.0);
+    let mut publish = vec![0x34];
+    let body_len = 2 + topic.len() + 2 + payload.len();
+    let mut len = body_len;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        publish.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0x00, 0x07]);
+    publish.extend_from_slice(&payload);
+    raw.write_all(&publish).unwrap();
+    publish[0] = 0x3c; // DUP
+    raw.write_all(&publish).unwrap();
+    let mut pubrecs = [0u8; 8];
+    raw.read_exact(&mut pubrecs).unwrap();
+    assert_eq!(pubrecs, [0x50, 0x02, 0x00, 0x07, 0x50, 0x02, 0x00, 0x07]);
+    raw.write_all(&[0x62, 0x02, 0x00, 0x07]).unwrap();
+    let mut pubcomp = [0u8; 4];
+    raw.read_exact(&mut pubcomp).unwrap();
+    assert_eq!(pubcomp, [0x70, 0x02, 0x00, 0x07]);
+    raw.write_all(&[0xe0, 0x00]).unwrap();
+
+    let sum = |m: &str, s: &str| metric_value(m, s).unwrap_or(0.0);
+    let started = Instant::now();
+    let metrics = loop {
+        let m = sluice.get("/metrics").1;
+        let handed_on = sum(&m, "sluice_mqtt_pipeline_messages_total");
+        let stored = sum(&m, "sluice_ingest_rows_total")
+            + sum(&m, "sluice_ingest_rejects_total")
+            + sum(&m, "sluice_mqtt_alert_messages_total");
+        if handed_on == stored && handed_on > 0.0 || started.elapsed() > Duration::from_secs(20) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // From the wire to the pipeline: every PUBLISH read was handed on or refused (the
+    // QoS 2 duplicate is the one refused).
+    assert_eq!(
+        sum(&metrics, "sluice_mqtt_messages_received_total"),
+        sum(
+            &metrics,
+            "sluice_mqtt_pipeline_messages_total{source=\"publish\"}"
+        ) + sum(&metrics, "sluice_mqtt_refused_messages_total"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sluice_mqtt"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        sum(
+            &metrics,
+            "sluice_mqtt_refused_messages_total{reason=\"qos2_duplicate\"}"
+        ),
+        1.0
+    );
+    assert_eq!(sum(&metrics, "sluice_mqtt_refused_messages_total"), 1.0);
+    // From the pipeline to the tables.
+    assert_eq!(
+        sum(&metrics, "sluice_mqtt_pipeline_messages_total"),
+        sum(&metrics, "sluice_ingest_rows_total")
+            + sum(&metrics, "sluice_ingest_rejects_total")
+            + sum(&metrics, "sluice_mqtt_alert_messages_total")
+    );
+    // Decoded readings become queryable when their batch is sealed.
+    let rows = sum(&metrics, "sluice_ingest_rows_total") as i64;
+    let rejects = sum(&metrics, "sluice_ingest_rejects_total") as i64;
+    let within = Duration::from_secs(10);
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM telemetry", rows, within),
+        rows
+    );
+    assert_eq!(
+        sluice.wait_for("SELECT count(*) FROM rejects", rejects, within),
+        rejects
+    );
+    assert_eq!(
+        sluice.scalar("SELECT count(*) FROM telemetry WHERE device_id = 'qos2-device'"),
+        1
+    );
+    // Copies went to the subscriber; the router skipped none.
+    assert!(sum(&metrics, "sluice_mqtt_routed_messages_total") > 0.0);
+    assert!(!seen.lock().unwrap().is_empty());
+    assert_eq!(sum(&metrics, "sluice_broker_skipped_messages_total"), 0.0);
+}
+
+#[test]
+fn the_conformance_checks_pass() {
+    if !have_paho() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\ndeny_subscribe = [\"test/nosubscribe\"]\nmax_session_expiry = \"1h\"\n",
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/conformance.py");
+    let out = Command::new("python3")
+        .args([
+            script,
+            "--host",
+            &sluice.mqtt.ip().to_string(),
+            "--port",
+            &sluice.mqtt.port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        out.status.success() && failed.is_empty(),
+        "{}\n{stdout}\n{}",
+        failed.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("PASS")).count() >= 50,
+        "{stdout}"
+    );
+}

@@ -1,0 +1,89 @@
+"""paho-mqtt (Eclipse Paho, a client no one here wrote) as a command-line subscriber and
+publisher for sluice's end-to-end tests.
+
+    clients.py sub HOST PORT VERSION FILTER COUNT TIMEOUT [tcp|websockets|tls CAFILE]
+        prints "subscribed" once the SUBACK came, then "message TOPIC PAYLOAD" per message;
+        exits 0 after COUNT messages, 1 on timeout.
+    clients.py pub HOST PORT VERSION TOPIC PAYLOAD QOS [tcp|websockets|tls CAFILE]
+        exits 0 once the message is acknowledged (QoS 1) or written (QoS 0).
+
+VERSION is 3.1.1 or 5. Both connect with keep alive 0 (no keep-alive timeout), except
+over WebSocket: paho uses the keep alive as its socket timeout there, and 0 would make
+the handshake non-blocking (browser clients use 60 s too).
+"""
+
+import os
+import sys
+import threading
+
+import paho.mqtt.client as mqtt
+
+
+def client(version, transport, cafile):
+    protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"paho-{os.getpid()}-{threading.get_ident()}",
+        protocol=protocol,
+        transport="websockets" if transport == "websockets" else "tcp",
+    )
+    if transport == "websockets":
+        c.ws_set_options(path="/mqtt")
+    if transport == "tls":
+        c.tls_set(ca_certs=cafile)
+    return c
+
+
+def main():
+    mode, host, port, version = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if mode == "sub":
+        topic, count, timeout = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
+        rest = sys.argv[8:]
+    else:
+        topic, payload, qos = sys.argv[5], sys.argv[6], int(sys.argv[7])
+        rest = sys.argv[8:]
+    transport = rest[0] if rest else "tcp"
+    cafile = rest[1] if len(rest) > 1 else None
+    c = client(version, transport, cafile)
+    connected = threading.Event()
+    done = threading.Event()
+    received = []
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            print(f"refused {reason_code}", flush=True)
+            done.set()
+            return
+        connected.set()
+        if mode == "sub":
+            c.subscribe(topic, qos=1)
+
+    def on_subscribe(c, userdata, mid, reason_codes, properties):
+        print("subscribed", flush=True)
+
+    def on_message(c, userdata, message):
+        received.append(message.topic)
+        print(f"message {message.topic} {message.payload.decode(errors='replace')}", flush=True)
+        if len(received) >= count:
+            done.set()
+
+    c.on_connect = on_connect
+    c.on_subscribe = on_subscribe
+    c.on_message = on_message
+    c.connect(host, port, keepalive=60 if transport == "websockets" else 0)
+    c.loop_start()
+    if mode == "sub":
+        ok = done.wait(timeout) and len(received) >= count
+    else:
+        ok = connected.wait(10)
+        if ok:
+            info = c.publish(topic, payload, qos=qos)
+            info.wait_for_publish(10)
+            ok = info.is_published()
+    c.disconnect()
+    c.loop_stop()
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
