@@ -4,10 +4,12 @@
 //! ```text
 //! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
 //!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
+//!                                       [--subscribers N]
 //! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
 //!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
+//! cargo bench --bench e2e -- idle      [--connections K]
 //! ```
 //!
 //! What counts as stored is counted in SQL at the end (`lost = acked − stored`); CPU and
@@ -39,6 +41,8 @@ struct Args {
     rules: usize,
     /// Share of devices the loadgen runs hot for a while (alerts fire and resolve).
     anomaly_rate: f64,
+    /// MQTT clients subscribed to every device's telemetry while the reference runs.
+    subscribers: usize,
 }
 
 /// Ten alert rules of the kinds an operator writes, for `--rules N`.
@@ -67,6 +71,7 @@ fn args() -> Args {
         windows: None,
         rules: 0,
         anomaly_rate: 0.0,
+        subscribers: 0,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
@@ -86,6 +91,7 @@ fn args() -> Args {
             "--no-windows" => args.windows = Some(false),
             "--rules" => args.rules = (value() as usize).min(RULES.len()),
             "--anomaly-rate" => args.anomaly_rate = value(),
+            "--subscribers" => args.subscribers = value() as usize,
             name if !name.starts_with('-') => args.scenario = name.to_owned(),
             other => panic!("unknown option {other}"),
         }
@@ -103,7 +109,8 @@ fn main() {
         "max" => max(&args),
         "mosquitto" => mosquitto(&args),
         "loadgen" => loadgen_alone(&args),
-        other => panic!("unknown scenario {other}: reference, max, mosquitto or loadgen"),
+        "idle" => idle(&args),
+        other => panic!("unknown scenario {other}: reference, max, mosquitto, loadgen or idle"),
     }
 }
 
@@ -335,6 +342,9 @@ fn reference(args: &Args) {
             samples
         })
     };
+    let watchers = (0..args.subscribers)
+        .map(|i| watch_telemetry(&sluice.mqtt, i))
+        .collect::<Vec<_>>();
     let report = run_loadgen_with(
         &sluice.mqtt,
         args.devices,
@@ -344,6 +354,15 @@ fn reference(args: &Args) {
         args.anomaly_rate,
     );
     let stored = sluice.settle(report.acked);
+    std::thread::sleep(Duration::from_secs(
+        usize::from(args.subscribers > 0) as u64 * 2,
+    ));
+    for (i, watched) in watchers.iter().enumerate() {
+        println!(
+            "subscriber {i} (QoS 0, devices/+/telemetry) received {} messages",
+            watched.load(Ordering::SeqCst)
+        );
+    }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
     done.store(true, Ordering::SeqCst);
@@ -391,6 +410,42 @@ fn reference(args: &Args) {
     );
     assert_eq!(lost, 0, "every acknowledged message must be stored");
     assert_eq!(skipped, 0.0, "the broker must not skip messages");
+}
+
+/// An MQTT client (rumqttc, QoS 0) subscribed to every device's telemetry; counts what
+/// it receives.
+fn watch_telemetry(broker: &str, i: usize) -> Arc<AtomicU64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = count.clone();
+    let (host, port) = broker.rsplit_once(':').unwrap();
+    let mut options =
+        rumqttc::MqttOptions::new(format!("bench-watcher-{i}"), host, port.parse().unwrap());
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 1000);
+    client
+        .subscribe("devices/+/telemetry", rumqttc::QoS::AtMostOnce)
+        .unwrap();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _client = client;
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    count
 }
 
 /// One step of a stepped run.
@@ -561,6 +616,91 @@ fn mosquitto(args: &Args) {
     let _ = broker.kill();
     let _ = broker.wait();
     println!("mosquitto highest sustained relay rate: {best:.0} msgs/s");
+}
+
+/// Memory per connection: sluice's resident memory with `--connections` idle MQTT
+/// connections against none. Each connection sends CONNECT (3.1.1, keep alive 0) and
+/// then nothing; then each publishes one QoS 1 reading, gets its PUBACK and goes idle
+/// again (its buffers are given back).
+fn idle(args: &Args) {
+    use std::io::{Read, Write};
+    let n = args.connections;
+    println!("idle: {n} MQTT connections that connect and then say nothing");
+    let sluice = Sluice::start(args);
+    let pid = sluice.pid();
+    let addr: std::net::SocketAddr = sluice.mqtt.parse().unwrap();
+    // Let start-up allocations settle.
+    std::thread::sleep(Duration::from_secs(3));
+    let base = status_kib(pid, "VmRSS:");
+    let connect = |i: usize| {
+        let id = format!("idle-{i:06}");
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        packet
+    };
+    let started = Instant::now();
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket.write_all(&connect(i)).unwrap();
+        sockets.push(socket);
+    }
+    for socket in &mut sockets {
+        let mut connack = [0u8; 4];
+        socket.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    }
+    let ramp = started.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = status_kib(pid, "VmRSS:");
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        let (topic, payload) =
+            common::telemetry(&format!("idle-{i:06}"), "2024-01-15T10:30:00Z", 20.0, 80.0);
+        let mut publish = vec![0x32];
+        let mut len = 2 + topic.len() + 2 + payload.len();
+        loop {
+            let byte = (len % 128) as u8;
+            len /= 128;
+            publish.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        publish.extend_from_slice(topic.as_bytes());
+        publish.extend_from_slice(&[0x00, 0x01]);
+        publish.extend_from_slice(&payload);
+        socket.write_all(&publish).unwrap();
+    }
+    for socket in &mut sockets {
+        let mut puback = [0u8; 4];
+        socket.read_exact(&mut puback).unwrap();
+        assert_eq!(puback, [0x40, 0x02, 0x00, 0x01]);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let after_traffic = status_kib(pid, "VmRSS:");
+    let stored = sluice.settle(n as u64);
+    drop(sockets);
+    std::thread::sleep(Duration::from_secs(3));
+    let closed = status_kib(pid, "VmRSS:");
+    let per = |kib: u64| (kib.saturating_sub(base)) as f64 / n as f64;
+    println!(
+        "connected {n} in {:.1} s; stored {stored} readings",
+        ramp.as_secs_f64()
+    );
+    println!(
+        "RSS: none {} MiB, {n} idle {} MiB ({:.1} KiB each), after one publish each {} MiB ({:.1} KiB each), all closed {} MiB",
+        base / 1024,
+        idle / 1024,
+        per(idle),
+        after_traffic / 1024,
+        per(after_traffic),
+        closed / 1024
+    );
+    sluice.stop();
 }
 
 /// Set in the environment of the child process that plays the discarding sink.

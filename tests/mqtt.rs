@@ -884,3 +884,62 @@ fn the_conformance_checks_pass() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_device_refused_at_the_connection_limit_retries_with_its_own_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    // Two connections: sluice's own alert publisher holds one.
+    std::fs::write(&config, "[mqtt]\nmax_connections = 2\n").unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let addr = sluice.mqtt;
+    wait_metric(
+        &sluice,
+        "sluice_mqtt_connections{listener=\"mqtt\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let code = |answer: &[u8]| (answer.len() >= 4 && answer[0] == 0x20).then(|| answer[3]);
+
+    let (first, answer) = raw_exchange(addr, &connect_packet(4, 30, "device-a"), 4);
+    assert_eq!(code(&answer), Some(0));
+    // Full: a CONNACK says so, in each version's words.
+    let (_, answer) = raw_exchange(addr, &connect_packet(4, 30, "device-b"), 4);
+    assert_eq!(code(&answer), Some(3), "3.1.1: server unavailable");
+    let (_, answer) = raw_exchange(addr, &connect_packet(5, 30, "device-b"), 5);
+    assert_eq!(code(&answer), Some(0x97), "MQTT 5: quota exceeded");
+    // Room frees up; the refused device comes back with its own client id (the case
+    // that made rumqttd 0.20 panic and poison the listener), then others.
+    let connected = "sluice_mqtt_connections{listener=\"mqtt\"}";
+    let room = || {
+        let started = Instant::now();
+        while metric_value(&sluice.get("/metrics").1, connected) != Some(1.0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "a connection did not close"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    drop(first);
+    room();
+    let (retried, answer) = raw_exchange(addr, &connect_packet(4, 30, "device-b"), 4);
+    assert_eq!(code(&answer), Some(0), "the refused device gets in");
+    drop(retried);
+    for (i, level) in [(0, 5u8), (1, 4), (2, 5)] {
+        room();
+        let (_, answer) = raw_exchange(addr, &connect_packet(level, 30, &format!("fresh-{i}")), 4);
+        assert_eq!(code(&answer), Some(0), "fresh-{i}");
+    }
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_mqtt_connection_attempts_total{listener=\"mqtt\",outcome=\"refused\",reason=\"server_full\"}"
+        ),
+        Some(2.0)
+    );
+}

@@ -444,8 +444,10 @@ impl Handshake<'_> {
                 // A delayed will is not published if the client came back in time
                 // [MQTT-3.1.3-9].
                 let Stored { mut state, .. } = stored;
+                // What the router sends again up to the last message sent before is a
+                // redelivery (DUP) [MQTT-3.3.1-1].
                 for sub in state.subs.values_mut() {
-                    sub.last_offset = None;
+                    sub.redelivery_until = sub.last_offset;
                 }
                 state
             }
@@ -458,12 +460,24 @@ impl Handshake<'_> {
             None => SessionState::new(conn_id),
         };
         let mut link = None;
+        // rumqttd resumes a persistent session's subscriptions but forgets their
+        // identifiers: they are given again (an existing subscription is not made anew,
+        // and gets no retained messages), their SUBACKs swallowed.
+        let mut to_router = Vec::new();
+        let mut expect = VecDeque::new();
         if resume || persistent {
             match self.shared.router.connect(key.clone(), false).await {
                 Ok(l) => {
                     self.shared.meters.router_links.inc();
                     session.router_session = true;
                     link = Some(l);
+                    for (filter, sub) in &session.subs {
+                        to_router.push(router_subscribe(1, filter, sub.qos, sub.internal_id));
+                        expect.push_back(Expect::SubAck {
+                            slot: u64::MAX,
+                            index: 0,
+                        });
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(client_id = %client_id, error = %e, "the router refused a session");
@@ -545,11 +559,11 @@ impl Handshake<'_> {
             aliases_in: HashMap::new(),
             slots: VecDeque::new(),
             slot_base: 0,
-            expect: VecDeque::new(),
+            expect,
             pending: Vec::new(),
             routed: Vec::new(),
             batch_slots: Vec::new(),
-            to_router: Vec::new(),
+            to_router,
             egress,
             qos1_unacked: 0,
         })
@@ -718,8 +732,8 @@ impl Conn {
     }
 
     async fn serve(&mut self) -> Ending {
-        // The CONNACK, and (on a resumed session) what the router has queued.
-        if let Err(close) = self.flush().await {
+        // The CONNACK, and (on a resumed session) the subscriptions' identifiers.
+        if let Err(close) = self.after_step().await {
             return Ending {
                 close,
                 reason: None,
@@ -936,6 +950,16 @@ impl Conn {
                 DisconnectReasonCode::ProtocolError,
             ));
         }
+        if let Some(response) = properties.as_ref().and_then(|p| p.response_topic.as_ref())
+            && (response.is_empty() || !frame::valid_topic_name(response.as_bytes()))
+        {
+            // A Response Topic is a topic name [MQTT-3.3.2-13/14].
+            self.shared.meters.refused(Refused::Topic, 1);
+            return Err(Ending::server(
+                Close::Protocol,
+                DisconnectReasonCode::ProtocolError,
+            ));
+        }
         // Whatever poses as sluice's marker goes.
         router::unmark(&mut properties);
 
@@ -977,12 +1001,9 @@ impl Conn {
             && (!visibility.is_direct(topic) || retain || visibility.watched(topic))
         {
             let origin = self.session.has_no_local().then_some(self.session.origin);
-            let mut marker = self.shared.router.marker_for(qos, retain, origin);
-            if retain && qos < 2 {
-                // A retained message keeps its QoS for every later subscriber.
-                marker.qos = Some(qos);
-            }
-            router::mark(&mut properties, &marker);
+            self.shared
+                .router
+                .prepare(&mut publish, &mut properties, qos, origin);
             self.routed.push(Routed {
                 publish,
                 properties,
@@ -1081,8 +1102,9 @@ impl Conn {
     ) -> Result<(), Ending> {
         let v5 = self.version == Version::V5;
         let client_sub_id = props.as_ref().and_then(|p| p.id);
-        if client_sub_id == Some(0) || subscribe.filters.is_empty() {
-            // [MQTT-3.8.3-2]: at least one filter; a subscription identifier is not 0.
+        if client_sub_id == Some(0) || subscribe.filters.is_empty() || subscribe.pkid == 0 {
+            // [MQTT-3.8.3-2]: at least one filter; a subscription identifier is not 0;
+            // a packet identifier is not 0 [MQTT-2.3.1-1].
             return Err(self
                 .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
                 .await);
@@ -1180,27 +1202,16 @@ impl Conn {
                     retain_handling,
                     client_id: client_sub_id,
                     visible,
-                    last_offset: existing.and_then(|s| s.last_offset).filter(|_| !renew),
+                    last_offset: existing
+                        .as_ref()
+                        .and_then(|s| s.last_offset)
+                        .filter(|_| !renew),
+                    redelivery_until: existing.and_then(|s| s.redelivery_until).filter(|_| !renew),
                 },
             );
             self.session.by_id.insert(internal_id, path.to_owned());
             self.shared.router.granted(qos);
-            packets.push(Packet::Subscribe(
-                Subscribe {
-                    pkid: subscribe.pkid,
-                    filters: vec![Filter {
-                        path: path.to_owned(),
-                        qos: filter.qos,
-                        nolocal: false,
-                        preserve_retain: false,
-                        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-                    }],
-                },
-                Some(SubscribeProperties {
-                    id: Some(internal_id),
-                    user_properties: Vec::new(),
-                }),
-            ));
+            packets.push(router_subscribe(subscribe.pkid, path, qos, internal_id));
             expects.push(Expect::SubAck { slot: seq, index });
             codes.push(granted(qos));
         }
@@ -1220,7 +1231,7 @@ impl Conn {
     }
 
     async fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Ending> {
-        if unsubscribe.filters.is_empty() {
+        if unsubscribe.filters.is_empty() || unsubscribe.pkid == 0 {
             return Err(self
                 .protocol_end(Close::Protocol, DisconnectReasonCode::ProtocolError)
                 .await);
@@ -1370,12 +1381,17 @@ impl Conn {
                     self.fulfil(slot);
                 }
             }
-            (Packet::PubRel(rel, _), Some(Expect::PubRel)) => {
-                self.egress.router_pubrel(rel.pkid, true);
-                let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.write);
-            }
             (Packet::PubRel(rel, _), Some(Expect::SwallowPubRel)) => {
                 self.egress.router_pubrel(rel.pkid, false);
+            }
+            (Packet::PubRel(rel, _), expected) => {
+                // Expected, or the router resending the PUBREL of a QoS 2 message the
+                // client received in its session's last connection [MQTT-4.4.0-1].
+                if let Some(other) = expected.filter(|e| !matches!(e, Expect::PubRel)) {
+                    self.expect.push_front(other);
+                }
+                self.egress.router_pubrel(rel.pkid, true);
+                let _ = self.codec.write(Packet::PubRel(rel, None), &mut self.write);
             }
             (packet, expected) => {
                 tracing::debug!(client_id = %self.client_id, ?packet, "unexpected answer from the router");
@@ -1552,6 +1568,27 @@ async fn next_notification(link: &mut Option<Link>) -> Result<Option<rumqttd::No
     }
 }
 
+/// A SUBSCRIBE for the router: one filter, with sluice's internal subscription
+/// identifier (rumqttd applies the subscription options itself only in part: sluice does).
+fn router_subscribe(pkid: u16, filter: &str, qos: u8, internal_id: usize) -> Packet {
+    Packet::Subscribe(
+        Subscribe {
+            pkid,
+            filters: vec![Filter {
+                path: filter.to_owned(),
+                qos: rumqttd::protocol::qos(qos).unwrap_or(rumqttd::protocol::QoS::AtMostOnce),
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        Some(SubscribeProperties {
+            id: Some(internal_id),
+            user_properties: Vec::new(),
+        }),
+    )
+}
+
 fn granted(qos: u8) -> SubscribeReasonCode {
     match qos {
         0 => SubscribeReasonCode::QoS0,
@@ -1637,13 +1674,11 @@ pub(crate) async fn publish_will(shared: &Shared, will: &Will) {
     {
         return;
     }
-    let publish = router::build_publish(topic, message, qos, *retain, u16::from(qos > 0));
+    let mut publish = router::build_publish(topic, message, qos, *retain, u16::from(qos > 0));
     let mut properties = will.properties.as_ref().map(will_publish_properties);
-    let mut marker = shared.router.marker_for(qos, *retain, None);
-    if *retain && qos < 2 {
-        marker.qos = Some(qos);
-    }
-    router::mark(&mut properties, &marker);
+    shared
+        .router
+        .prepare(&mut publish, &mut properties, qos, None);
     shared.meters.routed.inc();
     let _ = shared
         .router

@@ -101,19 +101,48 @@ impl Egress {
             ..
         } = forward;
         let marker = router::unmark(&mut properties);
+        if marker.empty {
+            publish.payload = Bytes::new();
+        }
         let ids = properties
             .as_mut()
             .map(|p| std::mem::take(&mut p.subscription_identifiers))
             .unwrap_or_default();
-        let filter = ids.first().and_then(|id| session.by_id.get(id)).cloned();
+        let topic = std::str::from_utf8(&publish.topic)
+            .unwrap_or_default()
+            .to_owned();
+        // The subscription the router sent it for. rumqttd forgets the identifiers of a
+        // persistent session's subscriptions when it resumes (sluice gives them back
+        // right away, but what the router sends before that has none): then the best
+        // of the client's subscriptions that match stands for it.
+        let filter = ids
+            .first()
+            .and_then(|id| session.by_id.get(id))
+            .cloned()
+            .or_else(|| {
+                session
+                    .subs
+                    .iter()
+                    .filter(|(f, _)| {
+                        frame::shared_filter(f).is_none() && frame::topic_matches(&topic, f)
+                    })
+                    .max_by_key(|(_, s)| (s.qos, std::cmp::Reverse(s.internal_id)))
+                    .map(|(f, _)| f.clone())
+            });
         let retained = cursor.is_none();
 
         // The router's log offsets rise by one per message of a filter: a jump is a
         // message it dropped (or that expired) before this subscription got it.
+        let mut redelivered = false;
         if let (Some(sub), Some((_, offset))) = (
             filter.as_ref().and_then(|f| session.subs.get_mut(f)),
             cursor,
         ) {
+            match sub.redelivery_until {
+                Some(until) if offset <= until => redelivered = true,
+                Some(_) => sub.redelivery_until = None,
+                None => {}
+            }
             if let Some(last) = sub.last_offset
                 && offset > last + 1
             {
@@ -122,9 +151,6 @@ impl Egress {
             sub.last_offset = Some(sub.last_offset.map_or(offset, |last| last.max(offset)));
         }
 
-        let topic = std::str::from_utf8(&publish.topic)
-            .unwrap_or_default()
-            .to_owned();
         let sub = filter.as_ref().and_then(|f| session.subs.get(f));
         let own = marker.origin.is_some() && marker.origin == Some(session.origin);
         let mut drop_reason = None;
@@ -206,8 +232,6 @@ impl Egress {
         };
         let (router_qos, ..) = frame::publish_flags(header.byte1);
         let pkid = frame::publish_pkid(&header, &write[start..]);
-        // DUP is the server's own [MQTT-3.3.1-3]: the publisher's does not pass.
-        write[start] &= !0x08;
 
         if drop_reason.is_none() && write.len() - start > self.max_packet {
             drop_reason = Some(Dropped::TooLarge);
@@ -251,6 +275,13 @@ impl Egress {
                 }
                 return;
             }
+        }
+        // DUP is the server's own [MQTT-3.3.1-3]: the publisher's does not pass; a
+        // message sent again after a session resumed has it [MQTT-3.3.1-1].
+        if redelivered && qos > 0 {
+            write[start] |= 0x08;
+        } else {
+            write[start] &= !0x08;
         }
         if let Some((alias, true)) = alias {
             self.aliases.insert(original_topic, alias);

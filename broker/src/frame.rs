@@ -140,6 +140,49 @@ pub(crate) fn connect_flags(header: &Header, packet: &[u8]) -> Option<u8> {
     body.get(2 + name_len + 1).copied()
 }
 
+/// Whether a whole SUBSCRIBE's subscription options keep their reserved bits at 0
+/// (3.1.1: bits 2–7 [MQTT-3.8.3-4]; 5: bits 6–7 [MQTT-3.8.3-5]); rumqttd's codec does
+/// not look. Anything it cannot walk is left to the codec.
+pub(crate) fn subscribe_options_valid(header: &Header, packet: &[u8], v5: bool) -> bool {
+    let Some(body) = packet.get(header.header_len..header.frame_len()) else {
+        return true;
+    };
+    // Packet identifier, then (MQTT 5) the properties.
+    let mut at = 2;
+    if v5 {
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let Some(&b) = body.get(at) else {
+                return true;
+            };
+            at += 1;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 || shift > 21 {
+                break;
+            }
+        }
+        at += len;
+    }
+    let reserved = if v5 { 0xc0 } else { 0xfc };
+    while at < body.len() {
+        let Some(len) = body
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return true;
+        };
+        at += 2 + len;
+        match body.get(at) {
+            Some(options) if options & reserved != 0 => return false,
+            Some(_) => at += 1,
+            None => return true,
+        }
+    }
+    true
+}
+
 /// QoS, DUP and RETAIN of a PUBLISH, from its first byte.
 pub(crate) fn publish_flags(byte1: u8) -> (u8, bool, bool) {
     ((byte1 >> 1) & 0b11, byte1 & 0b1000 != 0, byte1 & 1 != 0)
@@ -293,6 +336,22 @@ mod tests {
         assert_eq!(protocol(connect(b"MQTT", 6)), Protocol::UnsupportedV5(6));
         assert_eq!(protocol(connect(b"HTTP", 4)), Protocol::NotMqtt);
         assert_eq!(protocol(vec![0x10, 0x01, 0x00]), Protocol::NotMqtt);
+    }
+
+    #[test]
+    fn reserved_subscription_option_bits_are_found() {
+        // pkid 1, filter "a", options; MQTT 5 with an empty property block.
+        let v4 = |options: u8| vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', options];
+        let v5 = |options: u8| vec![0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', options];
+        let valid = |p: Vec<u8>, five| subscribe_options_valid(&header(&p, 100).unwrap(), &p, five);
+        assert!(valid(v4(0x01), false));
+        assert!(!valid(v4(0x05), false), "3.1.1 has no No Local");
+        assert!(
+            valid(v5(0x2d), true),
+            "QoS 1, No Local, RAP, Retain Handling 2"
+        );
+        assert!(!valid(v5(0xc1), true));
+        assert!(!valid(v5(0x41), true));
     }
 
     #[test]

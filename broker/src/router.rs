@@ -49,6 +49,10 @@ pub(crate) struct Marker {
     pub(crate) retain: bool,
     /// The publishing session (for No Local subscriptions).
     pub(crate) origin: Option<u64>,
+    /// The payload is empty: the router is given one byte instead, because it deletes
+    /// the retained message of a topic on any empty payload, RETAIN or not
+    /// [MQTT-3.3.1-12].
+    pub(crate) empty: bool,
 }
 
 impl Marker {
@@ -63,6 +67,9 @@ impl Marker {
         if let Some(o) = self.origin {
             s.push_str(&format!("o{o};"));
         }
+        if self.empty {
+            s.push_str("e;");
+        }
         s
     }
 
@@ -73,6 +80,8 @@ impl Marker {
                 marker.qos = q.parse().ok();
             } else if part == "r" {
                 marker.retain = true;
+            } else if part == "e" {
+                marker.empty = true;
             } else if let Some(o) = part.strip_prefix('o') {
                 marker.origin = o.parse().ok();
             }
@@ -371,13 +380,31 @@ impl Router {
         self.max_granted.fetch_max(qos, Ordering::Relaxed);
     }
 
-    /// The marker a publish needs, given its QoS and RETAIN flag.
-    pub(crate) fn marker_for(&self, qos: u8, retain: bool, origin: Option<u64>) -> Marker {
-        Marker {
-            qos: (qos < self.max_granted.load(Ordering::Relaxed)).then_some(qos),
+    /// Prepares a publish for the router: the marker it needs (given its QoS, RETAIN
+    /// flag and publisher), and the one-byte payload standing for an empty one that is
+    /// not retained.
+    pub(crate) fn prepare(
+        &self,
+        publish: &mut Publish,
+        properties: &mut Option<PublishProperties>,
+        qos: u8,
+        origin: Option<u64>,
+    ) {
+        let retain = publish.retain;
+        let empty = publish.payload.is_empty() && !retain;
+        let marker = Marker {
+            // A retained message keeps its QoS for every later subscriber.
+            qos: (retain || qos < self.max_granted.load(Ordering::Relaxed))
+                .then_some(qos)
+                .filter(|q| *q < 2),
             retain,
             origin,
+            empty,
+        };
+        if empty {
+            publish.payload = Bytes::from_static(b"\0");
         }
+        mark(properties, &marker);
     }
 }
 
@@ -498,6 +525,7 @@ mod tests {
             qos: Some(0),
             retain: true,
             origin: Some(42),
+            empty: true,
         };
         mark(&mut props, &marker);
         assert_eq!(unmark(&mut props), marker);

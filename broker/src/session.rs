@@ -39,6 +39,9 @@ pub(crate) struct Sub {
     /// The last log offset forwarded for it: the next must follow it, or the router
     /// dropped messages.
     pub(crate) last_offset: Option<u64>,
+    /// After a session resumed: messages up to this offset were sent before, so the
+    /// router sending them again is a redelivery.
+    pub(crate) redelivery_until: Option<u64>,
 }
 
 /// A will message, with when to publish it.
