@@ -656,6 +656,7 @@ fn idle(args: &Args) {
     let ramp = started.elapsed();
     std::thread::sleep(Duration::from_secs(3));
     let idle = status_kib(pid, "VmRSS:");
+    let kernel_idle = tcp_memory_kib();
     for (i, socket) in sockets.iter_mut().enumerate() {
         let (topic, payload) =
             common::telemetry(&format!("idle-{i:06}"), "2024-01-15T10:30:00Z", 20.0, 80.0);
@@ -682,6 +683,7 @@ fn idle(args: &Args) {
     }
     std::thread::sleep(Duration::from_secs(3));
     let after_traffic = status_kib(pid, "VmRSS:");
+    let kernel_after = tcp_memory_kib();
     let stored = sluice.settle(n as u64);
     drop(sockets);
     std::thread::sleep(Duration::from_secs(3));
@@ -700,7 +702,26 @@ fn idle(args: &Args) {
         per(after_traffic),
         closed / 1024
     );
+    println!(
+        "kernel TCP memory (/proc/net/sockstat, both ends of {n} loopback connections): {} KiB idle, {} KiB after one publish each",
+        kernel_idle, kernel_after
+    );
     sluice.stop();
+}
+
+/// Memory the kernel holds for TCP sockets, KiB (`mem` of /proc/net/sockstat, in pages).
+fn tcp_memory_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields
+                .iter()
+                .position(|f| *f == "mem")
+                .and_then(|i| fields.get(i + 1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4)
 }
 
 /// Set in the environment of the child process that plays the discarding sink.

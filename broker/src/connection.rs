@@ -742,6 +742,9 @@ impl Conn {
         }
         let mut shutdown = self.shared.shutdown.clone();
         let control = self.control.clone();
+        // Keep alive: the timer is armed for the time since the last read, and moved
+        // when it fires early, rather than reset on every read.
+        let mut last_read = Instant::now();
         let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86400 * 365)));
         tokio::pin!(idle);
         loop {
@@ -756,7 +759,12 @@ impl Conn {
                 }
                 _ = shutdown.changed() => {}
                 _ = &mut idle, if self.keep_alive.is_some() => {
-                    return Ending::server(Close::KeepAlive, DisconnectReasonCode::KeepAliveTimeout);
+                    let due = last_read + self.keep_alive.unwrap_or_default();
+                    if Instant::now() >= due {
+                        return Ending::server(Close::KeepAlive, DisconnectReasonCode::KeepAliveTimeout);
+                    }
+                    idle.as_mut().reset(due);
+                    continue;
                 }
                 notification = next_notification(&mut self.link) => {
                     if let Err(ending) = self.on_router(notification).await {
@@ -770,9 +778,7 @@ impl Conn {
                     };
                     self.shared.listeners[&self.listener].bytes_in.inc_by(n as u64);
                     self.read_chunk = if n >= chunk { (chunk * 2).min(MAX_READ) } else { MIN_READ.max(chunk / 2) };
-                    if let Some(keep_alive) = self.keep_alive {
-                        idle.as_mut().reset(Instant::now() + keep_alive);
-                    }
+                    last_read = Instant::now();
                     if let Err(ending) = self.on_bytes().await {
                         return ending;
                     }
@@ -1042,13 +1048,29 @@ impl Conn {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let n = batch.len() as u64;
-            let delivery = self.shared.pipeline.deliver(batch);
-            let mut shutdown = self.shared.shutdown.clone();
-            let control = self.control.clone();
-            let delivered = tokio::select! {
-                delivered = delivery => delivered.map_err(|_| Close::Internal),
-                _ = control.kicked() => Err(Close::TakenOver),
-                _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
+            let mut delivery = self.shared.pipeline.deliver(batch);
+            // Taken at once, as long as there is room; otherwise what is owed to the
+            // client already goes out before the wait.
+            let delivered = match futures::poll!(&mut delivery) {
+                std::task::Poll::Ready(delivered) => delivered.map_err(|_| Close::Internal),
+                std::task::Poll::Pending => {
+                    if !self.write.is_empty()
+                        && let Err(close) = self.flush().await
+                    {
+                        return Err(Ending {
+                            close,
+                            reason: None,
+                            will: true,
+                        });
+                    }
+                    let mut shutdown = self.shared.shutdown.clone();
+                    let control = self.control.clone();
+                    tokio::select! {
+                        delivered = delivery => delivered.map_err(|_| Close::Internal),
+                        _ = control.kicked() => Err(Close::TakenOver),
+                        _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
+                    }
+                }
             };
             if let Err(close) = delivered {
                 // Not taken, so not acknowledged: the client sends them again.

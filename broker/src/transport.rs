@@ -45,15 +45,13 @@ impl Transport {
     /// dropped before it completes.
     pub(crate) async fn read(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         match self {
-            Transport::Tcp(stream) => loop {
+            Transport::Tcp(stream) => {
                 stream.readable().await?;
                 buf.reserve(chunk);
-                match stream.try_read_buf(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            },
+                // `read_buf` (not `try_read_buf`): a read that leaves room in the buffer
+                // clears tokio's readiness, so the next wait needs no EAGAIN read.
+                stream.read_buf(buf).await
+            }
             Transport::Tls(stream) => {
                 buf.reserve(chunk);
                 stream.read_buf(buf).await

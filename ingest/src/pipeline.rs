@@ -389,29 +389,42 @@ impl Worker {
             match received {
                 Ok(chunk) => {
                     self.take(chunk);
-                    if self.rx.is_empty() {
+                    // While messages keep coming, take them every LINGER without
+                    // blocking on the queue (senders then never need to wake this
+                    // thread); block again once a round finds nothing.
+                    loop {
                         std::thread::sleep(LINGER);
-                    }
-                    while let Ok(chunk) = self.rx.try_recv() {
-                        self.take(chunk);
+                        let mut took = false;
+                        while let Ok(chunk) = self.rx.try_recv() {
+                            self.take(chunk);
+                            took = true;
+                        }
+                        self.seal_aged(Instant::now());
+                        if !took {
+                            break;
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            let now = Instant::now();
-            if let Some(batch) = self.telemetry.poll(now) {
-                self.emit_telemetry(batch, SealReason::Age);
-            }
-            if let Some(batch) = self.rejects.poll(now) {
-                self.emit_rejects(batch, SealReason::Age);
-            }
+            self.seal_aged(Instant::now());
         }
         if let Some(batch) = self.telemetry.drain() {
             self.emit_telemetry(batch, SealReason::Drain);
         }
         if let Some(batch) = self.rejects.drain() {
             self.emit_rejects(batch, SealReason::Drain);
+        }
+    }
+
+    /// Seals the open batches that have waited `batch_age`.
+    fn seal_aged(&mut self, now: Instant) {
+        if let Some(batch) = self.telemetry.poll(now) {
+            self.emit_telemetry(batch, SealReason::Age);
+        }
+        if let Some(batch) = self.rejects.poll(now) {
+            self.emit_rejects(batch, SealReason::Age);
         }
     }
 
