@@ -573,7 +573,10 @@ fn a_short_fleet_run_loses_nothing_and_every_malformed_message_is_a_reject() {
             ));
         }
     }
-    let mut kinds: Vec<&str> = sluice_loadgen::BAD_KINDS.to_vec();
+    let mut kinds: Vec<&str> = sluice_loadgen::BAD_KINDS
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
     kinds.sort();
     assert_eq!(
         reasons.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
