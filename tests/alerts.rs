@@ -56,15 +56,22 @@ impl Subscriber {
 
     /// Waits until `count` notifications arrived, then a little longer for extras.
     fn wait(&self, count: usize, within: Duration) -> Vec<(String, Value)> {
-        wait_until(within, || self.received.lock().unwrap().len() >= count);
+        wait_until(&format!("{count} notifications"), within, || {
+            self.received.lock().unwrap().len() >= count
+        });
         std::thread::sleep(Duration::from_millis(500));
         self.received.lock().unwrap().clone()
     }
 }
 
-fn wait_until(within: Duration, mut done: impl FnMut() -> bool) {
+/// Waits until `done`; fails the test, naming `what`, if that takes longer than `within`.
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
-    while !done() && started.elapsed() < within {
+    while !done() {
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -285,7 +292,7 @@ fn threshold_crossings_reach_mqtt_webhooks_and_the_alerts_table_exactly_once() {
     assert_eq!(topic_states(&notes), expected(&all), "{notes:#?}");
 
     // The webhook got the same ten, after refusing the first two attempts.
-    wait_until(Duration::from_secs(10), || {
+    wait_until("10 webhook deliveries", Duration::from_secs(10), || {
         receiver.accepted.lock().unwrap().len() >= 10
     });
     let hooked: Vec<(String, Value)> = receiver
@@ -306,7 +313,7 @@ fn threshold_crossings_reach_mqtt_webhooks_and_the_alerts_table_exactly_once() {
     assert_eq!(receiver.requests.load(Ordering::SeqCst), 12);
 
     // The whole history is a table; nothing went to the dead letters.
-    sluice.wait_for("SELECT count(*) FROM alerts", 10, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM alerts", 10, Duration::from_secs(10));
     let out = sluice.sql_csv(
         "SELECT rule, device_id, state, value, threshold, started_at, duration_s FROM alerts \
          WHERE rule <> 'silent' ORDER BY ts, rule",
@@ -379,7 +386,7 @@ fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firin
         .status()
         .unwrap();
     assert!(hup.success());
-    wait_until(Duration::from_secs(10), || {
+    wait_until("the reload", Duration::from_secs(10), || {
         sluice.log_text().contains("reloaded: 2 alert rules")
     });
     send(&sluice, t0, &[("d2", 0, -5.0, 90.0)]);
@@ -407,7 +414,7 @@ fn reloads_apply_valid_rules_refuse_invalid_ones_and_a_restart_remembers_a_firin
     );
     assert_eq!(notes[0].1["started_at"], at(t0, 0));
     assert_eq!(notes[0].1["duration_s"], 20.0);
-    sluice.wait_for("SELECT count(*) FROM alerts", 3, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM alerts", 3, Duration::from_secs(10));
     assert_eq!(
         sluice.scalar("SELECT count(*) FROM telemetry_1m"),
         0,

@@ -406,13 +406,10 @@ fn bad_messages_land_in_rejects_with_their_reason_and_nothing_else_is_lost() {
         publish(sluice.mqtt, vec![(topic, payload)], QoS::AtMostOnce, 1),
         1
     );
-    assert_eq!(
-        sluice.wait_for(
-            "SELECT count(*) FROM telemetry WHERE device_id = 'after'",
-            1,
-            Duration::from_secs(10)
-        ),
-        1
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry WHERE device_id = 'after'",
+        1,
+        Duration::from_secs(10),
     );
     let metrics = sluice.get("/metrics").1;
     assert!(
@@ -430,7 +427,7 @@ fn the_sql_command_reports_errors_clearly_and_formats_results() {
         publish(sluice.mqtt, vec![(topic, payload)], QoS::AtLeastOnce, 1),
         1
     );
-    sluice.wait_for("SELECT count(*) FROM telemetry", 1, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 1, Duration::from_secs(10));
     let server = sluice.http.clone();
 
     let (ok, stdout, _) = cli(&[

@@ -21,7 +21,7 @@ fn start_with_readings(extra_args: &[&str]) -> (tempfile::TempDir, Sluice) {
         telemetry("d2", "2024-01-15T10:00:20Z", 30.0, 50.0),
     ];
     assert_eq!(publish(sluice.mqtt, messages, QoS::AtLeastOnce, 1), 4);
-    sluice.wait_for("SELECT count(*) FROM telemetry", 4, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 4, Duration::from_secs(10));
     (dir, sluice)
 }
 

@@ -41,7 +41,7 @@ fn windows_are_tables_and_a_restart_neither_duplicates_nor_loses_one() {
             ("w2", "2024-01-15T10:00:15Z", 30.0),
         ],
     );
-    sluice.wait_for("SELECT count(*) FROM telemetry", 3, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 3, Duration::from_secs(10));
     assert_eq!(
         sluice.scalar("SELECT count(*) FROM telemetry_1m"),
         0,
@@ -56,16 +56,16 @@ fn windows_are_tables_and_a_restart_neither_duplicates_nor_loses_one() {
     // The same window after the restart, then a reading that moves w1's watermark to
     // 10:01 and closes it, then one for a window long closed.
     send(&sluice, &[("w1", "2024-01-15T10:00:40Z", 21.0)]);
-    sluice.wait_for("SELECT count(*) FROM telemetry", 4, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 4, Duration::from_secs(10));
     send(&sluice, &[("w1", "2024-01-15T10:02:00Z", 25.0)]);
-    sluice.wait_for("SELECT count(*) FROM telemetry", 5, Duration::from_secs(10));
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 5, Duration::from_secs(10));
     send(&sluice, &[("w1", "2024-01-15T09:58:00Z", 99.0)]);
-    sluice.wait_for(
+    sluice.expect_scalar(
         "SELECT count(*) FROM telemetry_late",
         1,
         Duration::from_secs(10),
     );
-    sluice.wait_for(
+    sluice.expect_scalar(
         "SELECT count(*) FROM telemetry_1m",
         1,
         Duration::from_secs(10),
@@ -139,7 +139,7 @@ fn bursts_keep_each_devices_order_at_any_number_of_decoders() {
              FROM telemetry WHERE ts < TIMESTAMP '2024-01-15T10:24:00Z' GROUP BY 1, 2";
         let expected = (devices * 10) as i64;
         let within = Duration::from_secs(20);
-        sluice.wait_for(
+        sluice.expect_scalar(
             "SELECT count(*) FROM telemetry",
             (devices * (readings + 1)) as i64,
             within,

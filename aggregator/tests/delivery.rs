@@ -122,9 +122,14 @@ fn toml_spec(url: &str, extra: &str) -> WebhookSpec {
     spec
 }
 
-fn wait_for(within: Duration, mut done: impl FnMut() -> bool) {
+/// Waits until `done`; fails the test, naming `what`, if that takes longer than `within`.
+fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
-    while !done() && started.elapsed() < within {
+    while !done() {
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -153,7 +158,9 @@ fn a_failing_endpoint_is_retried_then_dead_lettered_and_its_circuit_opens() {
     );
     notifier.notify(&event("a"));
     notifier.notify(&event("b"));
-    wait_for(Duration::from_secs(10), || sink.letters().len() == 2);
+    wait_for("2 dead letters", Duration::from_secs(10), || {
+        sink.letters().len() == 2
+    });
     let letters = sink.letters();
     assert_eq!(
         letters[0],
@@ -176,7 +183,9 @@ fn a_client_error_is_not_retried_and_an_unreachable_endpoint_is_a_dead_letter() 
     let sink = Arc::new(Captured::default());
     let (notifier, _) = start(&refusing.url, "max_attempts=5", sink.clone());
     notifier.notify(&event("a"));
-    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    wait_for("1 dead letter", Duration::from_secs(10), || {
+        sink.letters().len() == 1
+    });
     assert_eq!(sink.letters(), [(1, "HTTP 400 Bad Request".to_owned())]);
     assert_eq!(refusing.hits.load(Ordering::SeqCst), 1);
     notifier.shutdown();
@@ -188,7 +197,9 @@ fn a_client_error_is_not_retried_and_an_unreachable_endpoint_is_a_dead_letter() 
     let sink = Arc::new(Captured::default());
     let (notifier, _) = start(&url, "max_attempts=2", sink.clone());
     notifier.notify(&event("a"));
-    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    wait_for("1 dead letter", Duration::from_secs(10), || {
+        sink.letters().len() == 1
+    });
     let letters = sink.letters();
     assert_eq!(letters[0].0, 2);
     assert!(
@@ -207,7 +218,9 @@ fn an_https_webhook_speaks_tls() {
     let sink = Arc::new(Captured::default());
     let (notifier, _) = start(&url, "max_attempts=1", sink.clone());
     notifier.notify(&event("a"));
-    wait_for(Duration::from_secs(10), || sink.letters().len() == 1);
+    wait_for("1 dead letter", Duration::from_secs(10), || {
+        sink.letters().len() == 1
+    });
     let letters = sink.letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
     // rustls read the plain-HTTP answer as a TLS record and refused it.
@@ -233,7 +246,9 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
     for i in 0..10_050 {
         notifier.notify(&event(&format!("d{i}")));
     }
-    wait_for(Duration::from_secs(5), || sink.letters().len() >= 49);
+    wait_for("at least 49 dead letters", Duration::from_secs(5), || {
+        sink.letters().len() >= 49
+    });
     let full = sink
         .letters()
         .iter()

@@ -114,7 +114,9 @@ impl Sluice {
         int_at(&self.query(sql), 0, 0)
     }
 
-    /// Polls `sql` until it returns `want` or `within` passes; returns the last value.
+    /// Polls `sql` until it returns `want` or `within` passes; returns the last value,
+    /// for the caller to compare with `want` (`#[must_use]`: a wait is not a check).
+    #[must_use]
     pub fn wait_for(&self, sql: &str, want: i64, within: Duration) -> i64 {
         let started = Instant::now();
         loop {
@@ -122,6 +124,29 @@ impl Sluice {
             if got == want || started.elapsed() > within {
                 return got;
             }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `sql` until it returns `want`; fails the test if it does not within `within`.
+    pub fn expect_scalar(&self, sql: &str, want: i64, within: Duration) {
+        let got = self.wait_for(sql, want, within);
+        assert_eq!(got, want, "{sql} after {within:?}");
+    }
+
+    /// Polls `sql` until it returns at least `min` and returns that; fails the test if
+    /// it does not within `within`.
+    pub fn expect_at_least(&self, sql: &str, min: i64, within: Duration) -> i64 {
+        let started = Instant::now();
+        loop {
+            let got = self.scalar(sql);
+            if got >= min {
+                return got;
+            }
+            assert!(
+                started.elapsed() < within,
+                "{sql}: {got} after {within:?}, wanted at least {min}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
