@@ -170,6 +170,28 @@ impl Prometheus {
         Some(prometheus)
     }
 
+    /// Scrapes of sluice so far.
+    fn scrapes(&self) -> u64 {
+        self.query("count_over_time(up[1h])")
+            .ok()
+            .and_then(|r| r.first()?["value"][1].as_str()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until Prometheus scraped sluice `n` more times (what rates and quantiles
+    /// over the last change need), instead of sleeping for as long as that may take.
+    fn wait_scrapes(&self, n: u64) {
+        let target = self.scrapes() + n;
+        let started = Instant::now();
+        while self.scrapes() < target {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Prometheus did not scrape sluice {n} more times"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The result vector of an instant query, or the error.
     fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
         let response = reqwest::blocking::Client::new()
@@ -274,7 +296,10 @@ fn every_dashboard_query_runs_and_returns_data() {
     };
     load(first, 61);
     assert_eq!(sluice.post("/flush").0, 200);
-    std::thread::sleep(Duration::from_secs(3));
+    // Scrapes between the waves, so that rates see two different values.
+    if let Some(prometheus) = &prometheus {
+        prometheus.wait_scrapes(2);
+    }
     load(wave(&[60, 0]), 101);
     // Every alert of the wave is a dead letter (the webhook is unreachable).
     sluice.expect_at_least(
@@ -283,8 +308,23 @@ fn every_dashboard_query_runs_and_returns_data() {
         Duration::from_secs(10),
     );
     assert_eq!(sluice.post("/flush").0, 200);
-    // Two scrapes after the last change, and an aggregator tick (alert gauges).
-    std::thread::sleep(Duration::from_secs(6));
+    // The alert gauges are set on the aggregator's tick (every 5 s): once Prometheus
+    // has them, two more scrapes for the rates over the last change.
+    if let Some(prometheus) = &prometheus {
+        let started = Instant::now();
+        while prometheus
+            .query("sluice_alerts{state=\"firing\"} > 0")
+            .map(|r| r.is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Prometheus never saw a firing alert"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus.wait_scrapes(2);
+    }
 
     let (from, to) = (now - 3600, now + 60);
     let mut failures = Vec::new();
