@@ -242,10 +242,19 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
         "max_attempts=1,timeout=1s,breaker_failures=2",
         sink.clone(),
     );
-    // Ten thousand fit in the queue; the rest are dead letters at once.
+    // Ten thousand fit in the queue; the rest are dead letters at once. Each call returns
+    // at once: a call that waited for the endpoint would take its 1 s timeout or more.
+    let mut slowest = Duration::ZERO;
     for i in 0..10_050 {
-        notifier.notify(&event(&format!("d{i}")));
+        let event = event(&format!("d{i}"));
+        let started = Instant::now();
+        notifier.notify(&event);
+        slowest = slowest.max(started.elapsed());
     }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a notify call took {slowest:?}"
+    );
     wait_for("at least 49 dead letters", Duration::from_secs(5), || {
         sink.letters().len() >= 49
     });
