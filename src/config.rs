@@ -460,7 +460,9 @@ impl Config {
                     idle_timeout: self.windows.idle_timeout,
                 }),
             rules: self.rules()?,
-            state_dir: Some(self.data_dir.join("state")),
+            state: Some(std::sync::Arc::new(crate::server::StateFiles(
+                sluice_storage::StateDir::new(self.data_dir.join("state")),
+            ))),
             ..sluice_aggregator::AggregatorConfig::default()
         })
     }

@@ -117,6 +117,22 @@ impl BatchSink for StorageSink {
     }
 }
 
+/// The aggregator's state, kept by storage (the aggregator writes no file itself).
+#[derive(Debug)]
+pub(crate) struct StateFiles(pub(crate) sluice_storage::StateDir);
+
+impl sluice_aggregator::StateStore for StateFiles {
+    fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()> {
+        self.0.save(set, files)
+    }
+    fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String> {
+        self.0.load(set, names)
+    }
+    fn remove(&self, set: &str, names: &[&str], aside: bool) {
+        self.0.remove(set, names, aside)
+    }
+}
+
 /// Every message a client publishes goes to the decoders, in the order its connection
 /// received it; messages on `alerts/` (sluice's own notifications) are counted instead.
 struct ToPipeline {

@@ -30,6 +30,7 @@ pub use stage::{
     ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE,
     ROLLUP_TABLE, TableSink,
 };
+pub use state::StateStore;
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
 
 /// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'

@@ -34,10 +34,10 @@ pub struct AggregatorConfig {
     /// `None`: no window tables (alerts only).
     pub windows: Option<WindowConfig>,
     pub rules: Vec<Rule>,
-    /// Where open windows (`windows/`) and alert state (`alerts/`) are saved at a stop and
-    /// taken back at the next start; `None` closes windows at the stop instead (partial
-    /// windows) and forgets alert state.
-    pub state_dir: Option<std::path::PathBuf>,
+    /// Where open windows and alert state are saved at a stop and taken back at the next
+    /// start; `None` closes windows at the stop instead (partial windows) and forgets
+    /// alert state.
+    pub state: Option<Arc<dyn crate::StateStore>>,
     /// Closed windows are written in batches of up to this many rows…
     pub batch_rows: usize,
     /// …or when the oldest has waited this long.
@@ -51,7 +51,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             windows: Some(WindowConfig::default()),
             rules: Vec::new(),
-            state_dir: None,
+            state: None,
             batch_rows: 8192,
             batch_age: Duration::from_secs(1),
             queue_batches: 64,
@@ -163,11 +163,11 @@ impl Aggregator {
             .set(config.queue_batches.max(1) as i64);
         let mut windows = config.windows.map(Windows::new);
         let mut alerts = Alerts::new(std::mem::take(&mut config.rules));
-        if let Some(dir) = &config.state_dir {
+        if let Some(store) = &config.state {
             if let Some(windows) = &mut windows {
-                windows.restore(crate::state::take(&dir.join("windows")), wall_ns());
+                windows.restore(crate::state::take(store.as_ref()), wall_ns());
             }
-            alerts.restore(crate::state::take_alerts(&dir.join("alerts")), wall_ns());
+            alerts.restore(crate::state::take_alerts(store.as_ref()), wall_ns());
         }
         let stage = Stage {
             windows,
@@ -337,30 +337,28 @@ impl Stage {
         }
         self.notify();
         self.write();
-        if let Some(dir) = &self.config.state_dir {
-            let dir = dir.join("alerts");
-            match crate::state::save_alerts(&dir, &self.alerts.save()) {
+        if let Some(store) = &self.config.state {
+            match crate::state::save_alerts(store.as_ref(), &self.alerts.save()) {
                 Ok(()) => tracing::info!("alert state saved"),
                 Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e, "cannot save alert state: pending and firing alerts start afresh at the next start")
+                    tracing::error!(error = %e, "cannot save alert state: pending and firing alerts start afresh at the next start")
                 }
             }
         }
         let Some(windows) = &mut self.windows else {
             return;
         };
-        let saved = self.config.state_dir.as_ref().map(|dir| {
-            let dir = dir.join("windows");
+        let saved = self.config.state.as_ref().map(|store| {
             let rollup = self
                 .config
                 .windows
                 .map_or(0, |w| w.rollup.as_nanos() as i64);
-            crate::state::save(&dir, &windows.save(), rollup).map_err(|e| (dir, e))
+            crate::state::save(store.as_ref(), &windows.save(), rollup)
         });
         match saved {
             Some(Ok(())) => tracing::info!(devices = windows.devices(), "open windows saved"),
-            Some(Err((dir, e))) => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot save open windows: closing them now (partial windows)");
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot save open windows: closing them now (partial windows)");
                 windows.close_all(&mut self.pending);
                 self.write();
             }

@@ -1,23 +1,20 @@
 //! Open windows saved at a stop and taken back at the next start, so a restart neither
 //! writes a window twice (a partial row before, another after) nor loses one.
 //!
-//! Three Arrow IPC files in the state directory: `devices.arrow` (device, latest event
-//! time, watermark), `samples.arrow` (the readings of open windows, in the `telemetry`
-//! schema) and `rollups.arrow` (rollups being built, in the window tables' schema). Each
-//! is written to a temporary name, synced and renamed, `devices.arrow` last; they are
-//! deleted once read, so state is never taken back twice. Files that cannot be read are
-//! moved aside (`*.unreadable`) with an error in the log, and the windows start afresh.
+//! The state is Arrow batches, kept by a [`StateStore`] (storage, in the binary: the
+//! aggregator writes no file itself). Windows are the set `windows`: `devices` (device,
+//! latest event time, watermark), `samples` (the readings of open windows, in the
+//! `telemetry` schema) and `rollups` (rollups being built, in the window tables' schema),
+//! `devices` saved last; alerts are the set `alerts`: `last_seen`, then `alerts`. A set is
+//! removed once taken back, so state is never taken back twice; a set that cannot be read
+//! is moved aside with an error in the log, and the windows or alerts start afresh.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use std::borrow::Cow;
 
 use arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
-use arrow::ipc::reader::FileReader;
-use arrow::ipc::writer::FileWriter;
 use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
 use crate::alert::{Active, SavedAlert, SavedAlerts};
@@ -36,27 +33,27 @@ static DEVICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-fn write(path: &Path, batch: &RecordBatch) -> std::io::Result<()> {
-    let tmp = path.with_extension("arrow.tmp");
-    let file = File::create(&tmp)?;
-    let mut writer = FileWriter::try_new(&file, &batch.schema()).map_err(std::io::Error::other)?;
-    writer.write(batch).map_err(std::io::Error::other)?;
-    writer.finish().map_err(std::io::Error::other)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+/// Where state is kept across a restart: named sets of named Arrow batches.
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// Saves `files` as the set `set`, each whole or not at all, in order (the last one
+    /// marks the set complete).
+    fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()>;
+    /// The batches of each of `names` (in that order); `None` if the set was not saved
+    /// (its marker, the first of `names`, is absent); an error if it cannot be read.
+    fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String>;
+    /// Forgets the set once taken back; `aside`: keeps it apart for a look.
+    fn remove(&self, set: &str, names: &[&str], aside: bool);
 }
 
-fn read(path: &Path) -> Result<Vec<RecordBatch>, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let reader = FileReader::try_new(file, None).map_err(|e| e.to_string())?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())
-}
+const WINDOWS_SET: &str = "windows";
+const ALERTS_SET: &str = "alerts";
 
 /// Writes the state; `rollup` (ns) gives the rollups' ends.
-pub(crate) fn save(dir: &Path, saved: &[SavedDevice], rollup: i64) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+pub(crate) fn save(
+    store: &dyn StateStore,
+    saved: &[SavedDevice],
+    rollup: i64,
+) -> std::io::Result<()> {
     let devices = RecordBatch::try_new(
         DEVICES_SCHEMA.clone(),
         vec![
@@ -104,19 +101,27 @@ pub(crate) fn save(dir: &Path, saved: &[SavedDevice], rollup: i64) -> std::io::R
             })
         })
         .collect();
-    write(&dir.join(SAMPLES), &samples.finish())?;
-    write(&dir.join(ROLLUPS), &window_batch(&rollups))?;
-    // Last: its presence says the other two are complete.
-    write(&dir.join(DEVICES), &devices)
+    // `devices` last: its presence says the other two are complete.
+    store.save(
+        WINDOWS_SET,
+        &[
+            (SAMPLES, samples.finish()),
+            (ROLLUPS, window_batch(&rollups)),
+            (DEVICES, devices),
+        ],
+    )
 }
 
 /// Reads and deletes saved window state; empty if there is none or it is unreadable.
-pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
-    let path = |name: &str| -> PathBuf { dir.join(name) };
-    let loaded = take_files(dir, &[DEVICES, SAMPLES, ROLLUPS], "window", || {
+pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
+    let names = [DEVICES, SAMPLES, ROLLUPS];
+    let loaded = take_set(store, WINDOWS_SET, &names, "window", |files| {
         let mut saved = Vec::new();
         let mut index = std::collections::HashMap::new();
-        for batch in read(&path(DEVICES))? {
+        for batch in &files[0] {
+            if batch.schema() != *DEVICES_SCHEMA {
+                return Err(format!("{DEVICES} has another schema than this version's"));
+            }
             let names = batch.column(0).as_string::<i32>();
             let max_event = batch.column(1).as_primitive::<Int64Type>();
             let watermark = batch.column(2).as_primitive::<Int64Type>();
@@ -137,11 +142,11 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
                 .copied()
                 .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))
         };
-        for batch in read(&path(SAMPLES))? {
+        for batch in &files[1] {
             if batch.schema() != sluice_ingest::telemetry_schema() {
                 return Err(format!("{SAMPLES} has another schema than this version's"));
             }
-            let columns = TelemetryColumns::new(&batch);
+            let columns = TelemetryColumns::new(batch);
             let mut extras = Vec::new();
             for row in 0..batch.num_rows() {
                 let observation = columns.observation(row, &mut extras);
@@ -149,11 +154,11 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
                 saved[i].samples.push(Sample::of(&observation));
             }
         }
-        for batch in read(&path(ROLLUPS))? {
+        for batch in &files[2] {
             if batch.schema() != crate::window_schema() {
                 return Err(format!("{ROLLUPS} has another schema than this version's"));
             }
-            for (device, acc) in windows_from_batch(&batch) {
+            for (device, acc) in windows_from_batch(batch) {
                 let i = device_of(&device, ROLLUPS)?;
                 saved[i].rollup = Some(acc);
             }
@@ -166,33 +171,28 @@ pub(crate) fn take(dir: &Path) -> Vec<SavedDevice> {
     loaded.unwrap_or_default()
 }
 
-/// Reads saved state with `load` when its files exist (the first of `names` is written
-/// last, so its presence says the set is complete), then deletes them; files that
-/// cannot be read are moved aside (`*.unreadable`) with an error in the log.
-fn take_files<T>(
-    dir: &Path,
+/// Loads the set `set` and turns it into state with `load`, then removes it; a set that
+/// cannot be read or used is moved aside, with an error in the log.
+fn take_set<T>(
+    store: &dyn StateStore,
+    set: &str,
     names: &[&str],
     what: &str,
-    load: impl FnOnce() -> Result<T, String>,
+    load: impl FnOnce(&[Vec<RecordBatch>]) -> Result<T, String>,
 ) -> Option<T> {
-    let path = |name: &str| -> PathBuf { dir.join(name) };
-    if !path(names[0]).exists() {
-        return None;
-    }
-    match load() {
-        Ok(loaded) => {
-            for name in names {
-                if let Err(e) = std::fs::remove_file(path(name)) {
-                    tracing::error!(file = %path(name).display(), error = %e, "cannot remove {what} state");
-                }
-            }
-            Some(loaded)
+    let loaded = match store.load(set, names) {
+        Ok(None) => return None,
+        Ok(Some(files)) => load(&files),
+        Err(e) => Err(e),
+    };
+    match loaded {
+        Ok(state) => {
+            store.remove(set, names, false);
+            Some(state)
         }
         Err(e) => {
-            tracing::error!(dir = %dir.display(), error = %e, "{what} state unreadable: moved aside, starting afresh");
-            for name in names {
-                let _ = std::fs::rename(path(name), path(&format!("{name}.unreadable")));
-            }
+            tracing::error!(set, error = %e, "{what} state unreadable: moved aside, starting afresh");
+            store.remove(set, names, true);
             None
         }
     }
@@ -219,8 +219,7 @@ static LAST_SEEN_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Writes alert state: `last_seen.arrow`, then `alerts.arrow`.
-pub(crate) fn save_alerts(dir: &Path, saved: &SavedAlerts) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+pub(crate) fn save_alerts(store: &dyn StateStore, saved: &SavedAlerts) -> std::io::Result<()> {
     let last_seen = RecordBatch::try_new(
         LAST_SEEN_SCHEMA.clone(),
         vec![
@@ -255,15 +254,14 @@ pub(crate) fn save_alerts(dir: &Path, saved: &SavedAlerts) -> std::io::Result<()
         ],
     )
     .map_err(std::io::Error::other)?;
-    write(&dir.join(LAST_SEEN), &last_seen)?;
-    write(&dir.join(ALERTS), &alerts)
+    store.save(ALERTS_SET, &[(LAST_SEEN, last_seen), (ALERTS, alerts)])
 }
 
 /// Reads and deletes saved alert state; empty if there is none or it is unreadable.
-pub(crate) fn take_alerts(dir: &Path) -> SavedAlerts {
-    take_files(dir, &[ALERTS, LAST_SEEN], "alert", || {
+pub(crate) fn take_alerts(store: &dyn StateStore) -> SavedAlerts {
+    take_set(store, ALERTS_SET, &[ALERTS, LAST_SEEN], "alert", |files| {
         let mut saved = SavedAlerts::default();
-        for batch in read(&dir.join(ALERTS))? {
+        for batch in &files[0] {
             if batch.schema() != *ALERTS_STATE_SCHEMA {
                 return Err(format!("{ALERTS} has another schema than this version's"));
             }
@@ -284,7 +282,7 @@ pub(crate) fn take_alerts(dir: &Path) -> SavedAlerts {
                 });
             }
         }
-        for batch in read(&dir.join(LAST_SEEN))? {
+        for batch in &files[1] {
             if batch.schema() != *LAST_SEEN_SCHEMA {
                 return Err(format!(
                     "{LAST_SEEN} has another schema than this version's"
@@ -306,12 +304,61 @@ pub(crate) fn take_alerts(dir: &Path) -> SavedAlerts {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use super::*;
     use crate::WindowAcc;
 
+    /// Sets in memory; `unreadable` makes every load fail.
+    #[derive(Debug, Default)]
+    struct Memory {
+        files: Mutex<HashMap<(String, String), RecordBatch>>,
+        aside: Mutex<Vec<String>>,
+        unreadable: bool,
+    }
+
+    impl StateStore for Memory {
+        fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()> {
+            let mut held = self.files.lock().unwrap();
+            for (name, batch) in files {
+                held.insert((set.into(), (*name).into()), batch.clone());
+            }
+            Ok(())
+        }
+        fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String> {
+            let held = self.files.lock().unwrap();
+            if !held.contains_key(&(set.into(), names[0].into())) {
+                return Ok(None);
+            }
+            if self.unreadable {
+                return Err(format!("{}: not arrow", names[0]));
+            }
+            Ok(Some(
+                names
+                    .iter()
+                    .map(|n| {
+                        held.get(&(set.into(), (*n).into()))
+                            .cloned()
+                            .into_iter()
+                            .collect()
+                    })
+                    .collect(),
+            ))
+        }
+        fn remove(&self, set: &str, names: &[&str], aside: bool) {
+            let mut held = self.files.lock().unwrap();
+            for name in names {
+                if held.remove(&(set.into(), (*name).into())).is_some() && aside {
+                    self.aside.lock().unwrap().push(format!("{set}/{name}"));
+                }
+            }
+        }
+    }
+
     #[test]
     fn saved_state_comes_back_once() {
-        let dir = std::env::temp_dir().join(format!("sluice-state-{}", std::process::id()));
+        let store = Memory::default();
         let mut rollup = WindowAcc::new(0);
         rollup.readings = 2;
         rollup.known[0].add(1.5, 10);
@@ -343,28 +390,56 @@ mod tests {
                 rollup: None,
             },
         ];
-        save(&dir, &saved, 3600).unwrap();
-        let back = take(&dir);
+        save(&store, &saved, 3600).unwrap();
+        let back = take(&store);
         // NaN != NaN: compare through the debug form.
         assert_eq!(format!("{back:?}"), format!("{saved:?}"));
-        assert!(take(&dir).is_empty(), "taken once");
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(take(&store).is_empty(), "taken once");
+        assert!(store.aside.lock().unwrap().is_empty());
     }
 
     #[test]
     fn unreadable_state_is_moved_aside() {
-        let dir = std::env::temp_dir().join(format!("sluice-bad-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(DEVICES), b"not arrow").unwrap();
-        assert!(take(&dir).is_empty());
-        assert!(!dir.join(DEVICES).exists());
-        assert!(dir.join("devices.arrow.unreadable").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        let store = Memory {
+            unreadable: true,
+            ..Memory::default()
+        };
+        save(&store, &[], 3600).unwrap();
+        assert!(take(&store).is_empty());
+        assert_eq!(
+            *store.aside.lock().unwrap(),
+            [
+                "windows/devices.arrow",
+                "windows/samples.arrow",
+                "windows/rollups.arrow"
+            ]
+        );
+        assert!(take(&store).is_empty(), "not taken back later");
+    }
+
+    #[test]
+    fn state_of_another_schema_is_moved_aside() {
+        let store = Memory::default();
+        save_alerts(&store, &SavedAlerts::default()).unwrap();
+        // Alert state where window state should be: readable, but not this version's.
+        let alerts = store.files.lock().unwrap()[&("alerts".to_owned(), ALERTS.to_owned())].clone();
+        store
+            .save(
+                WINDOWS_SET,
+                &[
+                    (SAMPLES, alerts.clone()),
+                    (ROLLUPS, alerts.clone()),
+                    (DEVICES, alerts),
+                ],
+            )
+            .unwrap();
+        assert!(take(&store).is_empty());
+        assert_eq!(store.aside.lock().unwrap().len(), 3);
     }
 
     #[test]
     fn alert_state_comes_back_once() {
-        let dir = std::env::temp_dir().join(format!("sluice-alert-state-{}", std::process::id()));
+        let store = Memory::default();
         let saved = SavedAlerts {
             active: vec![SavedAlert {
                 rule: "overheat".into(),
@@ -377,12 +452,8 @@ mod tests {
             }],
             last_seen: vec![("a".into(), 9), ("b".into(), 3)],
         };
-        save_alerts(&dir, &saved).unwrap();
-        assert_eq!(take_alerts(&dir), saved);
-        assert_eq!(take_alerts(&dir), SavedAlerts::default(), "taken once");
-        std::fs::write(dir.join(ALERTS), b"garbage").unwrap();
-        assert_eq!(take_alerts(&dir), SavedAlerts::default());
-        assert!(dir.join("alerts.arrow.unreadable").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        save_alerts(&store, &saved).unwrap();
+        assert_eq!(take_alerts(&store), saved);
+        assert_eq!(take_alerts(&store), SavedAlerts::default(), "taken once");
     }
 }

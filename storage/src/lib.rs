@@ -8,6 +8,7 @@
 mod metrics;
 mod parquet_files;
 mod provider;
+mod state;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use datafusion::prelude::SessionConfig;
 
 pub use metrics::StorageMetrics;
 pub use parquet_files::WriteOptions;
+pub use state::StateDir;
 pub use table::{FlushReport, TableSpec, TableStats};
 
 use crate::table::Table;

@@ -1,0 +1,187 @@
+//! State kept across a restart by the stages that hold it in memory (the aggregator's
+//! open windows and alert state): named sets of Arrow IPC files under one directory.
+//!
+//! A set is published file by file in the order given (temporary name, fsync, rename),
+//! then its directory is fsynced, so a crash leaves each file either whole or absent; the
+//! caller names last the file whose presence says the set is complete. Taking a set back
+//! reads every file; the caller removes the set once it used it, or moves it aside
+//! (`*.unreadable`) when it could not.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+
+/// Prefix of a file being written; left-overs of a crash are removed at the next save.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// The directory holding every set (`<data_dir>/state`).
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        StateDir { root: root.into() }
+    }
+
+    fn dir(&self, set: &str) -> PathBuf {
+        self.root.join(set)
+    }
+
+    /// Publishes `files` as the set `set`, in order. On error, no temporary file is left;
+    /// the files published before the error stay (the last file is the set's marker, so a
+    /// set without it is never taken back).
+    pub fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> io::Result<()> {
+        let dir = self.dir(set);
+        fs::create_dir_all(&dir)?;
+        for entry in fs::read_dir(&dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        for (name, batch) in files {
+            let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
+            let written = write_ipc(&tmp, batch).and_then(|()| fs::rename(&tmp, dir.join(name)));
+            if let Err(e) = written {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        File::open(&dir)?.sync_all()
+    }
+
+    /// The batches of every file of `set`, in the order of `names`; `None` if the first
+    /// of `names` (the marker) is absent; an error if a file cannot be read.
+    pub fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String> {
+        let dir = self.dir(set);
+        if names
+            .first()
+            .is_none_or(|marker| !dir.join(marker).exists())
+        {
+            return Ok(None);
+        }
+        names
+            .iter()
+            .map(|name| read_ipc(&dir.join(name)).map_err(|e| format!("{name}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Removes the files of `set` once taken back, or, with `aside`, renames them to
+    /// `<name>.unreadable` for a look. Failures are logged: the set is then taken back
+    /// again at the next start, which a caller must tolerate.
+    pub fn remove(&self, set: &str, names: &[&str], aside: bool) {
+        let dir = self.dir(set);
+        for name in names {
+            let path = dir.join(name);
+            let done = if aside {
+                fs::rename(&path, dir.join(format!("{name}.unreadable")))
+            } else {
+                fs::remove_file(&path)
+            };
+            match done {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot remove a state file")
+                }
+            }
+        }
+        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the state directory");
+        }
+    }
+}
+
+fn write_ipc(path: &Path, batch: &RecordBatch) -> io::Result<()> {
+    let file = File::create(path)?;
+    let mut writer = FileWriter::try_new(&file, &batch.schema()).map_err(io::Error::other)?;
+    writer.write(batch).map_err(io::Error::other)?;
+    writer.finish().map_err(io::Error::other)?;
+    file.sync_all()
+}
+
+fn read_ipc(path: &Path) -> Result<Vec<RecordBatch>, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let reader = FileReader::try_new(file, None).map_err(|e| e.to_string())?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    #[test]
+    fn a_set_comes_back_in_order_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        assert_eq!(state.load("w", &["m", "a"]), Ok(None));
+        state
+            .save("w", &[("a", batch(&[1, 2])), ("m", batch(&[3]))])
+            .unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path().join("w"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with(TMP_PREFIX)),
+            "{names:?}"
+        );
+        let back = state.load("w", &["m", "a"]).unwrap().unwrap();
+        assert_eq!(back, vec![vec![batch(&[3])], vec![batch(&[1, 2])]]);
+        state.remove("w", &["m", "a"], false);
+        assert_eq!(state.load("w", &["m", "a"]), Ok(None));
+    }
+
+    #[test]
+    fn a_set_without_its_marker_is_not_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        state.save("w", &[("a", batch(&[1]))]).unwrap();
+        assert_eq!(state.load("w", &["m", "a"]), Ok(None));
+    }
+
+    #[test]
+    fn an_unreadable_file_is_an_error_and_can_be_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        fs::create_dir_all(dir.path().join("w")).unwrap();
+        fs::write(dir.path().join("w/m"), b"not arrow").unwrap();
+        let error = state.load("w", &["m"]).unwrap_err();
+        assert!(error.starts_with("m: "), "{error}");
+        state.remove("w", &["m"], true);
+        assert!(!dir.path().join("w/m").exists());
+        assert!(dir.path().join("w/m.unreadable").exists());
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        // A directory where the file should go: the rename fails.
+        fs::create_dir_all(dir.path().join("w/a/x")).unwrap();
+        assert!(state.save("w", &[("a", batch(&[1]))]).is_err());
+        let names: Vec<_> = fs::read_dir(dir.path().join("w"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["a"]);
+    }
+}
