@@ -43,16 +43,6 @@ const CONNECT_ATTEMPTS: u64 = 3;
 /// File descriptors kept for everything but the MQTT connections.
 const RESERVED_FILES: u64 = 64;
 
-/// Raises the soft open-files limit to the hard one and returns it (`None`: unknown).
-fn open_files_limit() -> Option<u64> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return Some(hard);
-    }
-    Some(soft)
-}
-
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
@@ -134,7 +124,7 @@ impl LoadgenConfig {
                 return bad(format!("{name} must be between 0 and 1, got {value}"));
             }
         }
-        if let Some(limit) = open_files_limit() {
+        if let Some(limit) = sluice_broker::raise_open_files_limit() {
             let room = limit.saturating_sub(RESERVED_FILES);
             if self.connections as u64 > room {
                 return bad(format!(
