@@ -614,6 +614,8 @@ struct Inflight {
 }
 
 const MQTT: &str = "mqtt";
+/// How long the publisher waits for an event before it looks at `stopping` again.
+const POLL_EVENTS: Duration = Duration::from_secs(1);
 
 impl MqttChannel {
     fn start(broker: SocketAddr, outcomes: Outcomes) -> std::io::Result<MqttChannel> {
@@ -652,7 +654,10 @@ impl MqttChannel {
                                 break;
                             }
                         }
-                        match connection.recv_timeout(Duration::from_millis(100)) {
+                        // rumqttc drops a connection attempt whose CONNACK has not come
+                        // when this times out, and connects again: a short timeout made
+                        // a loaded broker see several connections from this client.
+                        match connection.recv_timeout(POLL_EVENTS) {
                             Ok(Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
                                 let mut queue = inflight.lock().unwrap_or_else(|p| p.into_inner());
                                 if !queue.iter().any(|i| i.pkid == Some(pkid))
