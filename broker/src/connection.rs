@@ -725,6 +725,17 @@ struct Ending {
     will: bool,
 }
 
+impl From<Close> for Ending {
+    /// An end the client is not told of (the network, the pipeline): the will goes out.
+    fn from(close: Close) -> Ending {
+        Ending {
+            close,
+            reason: None,
+            will: true,
+        }
+    }
+}
+
 impl Ending {
     fn server(close: Close, reason: DisconnectReasonCode) -> Ending {
         Ending {
@@ -787,11 +798,7 @@ impl Conn {
     async fn serve(&mut self) -> Ending {
         // The CONNACK, and (on a resumed session) the subscriptions' identifiers.
         if let Err(close) = self.after_step().await {
-            return Ending {
-                close,
-                reason: None,
-                will: true,
-            };
+            return Ending::from(close);
         }
         let mut shutdown = self.shared.shutdown.clone();
         let control = self.control.clone();
@@ -830,7 +837,7 @@ impl Conn {
                 }
                 read = self.transport.read(&mut self.read, chunk) => {
                     let n = match read {
-                        Ok(0) | Err(_) => return Ending { close: Close::Network, reason: None, will: true },
+                        Ok(0) | Err(_) => return Ending::from(Close::Network),
                         Ok(n) => n,
                     };
                     self.shared.listeners[&self.listener].bytes_in.inc_by(n as u64);
@@ -846,11 +853,7 @@ impl Conn {
                 }
             }
             if let Err(close) = self.flush_router().await {
-                return Ending {
-                    close,
-                    reason: None,
-                    will: true,
-                };
+                return Ending::from(close);
             }
             if self.write.is_empty() {
                 continue;
@@ -863,11 +866,7 @@ impl Conn {
                 continue;
             }
             if let Err(close) = self.flush().await {
-                return Ending {
-                    close,
-                    reason: None,
-                    will: true,
-                };
+                return Ending::from(close);
             }
             pace.wrote(now);
         }
@@ -1129,15 +1128,7 @@ impl Conn {
             let delivered = match futures::poll!(&mut delivery) {
                 std::task::Poll::Ready(delivered) => delivered.map_err(|_| Close::Internal),
                 std::task::Poll::Pending => {
-                    if !self.write.is_empty()
-                        && let Err(close) = self.flush().await
-                    {
-                        return Err(Ending {
-                            close,
-                            reason: None,
-                            will: true,
-                        });
-                    }
+                    self.flush().await.map_err(Ending::from)?;
                     let mut shutdown = self.shared.shutdown.clone();
                     let control = self.control.clone();
                     tokio::select! {
@@ -1543,11 +1534,7 @@ impl Conn {
     /// Sends what is queued for the router now (a subscription change is in the
     /// router before any publish read after it is routed).
     async fn send_to_router_now(&mut self) -> Result<(), Ending> {
-        self.flush_router().await.map_err(|close| Ending {
-            close,
-            reason: None,
-            will: true,
-        })
+        self.flush_router().await.map_err(Ending::from)
     }
 
     async fn flush_router(&mut self) -> Result<(), Close> {
