@@ -46,7 +46,8 @@ impl Default for WriteOptions {
     }
 }
 
-const TMP_PREFIX: &str = ".tmp-";
+/// Prefix of a file being written; what a crash leaves with it was never published.
+pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
 /// Finds the table's published files. In writable mode, temporary files left by a crash
 /// mid-flush are removed (their rows were never published).
@@ -108,41 +109,59 @@ pub(crate) fn write_partitions(
     options: &WriteOptions,
 ) -> io::Result<Vec<ColdFile>> {
     let props = writer_properties(spec, options)?;
-    let mut staged: Vec<(PathBuf, PathBuf, u64)> = Vec::new();
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for hour in order.partitions.iter().map(|(hour, _)| *hour) {
+        let partition_dir = dir.join(partition_path(hour));
+        fs::create_dir_all(&partition_dir)?;
+        let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
+        staged.push((
+            partition_dir.join(format!("{TMP_PREFIX}{name}")),
+            partition_dir.join(&name),
+        ));
+    }
+    let mut sizes = Vec::with_capacity(staged.len());
+    publish(&staged, |i, tmp| {
+        let rows = order.partitions[i].1.clone();
+        write_file(tmp, spec, batches, order, rows, options, props.clone())?;
+        sizes.push(fs::metadata(tmp)?.len());
+        Ok(())
+    })?;
+    Ok(staged
+        .into_iter()
+        .zip(sizes)
+        .zip(&order.partitions)
+        .map(|(((_, path), size), (_, rows))| ColdFile {
+            path,
+            size,
+            rows: rows.len() as u64,
+        })
+        .collect())
+}
+
+/// The one way storage puts files in place. `write(i, tmp)` writes and fsyncs file `i`
+/// at its temporary path; once all are written they are renamed to their paths, in
+/// order, and every directory that got one is fsynced. On error nothing of it is left:
+/// the temporary files and those already renamed are removed.
+pub(crate) fn publish(
+    staged: &[(PathBuf, PathBuf)],
+    mut write: impl FnMut(usize, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let result = (|| {
-        for (hour, rows) in &order.partitions {
-            let partition_dir = dir.join(partition_path(*hour));
-            fs::create_dir_all(&partition_dir)?;
-            let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
-            let tmp = partition_dir.join(format!("{TMP_PREFIX}{name}"));
-            staged.push((tmp.clone(), partition_dir.join(&name), rows.len() as u64));
-            write_file(
-                &tmp,
-                spec,
-                batches,
-                order,
-                rows.clone(),
-                options,
-                props.clone(),
-            )?;
+        for (i, (tmp, _)) in staged.iter().enumerate() {
+            write(i, tmp)?;
         }
-        let mut published = Vec::with_capacity(staged.len());
-        for (tmp, path, rows) in &staged {
+        for (tmp, path) in staged {
             fs::rename(tmp, path)?;
-            let size = fs::metadata(path)?.len();
-            published.push(ColdFile {
-                path: path.clone(),
-                size,
-                rows: *rows,
-            });
         }
-        for partition_dir in staged.iter().filter_map(|(_, path, _)| path.parent()) {
-            File::open(partition_dir)?.sync_all()?;
+        let mut dirs: Vec<&Path> = staged.iter().filter_map(|(_, p)| p.parent()).collect();
+        dirs.dedup();
+        for dir in dirs {
+            File::open(dir)?.sync_all()?;
         }
-        Ok(published)
+        Ok(())
     })();
     if result.is_err() {
-        for (tmp, path, _) in &staged {
+        for (tmp, path) in staged {
             let _ = fs::remove_file(tmp);
             let _ = fs::remove_file(path);
         }

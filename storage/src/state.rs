@@ -1,9 +1,9 @@
 //! State kept across a restart by the stages that hold it in memory (the aggregator's
 //! open windows and alert state): named sets of Arrow IPC files under one directory.
 //!
-//! A set is published file by file in the order given (temporary name, fsync, rename),
-//! then its directory is fsynced, so a crash leaves each file either whole or absent; the
-//! caller names last the file whose presence says the set is complete. Taking a set back
+//! A set goes through storage's one publish routine (as Parquet files do): written to
+//! temporary names and fsynced, renamed into place in the order given, then the directory
+//! fsynced; the caller names last the file whose presence says the set is complete. Taking a set back
 //! reads every file; the caller removes the set once it used it, or moves it aside
 //! (`*.unreadable`) when it could not.
 
@@ -15,8 +15,7 @@ use arrow::array::RecordBatch;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 
-/// Prefix of a file being written; left-overs of a crash are removed at the next save.
-const TMP_PREFIX: &str = ".tmp-";
+use crate::parquet_files::{TMP_PREFIX, publish};
 
 /// The directory holding every set (`<data_dir>/state`).
 #[derive(Debug, Clone)]
@@ -33,9 +32,10 @@ impl StateDir {
         self.root.join(set)
     }
 
-    /// Publishes `files` as the set `set`, in order. On error, no temporary file is left;
-    /// the files published before the error stay (the last file is the set's marker, so a
-    /// set without it is never taken back).
+    /// Publishes `files` as the set `set`, in order, through storage's one publish
+    /// routine: either every file is in place or none (a crash in between leaves a
+    /// prefix of the set, without its marker, which is never taken back). Temporary files
+    /// a crash left are removed first.
     pub fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> io::Result<()> {
         let dir = self.dir(set);
         fs::create_dir_all(&dir)?;
@@ -44,15 +44,11 @@ impl StateDir {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        for (name, batch) in files {
-            let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
-            let written = write_ipc(&tmp, batch).and_then(|()| fs::rename(&tmp, dir.join(name)));
-            if let Err(e) = written {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        }
-        File::open(&dir)?.sync_all()
+        let staged: Vec<(PathBuf, PathBuf)> = files
+            .iter()
+            .map(|(name, _)| (dir.join(format!("{TMP_PREFIX}{name}")), dir.join(name)))
+            .collect();
+        publish(&staged, |i, tmp| write_ipc(tmp, &files[i].1))
     }
 
     /// The batches of every file of `set`, in the order of `names`; `None` if the first
@@ -172,12 +168,17 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_save_leaves_no_temporary_file() {
+    fn a_failed_save_leaves_nothing_of_the_set() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        // A directory where the file should go: the rename fails.
+        // A directory where the second file should go: its rename fails, after the
+        // first one's.
         fs::create_dir_all(dir.path().join("w/a/x")).unwrap();
-        assert!(state.save("w", &[("a", batch(&[1]))]).is_err());
+        assert!(
+            state
+                .save("w", &[("b", batch(&[2])), ("a", batch(&[1]))])
+                .is_err()
+        );
         let names: Vec<_> = fs::read_dir(dir.path().join("w"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
