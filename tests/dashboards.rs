@@ -159,14 +159,7 @@ impl Prometheus {
             url: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        let started = Instant::now();
-        while prometheus.query("up").map(|r| r.is_empty()).unwrap_or(true) {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "Prometheus did not scrape sluice"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        prometheus.wait_for_series("up", "Prometheus did not scrape sluice");
         Some(prometheus)
     }
 
@@ -182,14 +175,17 @@ impl Prometheus {
     /// over the last change need), instead of sleeping for as long as that may take.
     fn wait_scrapes(&self, n: u64) {
         let target = self.scrapes() + n;
-        let started = Instant::now();
-        while self.scrapes() < target {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "Prometheus did not scrape sluice {n} more times"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait(
+            &format!("Prometheus did not scrape sluice {n} more times"),
+            || self.scrapes() >= target,
+        );
+    }
+
+    /// Waits until `promql` has a series; fails the test with `failure` after 30 s.
+    fn wait_for_series(&self, promql: &str, failure: &str) {
+        wait(failure, || {
+            self.query(promql).is_ok_and(|result| !result.is_empty())
+        });
     }
 
     /// The result vector of an instant query, or the error.
@@ -208,6 +204,15 @@ impl Prometheus {
             .as_array()
             .cloned()
             .unwrap_or_default())
+    }
+}
+
+/// Polls `done` every 100 ms; fails the test with `failure` after 30 s.
+fn wait(failure: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(30), "{failure}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -311,18 +316,10 @@ fn every_dashboard_query_runs_and_returns_data() {
     // The alert gauges are set on the aggregator's tick (every 5 s): once Prometheus
     // has them, two more scrapes for the rates over the last change.
     if let Some(prometheus) = &prometheus {
-        let started = Instant::now();
-        while prometheus
-            .query("sluice_alerts{state=\"firing\"} > 0")
-            .map(|r| r.is_empty())
-            .unwrap_or(true)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "Prometheus never saw a firing alert"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        prometheus.wait_for_series(
+            "sluice_alerts{state=\"firing\"} > 0",
+            "Prometheus never saw a firing alert",
+        );
         prometheus.wait_scrapes(2);
     }
 

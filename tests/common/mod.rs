@@ -118,10 +118,15 @@ impl Sluice {
     /// for the caller to compare with `want` (`#[must_use]`: a wait is not a check).
     #[must_use]
     pub fn wait_for(&self, sql: &str, want: i64, within: Duration) -> i64 {
+        self.poll(sql, within, |got| got == want)
+    }
+
+    /// Polls `sql` until its value is `done` or `within` passes; returns the last value.
+    fn poll(&self, sql: &str, within: Duration, done: impl Fn(i64) -> bool) -> i64 {
         let started = Instant::now();
         loop {
             let got = self.scalar(sql);
-            if got == want || started.elapsed() > within {
+            if done(got) || started.elapsed() > within {
                 return got;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -137,18 +142,12 @@ impl Sluice {
     /// Polls `sql` until it returns at least `min` and returns that; fails the test if
     /// it does not within `within`.
     pub fn expect_at_least(&self, sql: &str, min: i64, within: Duration) -> i64 {
-        let started = Instant::now();
-        loop {
-            let got = self.scalar(sql);
-            if got >= min {
-                return got;
-            }
-            assert!(
-                started.elapsed() < within,
-                "{sql}: {got} after {within:?}, wanted at least {min}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let got = self.poll(sql, within, |got| got >= min);
+        assert!(
+            got >= min,
+            "{sql}: {got} after {within:?}, wanted at least {min}"
+        );
+        got
     }
 
     /// Runs `sluice sql --server … --format csv SQL` (the real CLI) and returns its lines.
