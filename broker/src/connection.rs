@@ -66,7 +66,7 @@ pub(crate) struct Limits {
 /// What every connection shares.
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
-    pub(crate) router: Router,
+    pub(crate) router: Arc<Router>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) pipeline: Arc<dyn Pipeline>,
     pub(crate) auth: Arc<dyn Authenticator>,

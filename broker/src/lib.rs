@@ -22,11 +22,14 @@ mod egress;
 mod frame;
 mod listener;
 mod meters;
+mod options;
 mod router;
 mod session;
 mod transport;
 
 pub use meters::MqttMeters;
+pub use options::{MqttOptions, MqttTlsOptions, MqttWsOptions};
+pub use router::{PublishError, Publisher};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -209,11 +212,19 @@ pub struct Bound {
     addrs: ListenAddrs,
     sockets: Vec<(Listener, tokio::net::TcpListener)>,
     runtime: tokio::runtime::Runtime,
+    router: Arc<Router>,
+    meters: MqttMeters,
 }
 
 impl Bound {
     pub fn addrs(&self) -> ListenAddrs {
         self.addrs
+    }
+
+    /// Publishes into the router from inside the process (sluice's alert notifications),
+    /// usable before the listeners serve.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.router.clone(), self.meters.clone())
     }
 
     /// Starts the router and accepts connections; every message goes to `pipeline`.
@@ -227,17 +238,11 @@ impl Bound {
             addrs,
             sockets,
             runtime,
+            router,
+            meters,
         } = self;
-        let router = Router::start(RouterSettings {
-            max_links: config.max_connections,
-            segment_bytes: (config.subscriber_buffer_bytes / 4).max(1024),
-            segments: 4,
-            direct_filter: config.direct_filter.clone(),
-        })
-        .map_err(BrokerError::Runtime)?;
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let meters = MqttMeters::new();
         let listeners = Listener::ALL
             .into_iter()
             .map(|l| (l, meters.listener(l)))
@@ -255,7 +260,7 @@ impl Bound {
                     as u32,
                 deny_subscribe: config.deny_subscribe.clone(),
             },
-            router,
+            router: router.clone(),
             sessions: Arc::new(Sessions::default()),
             pipeline,
             auth,
@@ -284,6 +289,7 @@ impl Bound {
             stop,
             tasks,
             runtime: Some(runtime),
+            router,
         })
     }
 }
@@ -295,6 +301,7 @@ pub struct Broker {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Arc<Tasks>,
     runtime: Option<tokio::runtime::Runtime>,
+    router: Arc<Router>,
 }
 
 impl Broker {
@@ -330,11 +337,20 @@ impl Broker {
             .transpose()?;
         let ws = config.ws_addr.map(|a| bind(Listener::Ws, a)).transpose()?;
         drop(entered);
+        let router = Router::start(RouterSettings {
+            max_links: config.max_connections,
+            segment_bytes: (config.subscriber_buffer_bytes / 4).max(1024),
+            segments: 4,
+            direct_filter: config.direct_filter.clone(),
+        })
+        .map_err(BrokerError::Runtime)?;
         Ok(Bound {
             config: config.clone(),
             addrs: ListenAddrs { mqtt, tls, ws },
             sockets,
             runtime,
+            router: Arc::new(router),
+            meters: MqttMeters::new(),
         })
     }
 
@@ -356,12 +372,19 @@ impl Broker {
         &self.meters
     }
 
+    /// Publishes into the router from inside the process (see [`Bound::publisher`]).
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.router.clone(), self.meters.clone())
+    }
+
     /// Stops accepting, closes every connection (MQTT 5: DISCONNECT 0x8B), and waits up
     /// to `within` for their tasks to end. Every message a client was acknowledged for
     /// is in the pipeline by then; those not acknowledged the client sends again.
     ///
     /// Blocks: call it from a thread that may block, not from async code.
+    /// From then on a [`Publisher`] refuses to publish: nobody is connected to get it.
     pub fn shutdown(&mut self, within: Duration) {
+        self.router.close();
         let _ = self.stop.send(true);
         let deadline = Instant::now() + within;
         while self.tasks.count() > 0 && Instant::now() < deadline {

@@ -23,7 +23,7 @@
 //! every inbound publish and every outbound one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use rumqttd::protocol::{
 use rumqttd::{Notification, Router as RumqttdRouter, RouterConfig};
 
 use crate::frame;
+use crate::meters::MqttMeters;
 
 /// The key of sluice's marker property.
 pub(crate) const MARKER_KEY: &str = "\0sluice";
@@ -230,6 +231,8 @@ pub(crate) struct Router {
     /// The highest QoS granted to any subscription so far: publishes below it carry
     /// their QoS in a marker.
     max_granted: AtomicU8,
+    /// The broker is stopped: in-process publishes are refused.
+    closed: AtomicBool,
 }
 
 /// Settings of the router's logs.
@@ -306,6 +309,7 @@ impl Router {
             is_full: Box::new(move || router_tx.is_full()),
             visibility: Visibility::new(settings.direct_filter),
             max_granted: AtomicU8::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -375,6 +379,11 @@ impl Router {
         tx.send(last).await.map(drop).map_err(|_| RouterGone)
     }
 
+    /// Refuses in-process publishes from now on (the broker is stopping).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Notes that a subscription was granted `qos`.
     pub(crate) fn granted(&self, qos: u8) {
         self.max_granted.fetch_max(qos, Ordering::Relaxed);
@@ -405,6 +414,77 @@ impl Router {
             publish.payload = Bytes::from_static(b"\0");
         }
         mark(properties, &marker);
+    }
+}
+
+/// Publishes into the router from inside the process: no connection, no socket, and not
+/// to the pipeline (what sluice publishes itself is not telemetry). The router delivers it
+/// to every matching subscription, as it does a client's publish; it counts in
+/// `sluice_mqtt_routed_messages_total`.
+#[derive(Clone)]
+pub struct Publisher {
+    router: Arc<Router>,
+    meters: MqttMeters,
+}
+
+/// Why an in-process publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0:?} is not a topic name to publish to (empty, a wildcard, '$' or over 65535 bytes)")]
+    Topic(String),
+    #[error("QoS {0} does not exist")]
+    Qos(u8),
+    #[error("the broker is stopped: no client is connected to receive it")]
+    Stopped,
+}
+
+impl Publisher {
+    pub(crate) fn new(router: Arc<Router>, meters: MqttMeters) -> Publisher {
+        Publisher { router, meters }
+    }
+
+    /// Hands one message to the router; done once the router has it (its log holds it
+    /// for the matching subscriptions). Waits while the router's feed is full.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        if qos > 2 {
+            return Err(PublishError::Qos(qos));
+        }
+        if topic.is_empty()
+            || topic.len() > usize::from(u16::MAX)
+            || topic.starts_with('$')
+            || !frame::valid_topic_name(topic.as_bytes())
+        {
+            return Err(PublishError::Topic(topic.to_owned()));
+        }
+        if self.router.closed.load(Ordering::SeqCst) {
+            return Err(PublishError::Stopped);
+        }
+        let visibility = &self.router.visibility;
+        if visibility.is_direct(topic) && !retain && !visibility.watched(topic) {
+            // No subscription can see it.
+            return Ok(());
+        }
+        let pkid = u16::from(qos > 0);
+        let mut publish = build_publish(topic.as_bytes(), payload, qos, retain, pkid);
+        let mut properties = None;
+        self.router
+            .prepare(&mut publish, &mut properties, qos, None);
+        self.meters.routed.inc();
+        self.router
+            .route(vec![Routed {
+                publish,
+                properties,
+                qos,
+                pkid,
+            }])
+            .await
+            .map_err(|_| PublishError::Stopped)
     }
 }
 

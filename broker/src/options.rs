@@ -1,0 +1,150 @@
+//! `[mqtt]`: the broker's settings as users write them (TOML, `SLUICE_MQTT__*`), owned
+//! here beside the defaults they document; the binary composes them into its
+//! configuration and turns them into a [`BrokerConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BrokerConfig, TlsConfig};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttOptions {
+    /// MQTT 3.1.1 and 5 on one port (the CONNECT says which). Use 0.0.0.0:1883 to accept
+    /// devices from the network.
+    pub addr: SocketAddr,
+    /// Clients connected at once; more are refused with a CONNACK.
+    pub max_connections: usize,
+    /// Largest MQTT packet a client may send; a larger one closes its connection.
+    pub max_packet_bytes: usize,
+    /// Time a new connection has to complete its CONNECT (TLS and WebSocket handshakes
+    /// included).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a write to a client may take before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// QoS 1 and 2 messages an MQTT 5 client may have unacknowledged.
+    pub receive_maximum: u16,
+    /// Topic aliases an MQTT 5 client may set.
+    pub topic_alias_maximum: u16,
+    /// Longest keep alive an MQTT 5 client gets (0s: as it asks).
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// Longest a persistent session outlives its connection.
+    #[serde(with = "humantime_serde")]
+    pub max_session_expiry: Duration,
+    /// Router memory for each subscribed filter: an MQTT subscriber further behind
+    /// loses the oldest messages (counted in `sluice_broker_skipped_messages_total`).
+    pub subscriber_buffer_bytes: usize,
+    /// Threads serving MQTT connections.
+    pub io_threads: usize,
+    /// Topic filters refused at SUBSCRIBE (return code 0x80).
+    pub deny_subscribe: Vec<String>,
+    /// MQTT over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTlsOptions>,
+    /// MQTT over WebSocket (subprotocol `mqtt`), for browser clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws: Option<MqttWsOptions>,
+}
+
+/// `[mqtt.tls]`: present, it turns the TLS listener on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsOptions {
+    #[serde(default = "MqttTlsOptions::default_addr")]
+    pub addr: SocketAddr,
+    /// PEM: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key.
+    pub key_file: PathBuf,
+}
+
+impl MqttTlsOptions {
+    fn default_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8883))
+    }
+}
+
+/// `[mqtt.ws]`: present, it turns the WebSocket listener on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttWsOptions {
+    #[serde(default = "MqttWsOptions::default_addr")]
+    pub addr: SocketAddr,
+}
+
+impl MqttWsOptions {
+    fn default_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8083))
+    }
+}
+
+impl Default for MqttOptions {
+    fn default() -> Self {
+        let broker = BrokerConfig::default();
+        MqttOptions {
+            addr: broker.addr,
+            max_connections: broker.max_connections,
+            max_packet_bytes: broker.max_packet_bytes,
+            connect_timeout: broker.connect_timeout,
+            write_timeout: broker.write_timeout,
+            receive_maximum: broker.receive_maximum,
+            topic_alias_maximum: broker.topic_alias_maximum,
+            max_keep_alive: broker.max_keep_alive,
+            max_session_expiry: broker.max_session_expiry,
+            subscriber_buffer_bytes: broker.subscriber_buffer_bytes,
+            io_threads: broker.io_threads,
+            deny_subscribe: broker.deny_subscribe,
+            tls: None,
+            ws: None,
+        }
+    }
+}
+
+impl MqttOptions {
+    /// The first setting that is out of range, as `key: why` (the key relative to
+    /// `[mqtt]`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("io_threads", self.io_threads),
+            ("receive_maximum", usize::from(self.receive_maximum)),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker's settings; `direct_filter`: the topics that go to the pipeline only
+    /// (see [`BrokerConfig::direct_filter`]).
+    pub fn broker_config(&self, direct_filter: &str) -> BrokerConfig {
+        BrokerConfig {
+            addr: self.addr,
+            tls: self.tls.as_ref().map(|t| TlsConfig {
+                addr: t.addr,
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            }),
+            ws_addr: self.ws.as_ref().map(|w| w.addr),
+            max_connections: self.max_connections,
+            max_packet_bytes: self.max_packet_bytes,
+            connect_timeout: self.connect_timeout,
+            write_timeout: self.write_timeout,
+            receive_maximum: self.receive_maximum,
+            topic_alias_maximum: self.topic_alias_maximum,
+            max_keep_alive: self.max_keep_alive,
+            max_session_expiry: self.max_session_expiry,
+            subscriber_buffer_bytes: self.subscriber_buffer_bytes,
+            io_threads: self.io_threads,
+            direct_filter: direct_filter.to_owned(),
+            deny_subscribe: self.deny_subscribe.clone(),
+        }
+    }
+}
