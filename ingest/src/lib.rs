@@ -7,6 +7,7 @@
 
 mod batch;
 mod decode;
+mod options;
 mod pipeline;
 
 pub use batch::{
@@ -17,6 +18,7 @@ pub use decode::{
     DecodeLimits, Reading, RejectReason, Rejection, TELEMETRY_TOPIC_FILTER, decode,
     device_id_from_topic,
 };
+pub use options::IngestOptions;
 pub use pipeline::{
-    BatchSink, Closed, IngestHandle, IngestMetrics, Message, Pipeline, PipelineConfig,
+    BatchSink, Closed, IngestHandle, IngestMetrics, Message, Pipeline, PipelineConfig, Refused,
 };

@@ -45,10 +45,22 @@ pub struct Message {
     pub received_at_ns: i64,
 }
 
-/// Where sealed batches go. Implementations may block to apply back-pressure.
+/// A sink did not store a batch. Its rows are counted where it was refused
+/// (`sluice_ingest_refused_rows_total`, `sluice_aggregator_refused_rows_total`), by
+/// `reason`, and logged: never dropped silently.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// A short label for metrics (`schema`, `unknown_table`, `internal`, …).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Where sealed batches go. Implementations may block to apply back-pressure; an `Err`
+/// says the batch was not stored.
 pub trait BatchSink: Send + Sync + 'static {
-    fn append_telemetry(&self, batch: RecordBatch);
-    fn append_rejects(&self, batch: RecordBatch);
+    fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused>;
+    fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused>;
 }
 
 /// Settings of the batching stage.
@@ -174,6 +186,7 @@ pub struct IngestMetrics {
     queue_capacity: IntGauge,
     pub rows: IntCounter,
     rejects: IntCounterVec,
+    refused: IntCounterVec,
     batches: IntCounterVec,
     batch_rows: Histogram,
     ingest_lag: Histogram,
@@ -193,6 +206,13 @@ impl IngestMetrics {
         let rejects = IntCounterVec::new(
             Opts::new("sluice_ingest_rejects_total", "Messages refused, by reason"),
             &["reason"],
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "sluice_ingest_refused_rows_total",
+                "Rows of sealed batches the sink did not store, by table and reason (logged as errors)",
+            ),
+            &["table", "reason"],
         )?;
         let batches = IntCounterVec::new(
             Opts::new(
@@ -218,6 +238,7 @@ impl IngestMetrics {
         registry.register(Box::new(queue_capacity.clone()))?;
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(rejects.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(batches.clone()))?;
         // Lags from event time (the message's timestamp), 1 ms to ~16 min.
         let lag = |name: &str, help: &str| {
@@ -256,6 +277,7 @@ impl IngestMetrics {
             queue_capacity,
             rows,
             rejects,
+            refused,
             batches,
             batch_rows,
             ingest_lag,
@@ -269,6 +291,24 @@ impl IngestMetrics {
             .iter()
             .map(|r| self.rejects.with_label_values(&[r.as_str()]).get())
             .sum()
+    }
+
+    /// Rows the sink refused so far, all tables and reasons.
+    pub fn refused_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.refused
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    fn refused(&self, table: &str, rows: usize, refused: &Refused) {
+        tracing::error!(table, rows, reason = refused.reason, error = %refused, "a sealed batch was not stored: its rows are counted in sluice_ingest_refused_rows_total");
+        self.refused
+            .with_label_values(&[table, refused.reason])
+            .inc_by(rows as u64);
     }
 
     fn sealed(&self, table: &str, reason: SealReason, batch: &RecordBatch) {
@@ -487,7 +527,10 @@ impl Worker {
                 .clone()
         };
         let (ts, received_at) = (column(TS_COLUMN), column(RECEIVED_AT_COLUMN));
-        self.sink.append_telemetry(batch);
+        let rows = batch.num_rows();
+        if let Err(refused) = self.sink.append_telemetry(batch) {
+            return self.metrics.refused("telemetry", rows, &refused);
+        }
         let now_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -505,7 +548,10 @@ impl Worker {
 
     fn emit_rejects(&self, batch: RecordBatch, reason: SealReason) {
         self.metrics.sealed("rejects", reason, &batch);
-        self.sink.append_rejects(batch);
+        let rows = batch.num_rows();
+        if let Err(refused) = self.sink.append_rejects(batch) {
+            self.metrics.refused("rejects", rows, &refused);
+        }
     }
 }
 
@@ -522,12 +568,72 @@ mod tests {
     }
 
     impl BatchSink for Collect {
-        fn append_telemetry(&self, batch: RecordBatch) {
+        fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
             self.telemetry.lock().unwrap().push(batch);
+            Ok(())
         }
-        fn append_rejects(&self, batch: RecordBatch) {
+        fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused> {
             self.rejects.lock().unwrap().push(batch);
+            Ok(())
         }
+    }
+
+    /// Stores rejects, refuses every telemetry batch.
+    #[derive(Default)]
+    struct RefusesTelemetry(Collect);
+
+    impl BatchSink for RefusesTelemetry {
+        fn append_telemetry(&self, _: RecordBatch) -> Result<(), Refused> {
+            Err(Refused {
+                reason: "schema",
+                message: "table telemetry: column 3 is Utf8, not Float64".into(),
+            })
+        }
+        fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused> {
+            self.0.append_rejects(batch)
+        }
+    }
+
+    #[test]
+    fn a_batch_the_sink_refuses_is_counted_by_table_and_reason() {
+        let sink = Arc::new(RefusesTelemetry::default());
+        let registry = Registry::new();
+        let metrics = IngestMetrics::new(&registry).unwrap();
+        let pipeline =
+            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let mut chunk: Vec<Message> = (0..10).map(|i| message(i, i)).collect();
+        chunk.push(Message {
+            payload: Bytes::from_static(b"{oops"),
+            ..message(99, 0)
+        });
+        pipeline.handle().send_blocking(chunk).unwrap();
+        pipeline.finish();
+        assert_eq!(rows(&sink.0.rejects), 1);
+        assert_eq!(metrics.refused_total(), 10);
+        let refused = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "sluice_ingest_refused_rows_total")
+            .expect("registered");
+        let labels: Vec<(String, String, f64)> = refused
+            .get_metric()
+            .iter()
+            .map(|m| {
+                let l = m.get_label();
+                (
+                    l[1].value().to_owned(),
+                    l[0].value().to_owned(),
+                    m.get_counter().get_value(),
+                )
+            })
+            .collect();
+        assert_eq!(labels, [("telemetry".into(), "schema".into(), 10.0)]);
+        // The accounting identity: every message is a stored row, a reject or refused.
+        assert_eq!(
+            metrics.messages.get(),
+            metrics.rows.get() + metrics.rejects_total()
+        );
+        assert_eq!(metrics.rows.get(), metrics.refused_total());
     }
 
     fn rows(batches: &Mutex<Vec<RecordBatch>>) -> usize {
@@ -622,7 +728,7 @@ mod tests {
     }
 
     impl BatchSink for Order {
-        fn append_telemetry(&self, batch: RecordBatch) {
+        fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
             let devices = batch.column(0).as_string::<i32>();
             let ts = batch
                 .column(TS_COLUMN)
@@ -633,8 +739,11 @@ mod tests {
                     .or_default()
                     .push(*ts);
             }
+            Ok(())
         }
-        fn append_rejects(&self, _: RecordBatch) {}
+        fn append_rejects(&self, _: RecordBatch) -> Result<(), Refused> {
+            Ok(())
+        }
     }
 
     #[test]
@@ -680,12 +789,15 @@ mod tests {
     fn a_sender_waits_for_room_and_a_dropped_send_queues_nothing() {
         struct Slow(Mutex<usize>, std::sync::Condvar);
         impl BatchSink for Slow {
-            fn append_telemetry(&self, batch: RecordBatch) {
+            fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
                 let mut rows = self.0.lock().unwrap();
                 *rows += batch.num_rows();
                 self.1.notify_all();
+                Ok(())
             }
-            fn append_rejects(&self, _: RecordBatch) {}
+            fn append_rejects(&self, _: RecordBatch) -> Result<(), Refused> {
+                Ok(())
+            }
         }
         let sink = Arc::new(Slow(Mutex::new(0), std::sync::Condvar::new()));
         let config = PipelineConfig {

@@ -6,8 +6,10 @@
 //! (see `table.rs` for the invariant that makes that exact).
 
 mod metrics;
+mod options;
 mod parquet_files;
 mod provider;
+mod read_only;
 mod state;
 mod table;
 
@@ -20,18 +22,17 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use crossbeam_channel::Sender;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::context::SessionContext;
 use datafusion::prelude::SessionConfig;
 
 pub use metrics::StorageMetrics;
+pub use options::StorageOptions;
 pub use parquet_files::WriteOptions;
+pub use read_only::{READ_ONLY, Sessions, refusal, refusal_df};
 pub use state::StateDir;
 pub use table::{FlushReport, TableSpec, TableStats};
 
 use crate::table::Table;
-
-/// How a refused write or file access starts, on every SQL endpoint.
-pub const READ_ONLY: &str = "sluice's SQL endpoints are read-only";
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,19 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// A short label for metrics of refused appends.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StorageError::DataDir { .. } => "data_dir",
+            StorageError::ReadFile { .. } => "read_file",
+            StorageError::Flush { .. } => "flush",
+            StorageError::Schema { .. } => "schema",
+            StorageError::UnknownTable(_) => "unknown_table",
+            StorageError::Query(_) => "query",
+            StorageError::Internal(_) => "internal",
+        }
+    }
+
     fn internal(what: String) -> Self {
         StorageError::Internal(what)
     }
@@ -138,6 +152,42 @@ struct Inner {
     ctx: SessionContext,
     metrics: StorageMetrics,
     flush_wanted: Option<Sender<()>>,
+    queries: QueryRuntime,
+}
+
+/// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
+/// `/ready`, `/metrics` and ingestion, so that a heavy query delays none of them
+/// (InfluxDB 3 keeps a dedicated executor for the same reason).
+struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl QueryRuntime {
+    fn start() -> Result<QueryRuntime, StorageError> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("sluice-query")
+            .enable_all()
+            .build()
+            .map(|r| QueryRuntime(Some(r)))
+            .map_err(|e| StorageError::internal(format!("cannot start the query runtime: {e}")))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle(),
+            None => unreachable!("taken only on drop"),
+        }
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        // The last handle to storage may go away inside async code, where a blocking
+        // shutdown would panic.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Storage {
@@ -197,6 +247,7 @@ impl Storage {
                 ctx,
                 metrics,
                 flush_wanted,
+                queries: QueryRuntime::start()?,
             }),
         })
     }
@@ -292,10 +343,16 @@ impl Storage {
         Ok(self.table(table)?.stats())
     }
 
-    /// Runs one read-only SQL statement over hot and cold data.
+    /// Runs one read-only SQL statement over hot and cold data, on the query runtime
+    /// (callable from any runtime or none: see [`Storage::query_runtime`]).
     pub async fn sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
         let started = Instant::now();
-        let result = self.run_sql(sql).await;
+        let (storage, text) = (self.clone(), sql.to_owned());
+        let result = self
+            .query_runtime()
+            .spawn(async move { storage.run_sql(&text).await })
+            .await
+            .unwrap_or_else(|e| Err(StorageError::internal(format!("the query failed: {e}"))));
         self.inner.metrics.queried(
             match &result {
                 Ok(_) => metrics::outcome::OK,
@@ -307,23 +364,21 @@ impl Storage {
         result
     }
 
+    /// The runtime queries run on; the PostgreSQL endpoint serves its clients there.
+    pub fn query_runtime(&self) -> &tokio::runtime::Handle {
+        self.inner.queries.handle()
+    }
+
     async fn run_sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let frame = self
-            .inner
-            .ctx
-            .sql_with_options(sql, options)
-            .await
-            .map_err(|e| match e.find_root() {
-                // What SQLOptions refused: DDL, DML (INSERT, COPY … TO) and statements (SET).
-                DataFusionError::Plan(m) if m.contains(" not supported: ") => {
-                    DataFusionError::Plan(format!("{READ_ONLY}: {m}"))
-                }
-                _ => e,
-            })?;
+        let state = self.inner.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(sql, &dialect)?;
+        // The one read-only rule, before anything is planned; no session here.
+        if let Some(why) = refusal_df(&statement, Sessions::Shared) {
+            return Err(DataFusionError::Plan(why).into());
+        }
+        let plan = state.statement_to_plan(statement).await?;
+        let frame = self.inner.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame.collect().await?;
         Ok(QueryOutput { schema, batches })
