@@ -46,12 +46,21 @@ pub struct RuleSpec {
     pub below: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clear_above: Option<f64>,
-    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
-    pub hold: Option<String>,
+    #[serde(
+        default,
+        rename = "for",
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hold: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub severity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub no_data_for: Option<String>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub no_data_for: Option<Duration>,
 }
 
 /// Accepted severities; `warning` when a rule names none.
@@ -117,16 +126,6 @@ impl Rule {
     }
 }
 
-fn duration(rule: &str, key: &str, text: &Option<String>) -> Result<Option<Duration>, String> {
-    text.as_deref()
-        .map(|t| {
-            humantime::parse_duration(t).map_err(|e| {
-                format!("alert {rule:?}: {key} = {t:?} is not a duration like \"2m\" ({e})")
-            })
-        })
-        .transpose()
-}
-
 impl RuleSpec {
     /// Checks the rule; the error names it.
     pub fn compile(&self) -> Result<Rule, String> {
@@ -148,8 +147,8 @@ impl RuleSpec {
                 return fail(format!("{key} must be a finite number"));
             }
         }
-        let hold = duration(name, "for", &self.hold)?.unwrap_or_default();
-        let no_data = duration(name, "no_data_for", &self.no_data_for)?;
+        let hold = self.hold.unwrap_or_default();
+        let no_data = self.no_data_for;
         let severity = self.severity.as_deref().unwrap_or("warning");
         if !SEVERITIES.contains(&severity) {
             return fail(format!(
@@ -635,9 +634,9 @@ mod tests {
                 "clear_below" => spec.clear_below = f(),
                 "below" => spec.below = f(),
                 "clear_above" => spec.clear_above = f(),
-                "for" => spec.hold = Some(v.to_string()),
+                "for" => spec.hold = Some(humantime::parse_duration(v).unwrap()),
                 "severity" => spec.severity = Some(v.to_string()),
-                "no_data_for" => spec.no_data_for = Some(v.to_string()),
+                "no_data_for" => spec.no_data_for = Some(humantime::parse_duration(v).unwrap()),
                 _ => panic!("{k}"),
             }
         }
@@ -705,18 +704,6 @@ mod tests {
                     ("clear_below", "30"),
                 ],
                 "clear_below goes with above",
-            ),
-            (
-                &[
-                    ("metric", "temperature"),
-                    ("above", "80"),
-                    ("for", "two minutes"),
-                ],
-                "for = \"two minutes\" is not a duration",
-            ),
-            (
-                &[("no_data_for", "5 parsecs")],
-                "no_data_for = \"5 parsecs\"",
             ),
             (
                 &[("metric", "temperature")],

@@ -3,12 +3,15 @@
 //! The aggregator reads the sealed `telemetry` batches the ingest stage produces and keeps,
 //! per device, the open windows of `telemetry_1m` and the rollup of `telemetry_1h`
 //! ([`Windows`]). Closed windows become rows of those tables; readings whose window had
-//! already closed become rows of `telemetry_late`. It knows Arrow and the telemetry
-//! schema; it knows nothing of files, the broker or SQL.
+//! already closed become rows of `telemetry_late`. Alert transitions become rows of
+//! `alerts` and go, as they happen, to an [`AlertOutput`] (the `notify` crate delivers
+//! them). It knows Arrow and the telemetry schema; it knows nothing of files, the
+//! network, the broker or SQL: everything leaves through [`TableSink`], [`AlertOutput`]
+//! and [`StateStore`].
 
 mod acc;
 mod alert;
-mod deliver;
+mod options;
 mod rows;
 mod stage;
 mod state;
@@ -18,17 +21,14 @@ pub use acc::{MetricAcc, WindowAcc};
 pub use alert::{
     AlertEvent, AlertSink, AlertState, Alerts, Check, Rule, RuleSpec, SEVERITIES, compile_rules,
 };
-pub use deliver::{
-    DEAD_LETTER_TABLE, DeliveryMetrics, Notifier, Webhook, WebhookSpec, compile_webhooks,
-    dead_letter_schema, notification_json, notification_topic,
-};
+pub use options::WindowsOptions;
 pub use rows::{
     ClosedWindow, LateReading, alerts_batch, alerts_schema, late_batch, late_schema, window_batch,
     window_schema, windows_from_batch,
 };
 pub use stage::{
-    ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE,
-    ROLLUP_TABLE, TableSink,
+    ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, LATE_TABLE,
+    MINUTE_TABLE, ROLLUP_TABLE, TableSink,
 };
 pub use state::StateStore;
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};

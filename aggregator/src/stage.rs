@@ -1,5 +1,5 @@
 //! The aggregator thread: sealed `telemetry` batches in; window, late and alert rows out,
-//! and alert transitions to the [`Notifier`].
+//! and alert transitions to an [`AlertOutput`].
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -9,9 +9,10 @@ use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use sluice_ingest::Refused;
+
 use crate::WindowAcc;
 use crate::alert::{AlertEvent, AlertSink, Alerts, Rule};
-use crate::deliver::Notifier;
 use crate::rows::{
     ClosedWindow, LateReading, TelemetryColumns, alerts_batch, late_batch, window_batch,
 };
@@ -23,9 +24,18 @@ pub const ROLLUP_TABLE: &str = "telemetry_1h";
 pub const LATE_TABLE: &str = "telemetry_late";
 pub const ALERTS_TABLE: &str = "alerts";
 
-/// Where finished batches go (the storage's hot store).
+/// Where finished batches go (the storage's hot store). May block (back-pressure); an
+/// `Err` says the batch was not stored, and its rows are counted by the caller.
 pub trait TableSink: Send + Sync {
-    fn append(&self, table: &str, batch: RecordBatch);
+    fn append(&self, table: &str, batch: RecordBatch) -> Result<(), Refused>;
+}
+
+/// Where alert transitions go as they happen (besides the `alerts` table).
+///
+/// Called on the aggregator thread for every transition: an implementation must not
+/// block (queue the event and return).
+pub trait AlertOutput: Send + Sync {
+    fn emit(&self, event: &AlertEvent);
 }
 
 /// Settings of the aggregator stage.
@@ -71,6 +81,7 @@ pub struct AggregatorMetrics {
     queue_capacity: IntGauge,
     transitions: IntCounterVec,
     active: IntGaugeVec,
+    refused: IntCounterVec,
 }
 
 impl AggregatorMetrics {
@@ -118,7 +129,15 @@ impl AggregatorMetrics {
                 ),
                 &["rule", "state"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "sluice_aggregator_refused_rows_total",
+                    "Rows of window, late and alert batches storage did not store, by table and reason (logged as errors)",
+                ),
+                &["table", "reason"],
+            )?,
         };
+        registry.register(Box::new(metrics.refused.clone()))?;
         registry.register(Box::new(metrics.transitions.clone()))?;
         registry.register(Box::new(metrics.queue_capacity.clone()))?;
         registry.register(Box::new(metrics.active.clone()))?;
@@ -149,12 +168,12 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    /// Starts the thread; alert transitions go to `notifier` (besides the `alerts` table).
+    /// Starts the thread; alert transitions go to `output` (besides the `alerts` table).
     pub fn start(
         mut config: AggregatorConfig,
         sink: Arc<dyn TableSink>,
         metrics: AggregatorMetrics,
-        notifier: Option<Arc<Notifier>>,
+        output: Option<Arc<dyn AlertOutput>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
         let queue_depth = metrics.queue_depth.clone();
@@ -172,7 +191,7 @@ impl Aggregator {
         let stage = Stage {
             windows,
             alerts,
-            notifier,
+            output,
             pending: Pending::default(),
             config,
             sink,
@@ -189,11 +208,14 @@ impl Aggregator {
     }
 
     /// Hands a sealed `telemetry` batch to the aggregator; waits while its queue is full.
-    pub fn observe(&self, batch: RecordBatch) {
-        if self.tx.send(Input::Batch(batch)).is_err() {
-            tracing::error!("the aggregator thread is gone; windows stop updating");
-        }
+    /// `Err` once the aggregator thread is gone (it panicked: the server stops on that).
+    pub fn observe(&self, batch: RecordBatch) -> Result<(), Refused> {
+        self.tx.send(Input::Batch(batch)).map_err(|_| Refused {
+            reason: "aggregator_stopped",
+            message: "the aggregator thread is gone".into(),
+        })?;
         self.queue_depth.set(self.tx.len() as i64);
+        Ok(())
     }
 
     /// Replaces the alert rules (a reload), in order with the batches queued before.
@@ -223,7 +245,7 @@ struct Pending {
     rollup: Vec<ClosedWindow>,
     late: Vec<LateReading>,
     alerts: Vec<AlertEvent>,
-    /// `alerts[..notified]` have gone to the notifier.
+    /// `alerts[..notified]` have gone to the output.
     notified: usize,
     oldest: Option<Instant>,
 }
@@ -269,7 +291,7 @@ impl WindowSink for Pending {
 struct Stage {
     windows: Option<Windows>,
     alerts: Alerts,
-    notifier: Option<Arc<Notifier>>,
+    output: Option<Arc<dyn AlertOutput>>,
     pending: Pending,
     config: AggregatorConfig,
     sink: Arc<dyn TableSink>,
@@ -283,7 +305,7 @@ const POLL: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_secs(5);
 
 /// The server clock, ns since the epoch.
-pub(crate) fn wall_ns() -> i64 {
+fn wall_ns() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -369,7 +391,7 @@ impl Stage {
         }
     }
 
-    /// Hands new transitions to the notifier (at once, not with the table rows).
+    /// Hands new transitions to the output (at once, not with the table rows).
     fn notify(&mut self) {
         let fresh = &self.pending.alerts[self.pending.notified..];
         for event in fresh {
@@ -377,8 +399,8 @@ impl Stage {
                 .transitions
                 .with_label_values(&[&event.rule, event.state.as_str()])
                 .inc();
-            if let Some(notifier) = &self.notifier {
-                notifier.notify(event);
+            if let Some(output) = &self.output {
+                output.emit(event);
             }
         }
         self.pending.notified = self.pending.alerts.len();
@@ -413,15 +435,25 @@ impl Stage {
                     .closed
                     .with_label_values(&[table])
                     .inc_by(rows.len() as u64);
-                self.sink.append(table, window_batch(rows));
+                self.append(table, window_batch(rows));
             }
         }
         if !pending.late.is_empty() {
-            self.sink.append(LATE_TABLE, late_batch(&pending.late));
+            self.append(LATE_TABLE, late_batch(&pending.late));
         }
         if !pending.alerts.is_empty() {
-            self.sink
-                .append(ALERTS_TABLE, alerts_batch(&pending.alerts));
+            self.append(ALERTS_TABLE, alerts_batch(&pending.alerts));
+        }
+    }
+
+    fn append(&self, table: &str, batch: RecordBatch) {
+        let rows = batch.num_rows();
+        if let Err(refused) = self.sink.append(table, batch) {
+            tracing::error!(table, rows, reason = refused.reason, error = %refused, "rows not stored: counted in sluice_aggregator_refused_rows_total");
+            self.metrics
+                .refused
+                .with_label_values(&[table, refused.reason])
+                .inc_by(rows as u64);
         }
     }
 }

@@ -38,8 +38,9 @@ fn spec(name: &str, schema: arrow::datatypes::SchemaRef, time: &str) -> TableSpe
 struct Sink(Storage);
 
 impl TableSink for Sink {
-    fn append(&self, table: &str, batch: RecordBatch) {
+    fn append(&self, table: &str, batch: RecordBatch) -> Result<(), sluice_ingest::Refused> {
         self.0.append(table, batch).unwrap();
+        Ok(())
     }
 }
 
@@ -202,7 +203,7 @@ fn check(generated: &[Generated]) {
         }
         let batch = builder.finish();
         storage.append("telemetry", batch.clone()).unwrap();
-        aggregator.observe(batch);
+        aggregator.observe(batch).unwrap();
     }
     // On-time data: the stop closes every window and none is late.
     aggregator.finish();

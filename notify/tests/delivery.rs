@@ -1,5 +1,6 @@
-//! Webhook delivery against real local HTTP endpoints: retries, refusals, the circuit
-//! breaker, dead letters, a full queue and a stop with notifications still queued.
+//! Delivery against real local HTTP endpoints: retries, refusals, the circuit breaker,
+//! dead letters (batched), a full queue and a stop with notifications still queued; and
+//! the MQTT channel through an in-process publisher.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,18 +10,20 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::UInt32Type;
 use axum::http::StatusCode;
 use prometheus::Registry;
-use sluice_aggregator::{
-    AlertEvent, AlertState, DEAD_LETTER_TABLE, DeliveryMetrics, Notifier, TableSink, WebhookSpec,
-    compile_webhooks,
+use sluice_aggregator::{AlertEvent, AlertState, TableSink};
+use sluice_ingest::Refused;
+use sluice_notify::{
+    BoxFuture, DEAD_LETTER_TABLE, DeliveryMetrics, Notifier, Publish, WebhookSpec, compile_webhooks,
 };
 
 #[derive(Default)]
 struct Captured(Mutex<Vec<RecordBatch>>);
 
 impl TableSink for Captured {
-    fn append(&self, table: &str, batch: RecordBatch) {
+    fn append(&self, table: &str, batch: RecordBatch) -> Result<(), Refused> {
         assert_eq!(table, DEAD_LETTER_TABLE);
         self.0.lock().unwrap().push(batch);
+        Ok(())
     }
 }
 
@@ -93,7 +96,7 @@ fn start(url: &str, extra: &str, sink: Arc<Captured>) -> (Notifier, Registry) {
     let spec: WebhookSpec = toml_spec(url, extra);
     let registry = Registry::new();
     let notifier = Notifier::start(
-        None,
+        None::<Arc<dyn Publish>>,
         compile_webhooks(&[spec]).unwrap(),
         sink,
         DeliveryMetrics::new(&registry).unwrap(),
@@ -105,17 +108,18 @@ fn start(url: &str, extra: &str, sink: Arc<Captured>) -> (Notifier, Registry) {
 fn toml_spec(url: &str, extra: &str) -> WebhookSpec {
     let mut spec = WebhookSpec {
         url: url.into(),
-        backoff: Some("10ms".into()),
-        max_backoff: Some("40ms".into()),
+        backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(40),
         ..WebhookSpec::default()
     };
     for kv in extra.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap();
+        let duration = || humantime::parse_duration(v).unwrap();
         match k {
-            "max_attempts" => spec.max_attempts = Some(v.parse().unwrap()),
-            "breaker_failures" => spec.breaker_failures = Some(v.parse().unwrap()),
-            "breaker_cooldown" => spec.breaker_cooldown = Some(v.into()),
-            "timeout" => spec.timeout = Some(v.into()),
+            "max_attempts" => spec.max_attempts = v.parse().unwrap(),
+            "breaker_failures" => spec.breaker_failures = v.parse().unwrap(),
+            "breaker_cooldown" => spec.breaker_cooldown = duration(),
+            "timeout" => spec.timeout = duration(),
             _ => panic!("{k}"),
         }
     }
@@ -243,7 +247,8 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
         sink.clone(),
     );
     // Ten thousand fit in the queue; the rest are dead letters at once. Each call returns
-    // at once: a call that waited for the endpoint would take its 1 s timeout or more.
+    // at once: a call that waited for the endpoint would take its 1 s timeout or more,
+    // and one that wrote its dead letter itself would wait for storage.
     let mut slowest = Duration::ZERO;
     for i in 0..10_050 {
         let event = event(&format!("d{i}"));
@@ -271,6 +276,10 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
         10_050,
         "every notification is accounted for"
     );
+    // One writer appends them in batches (one append each would make a webhook outage
+    // cost one storage append per notification).
+    let appends = sink.0.lock().unwrap().len();
+    assert!(appends <= 20, "{appends} appends for 10,050 dead letters");
     let mut kinds: Vec<String> = sink.letters().into_iter().map(|(_, e)| e).collect();
     kinds.dedup();
     assert_eq!(
@@ -281,6 +290,100 @@ fn notify_never_waits_for_a_slow_endpoint_and_a_stop_keeps_what_was_not_sent() {
             "sluice stopped before delivery (the circuit was open); last error: no answer within 1s"
         ],
         "the first attempts time out, two in a row open the circuit, and the rest are kept at the stop"
+    );
+}
+
+/// An in-process publisher that takes a while for each message, and records them.
+struct SlowPublisher {
+    delay: Duration,
+    topics: Arc<Mutex<Vec<String>>>,
+    refuse: bool,
+}
+
+impl Publish for SlowPublisher {
+    fn publish(&self, topic: String, payload: Arc<str>) -> BoxFuture<Result<(), String>> {
+        let (delay, topics, refuse) = (self.delay, self.topics.clone(), self.refuse);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            if refuse {
+                return Err("the broker is stopped: no client is connected to receive it".into());
+            }
+            let json: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            assert_eq!(json["device"], topic.split('/').nth(1).unwrap());
+            topics.lock().unwrap().push(topic);
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn mqtt_notifications_are_published_in_order_without_making_notify_wait() {
+    let topics: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::new(Captured::default());
+    let registry = Registry::new();
+    let notifier = Notifier::start(
+        Some(Arc::new(SlowPublisher {
+            delay: Duration::from_millis(100),
+            topics: topics.clone(),
+            refuse: false,
+        })),
+        Vec::new(),
+        sink.clone(),
+        DeliveryMetrics::new(&registry).unwrap(),
+    )
+    .unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let started = Instant::now();
+        notifier.notify(&event(&format!("d{i}")));
+        slowest = slowest.max(started.elapsed());
+    }
+    // Each publish takes 100 ms: a notify that waited for one would take that long.
+    assert!(
+        slowest < Duration::from_millis(50),
+        "a notify call took {slowest:?}"
+    );
+    wait_for("30 publishes", Duration::from_secs(10), || {
+        topics.lock().unwrap().len() == 30
+    });
+    let expected: Vec<String> = (0..30).map(|i| format!("alerts/d{i}/overheat")).collect();
+    assert_eq!(*topics.lock().unwrap(), expected, "in the order emitted");
+    notifier.shutdown();
+    assert!(sink.letters().is_empty());
+
+    // A broker that cannot take them: every one is a dead letter saying why.
+    let sink = Arc::new(Captured::default());
+    let notifier = Notifier::start(
+        Some(Arc::new(SlowPublisher {
+            delay: Duration::ZERO,
+            topics: Arc::default(),
+            refuse: true,
+        })),
+        Vec::new(),
+        sink.clone(),
+        DeliveryMetrics::unregistered(),
+    )
+    .unwrap();
+    notifier.notify(&event("a"));
+    notifier.notify(&event("b"));
+    notifier.shutdown();
+    let why = "the broker is stopped: no client is connected to receive it";
+    assert_eq!(sink.letters(), vec![(1, why.to_owned()); 2]);
+}
+
+#[test]
+fn webhook_durations_are_typed_in_the_configuration() {
+    let spec: WebhookSpec =
+        toml::from_str("url = \"http://h/\"\ntimeout = \"2s\"\nbackoff = \"250ms\"\n").unwrap();
+    assert_eq!(spec.timeout, Duration::from_secs(2));
+    assert_eq!(spec.backoff, Duration::from_millis(250));
+    assert_eq!(spec.max_attempts, 6, "defaults for what is not written");
+    let error = toml::from_str::<WebhookSpec>("url = \"http://h/\"\ntimeout = \"soon\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("timeout") && error.contains("soon"),
+        "{error}"
     );
 }
 
@@ -298,12 +401,9 @@ fn webhooks_are_validated_by_url() {
         "{error}"
     );
     let mut spec = toml_spec("http://127.0.0.1:9/", "");
-    spec.timeout = Some("soon".into());
+    spec.timeout = Duration::ZERO;
     let error = compile_webhooks(&[spec]).unwrap_err();
-    assert!(
-        error.contains("timeout = \"soon\" is not a duration"),
-        "{error}"
-    );
+    assert!(error.contains("timeout must be more than 0"), "{error}");
     let twice = compile_webhooks(&[toml_spec("http://h/", ""), toml_spec("http://h/", "")]);
     assert!(twice.unwrap_err().contains("listed twice"));
 }
