@@ -7,6 +7,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod config;
+mod fatal;
 mod http;
 mod output;
 mod pg;
@@ -236,18 +237,27 @@ fn print_ready(server: &Server, config: &Config) {
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let (config, load) = args.load_with_reload()?;
+    let fatal = fatal::install();
     let runtime = runtime()?;
     let server = Server::start(&config, runtime.handle(), load)?;
     print_ready(&server, &config);
     let status = spawn_status_log(&server);
-    runtime.block_on(shutdown_signal());
+    let panicked = runtime.block_on(async {
+        tokio::select! {
+            () = shutdown_signal() => None,
+            what = fatal.wait() => Some(what),
+        }
+    });
     status.store(true, Ordering::SeqCst);
     let report = server.shutdown()?;
     println!(
         "sluice stopped: {} rows written to {} Parquet files in the final flush",
         report.flushed_rows, report.flushed_files
     );
-    Ok(())
+    match panicked {
+        Some(what) => anyhow::bail!("{what} (sluice stopped; what was stored was flushed)"),
+        None => Ok(()),
+    }
 }
 
 /// Logs a status line every 10 s while the server runs; set the flag to stop.
@@ -283,6 +293,7 @@ fn spawn_status_log(server: &Server) -> Arc<AtomicBool> {
 
 fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let (config, load) = args.serve.load_with_reload()?;
+    let fatal = fatal::install();
     let runtime = runtime()?;
     let server = Server::start(&config, runtime.handle(), load)?;
     print_ready(&server, &config);
@@ -308,7 +319,7 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
     let tty = std::io::stdout().is_terminal();
     let mut previous = Sample::take(&server.storage, &server.mqtt);
-    while !signal.is_finished() && !fleet.is_finished() {
+    while !signal.is_finished() && !fleet.is_finished() && fatal.get().is_none() {
         std::thread::sleep(Duration::from_secs(1));
         let now = Sample::take(&server.storage, &server.mqtt);
         let p = progress.snapshot();
@@ -349,7 +360,10 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         total,
         config.data_dir.display()
     );
-    Ok(())
+    match fatal.get() {
+        Some(what) => anyhow::bail!("{what} (sluice stopped; what was stored was flushed)"),
+        None => Ok(()),
+    }
 }
 
 fn run_sql(args: SqlArgs) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use datafusion::common::ParamValues;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{Set, Statement};
+use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use datafusion_postgres::hooks::HookClient;
@@ -35,9 +35,6 @@ use futures::Sink;
 use sluice_storage::Storage;
 
 mod compat;
-
-/// What a refusal says may run.
-const ALLOWED: &str = "queries, EXPLAIN, SHOW and session SET only";
 
 /// The catalog name sluice's tables live in (`sluice.public.telemetry`).
 const CATALOG: &str = "sluice";
@@ -182,57 +179,10 @@ impl StartupHandler for Startup {
     }
 }
 
-/// Why a statement is refused, or `None` if it may run.
-pub(crate) fn refusal(statement: &Statement) -> Option<String> {
-    let allowed = match statement {
-        Statement::Query(_)
-        | Statement::Explain { .. }
-        | Statement::ExplainTable { .. }
-        | Statement::ShowVariable { .. }
-        | Statement::ShowVariables { .. }
-        | Statement::ShowTables { .. }
-        | Statement::ShowColumns { .. }
-        | Statement::ShowCatalogs { .. }
-        | Statement::ShowSchemas { .. }
-        | Statement::StartTransaction { .. }
-        | Statement::Commit { .. }
-        | Statement::Rollback { .. }
-        | Statement::Declare { .. }
-        | Statement::Fetch { .. }
-        | Statement::Close { .. }
-        | Statement::Deallocate { .. }
-        | Statement::Discard { .. } => true,
-        // Session settings of the client; DataFusion's own settings are shared by every
-        // client of this server.
-        Statement::Set(Set::SingleAssignment { variable, .. }) => !variable
-            .to_string()
-            .to_ascii_lowercase()
-            .starts_with("datafusion."),
-        Statement::Set(_) => true,
-        _ => false,
-    };
-    if allowed {
-        return None;
-    }
-    let text = statement.to_string();
-    let what = match statement {
-        Statement::Set(_) => "SET of DataFusion's settings (shared by every client)".to_owned(),
-        _ => text
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    };
-    Some(format!(
-        "{}: {what} is not allowed ({ALLOWED})",
-        sluice_storage::READ_ONLY
-    ))
-}
-
 /// The refusal of `statement` as a PostgreSQL error (SQLSTATE 25006,
 /// read_only_sql_transaction), or `None` if it may run.
 fn refuse<T>(statement: &Statement) -> Option<PgWireResult<T>> {
-    refusal(statement).map(|message| {
+    sluice_storage::refusal(statement, sluice_storage::Sessions::PerClient).map(|message| {
         Err(PgWireError::UserError(Box::new(ErrorInfo::new(
             "ERROR".into(),
             "25006".into(),

@@ -9,23 +9,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
-use prometheus::{IntCounter, Registry};
+use prometheus::Registry;
 use sluice_aggregator::{
-    ALERTS_TABLE, Aggregator, AggregatorMetrics, DEAD_LETTER_TABLE, DeliveryMetrics, LATE_TABLE,
-    MINUTE_TABLE, Notifier, ROLLUP_TABLE, TableSink,
+    ALERTS_TABLE, Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE, TableSink,
 };
 use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, PipelineClosed};
 use sluice_ingest::{
-    BatchSink, IngestHandle, IngestMetrics, Message, Pipeline, TELEMETRY_TOPIC_FILTER,
+    BatchSink, IngestHandle, IngestMetrics, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
 };
+use sluice_notify::{DEAD_LETTER_TABLE, DeliveryMetrics, Notifier};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
 
 use crate::config::Config;
 use crate::http;
-
-/// Where sluice publishes alert notifications (`alerts/{deviceId}/{rule}`). Messages under
-/// it are not telemetry: they are counted and not stored.
-const ALERTS_TOPIC_PREFIX: &[u8] = b"alerts/";
 
 /// How long closing the MQTT connections may take at a stop.
 const MQTT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +67,7 @@ pub(crate) fn table_specs() -> Vec<TableSpec> {
         },
         TableSpec {
             name: DEAD_LETTER_TABLE.into(),
-            schema: sluice_aggregator::dead_letter_schema(),
+            schema: sluice_notify::dead_letter_schema(),
             time_column: "ts".into(),
             sort_columns: vec!["ts".into()],
             bloom_filter_columns: vec![],
@@ -93,11 +89,11 @@ fn window_table(name: &str) -> TableSpec {
 struct HotStore(Storage);
 
 impl TableSink for HotStore {
-    fn append(&self, table: &str, batch: RecordBatch) {
-        if let Err(e) = self.0.append(table, batch) {
-            // Only a schema mismatch can fail here, which would be a bug in sluice.
-            tracing::error!(table, error = %e, "cannot store a batch");
-        }
+    fn append(&self, table: &str, batch: RecordBatch) -> Result<(), Refused> {
+        self.0.append(table, batch).map_err(|e| Refused {
+            reason: e.reason(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -108,12 +104,35 @@ struct StorageSink {
 }
 
 impl BatchSink for StorageSink {
-    fn append_telemetry(&self, batch: RecordBatch) {
-        self.hot.append(TELEMETRY, batch.clone());
-        self.aggregator.observe(batch);
+    /// Only rows that are stored are counted into windows (windows = SQL over the rows).
+    fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
+        self.hot.append(TELEMETRY, batch.clone())?;
+        // The rows are stored; a gone aggregator panicked, which stops the server
+        // (crate::fatal), so windows are not silently left behind for long.
+        let _ = self.aggregator.observe(batch);
+        Ok(())
     }
-    fn append_rejects(&self, batch: RecordBatch) {
-        self.hot.append(REJECTS, batch);
+    fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused> {
+        self.hot.append(REJECTS, batch)
+    }
+}
+
+/// MQTT alert notifications, published into the broker's router in-process.
+struct RouterPublish(sluice_broker::Publisher);
+
+impl sluice_notify::Publish for RouterPublish {
+    fn publish(
+        &self,
+        topic: String,
+        payload: Arc<str>,
+    ) -> sluice_notify::BoxFuture<Result<(), String>> {
+        let publisher = self.0.clone();
+        Box::pin(async move {
+            publisher
+                .publish(&topic, payload.as_bytes(), 1, false)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -134,26 +153,22 @@ impl sluice_aggregator::StateStore for StateFiles {
 }
 
 /// Every message a client publishes goes to the decoders, in the order its connection
-/// received it; messages on `alerts/` (sluice's own notifications) are counted instead.
+/// received it (one that is not telemetry becomes a reject). sluice's own alert
+/// notifications never come this way: they are published into the router in-process.
 struct ToPipeline {
     handle: IngestHandle,
-    alert_messages: IntCounter,
 }
 
 impl sluice_broker::Pipeline for ToPipeline {
     fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>> {
-        let mut batch = Vec::with_capacity(messages.len());
-        for m in messages {
-            if m.topic.starts_with(ALERTS_TOPIC_PREFIX) {
-                self.alert_messages.inc();
-            } else {
-                batch.push(Message {
-                    topic: m.topic,
-                    payload: m.payload,
-                    received_at_ns: m.received_at_ns,
-                });
-            }
-        }
+        let batch: Vec<Message> = messages
+            .into_iter()
+            .map(|m| Message {
+                topic: m.topic,
+                payload: m.payload,
+                received_at_ns: m.received_at_ns,
+            })
+            .collect();
         let handle = self.handle.clone();
         Box::pin(async move { handle.send(batch).await.map_err(|_| PipelineClosed) })
     }
@@ -194,7 +209,7 @@ pub(crate) struct ShutdownReport {
 impl Server {
     /// Starts everything; returns once the broker accepts connections, the subscription
     /// exists and `/ready` answers 200. Must be called outside async code (it blocks);
-    /// `runtime` serves HTTP and queries.
+    /// `runtime` serves HTTP (queries run on storage's own runtime).
     /// `load` reads the configuration again for a reload (SIGHUP, `POST /reload`).
     pub(crate) fn start(
         config: &Config,
@@ -209,13 +224,14 @@ impl Server {
         )
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
 
-        // The listeners are bound first: alert notifications are published on the broker,
-        // and connections wait in the listen backlog until the pipeline is there.
+        // The listeners are bound first: alert notifications are published into the
+        // broker's router, and connections wait in the listen backlog until the pipeline
+        // is there.
         let bound = Broker::bind(&config.broker(TELEMETRY_TOPIC_FILTER))
             .context("starting the MQTT broker")?;
         let notifier = Arc::new(
             Notifier::start(
-                Some(bound.addrs().mqtt),
+                Some(Arc::new(RouterPublish(bound.publisher()))),
                 config.webhooks()?,
                 Arc::new(HotStore(storage.clone())),
                 DeliveryMetrics::new(&registry).context("registering delivery metrics")?,
@@ -227,7 +243,7 @@ impl Server {
                 config.aggregator()?,
                 Arc::new(HotStore(storage.clone())),
                 AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
-                Some(notifier.clone()),
+                Some(notifier.clone() as Arc<dyn sluice_aggregator::AlertOutput>),
             )
             .context("starting the aggregator")?,
         );
@@ -248,16 +264,10 @@ impl Server {
         )
         .context("starting the ingest workers")?;
 
-        let alert_messages = IntCounter::new(
-            "sluice_mqtt_alert_messages_total",
-            "Messages published on alerts/# (sluice's own alert notifications): not telemetry, not stored",
-        )?;
-        registry.register(Box::new(alert_messages.clone()))?;
         let broker = bound
             .start(
                 Arc::new(ToPipeline {
                     handle: pipeline.handle(),
-                    alert_messages,
                 }),
                 Arc::new(AllowAll),
             )
@@ -281,8 +291,10 @@ impl Server {
         )
         .with_context(|| format!("starting the HTTP server on {}", config.http.addr))?;
         spawn_sighup_reload(runtime, reload)?;
+        // The PostgreSQL endpoint plans and runs its clients' queries where it serves
+        // them: on storage's query runtime, not beside /ready and /metrics.
         let pg = crate::pg::PgServer::start(
-            runtime,
+            storage.query_runtime(),
             config.pg.addr,
             &storage,
             config.pg.password.clone(),
@@ -369,9 +381,7 @@ impl Alerting {
             rules.len(),
             webhooks.len()
         );
-        self.notifier
-            .set_webhooks(webhooks)
-            .context("starting a webhook worker")?;
+        self.notifier.set_webhooks(webhooks);
         self.aggregator.set_rules(rules);
         *current = new;
         tracing::info!("reloaded: {summary}");

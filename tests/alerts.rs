@@ -17,6 +17,20 @@ use serde_json::Value;
 /// A real MQTT client subscribed to `alerts/#`: every notification, in arrival order.
 struct Subscriber {
     received: Arc<Mutex<Vec<(String, Value)>>>,
+    /// sluice's `/metrics`.
+    metrics: String,
+    /// MQTT notifications sluice had published when the subscription was in place.
+    published_before: f64,
+}
+
+/// MQTT notifications sluice has published (into its router) so far.
+fn published(metrics_url: &str) -> f64 {
+    let text = reqwest::blocking::get(metrics_url).unwrap().text().unwrap();
+    common::metric_value(
+        &text,
+        "sluice_alert_deliveries_total{channel=\"mqtt\",outcome=\"delivered\"}",
+    )
+    .unwrap_or(0.0)
 }
 
 impl Subscriber {
@@ -51,15 +65,29 @@ impl Subscriber {
         subscribed
             .recv_timeout(Duration::from_secs(10))
             .expect("subscribed");
-        Subscriber { received }
+        let metrics = format!("{}/metrics", sluice.http);
+        Subscriber {
+            received,
+            published_before: published(&metrics),
+            metrics,
+        }
     }
 
-    /// Waits until `count` notifications arrived, then a little longer for extras.
+    /// Waits until `count` notifications arrived, then until this subscriber has every
+    /// one sluice published since it subscribed (sluice's own count, a barrier instead
+    /// of a sleep): a notification published twice is in what this returns.
     fn wait(&self, count: usize, within: Duration) -> Vec<(String, Value)> {
         wait_until(&format!("{count} notifications"), within, || {
             self.received.lock().unwrap().len() >= count
         });
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until(
+            "every notification sluice published to reach the subscriber",
+            within,
+            || {
+                let since = published(&self.metrics) - self.published_before;
+                self.received.lock().unwrap().len() as f64 >= since
+            },
+        );
         self.received.lock().unwrap().clone()
     }
 }

@@ -329,6 +329,8 @@ fn both_sql_endpoints_refuse_writes_and_file_access() {
         format!("COPY (SELECT 1) TO '{}' STORED AS CSV", outside.display()),
         "CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '/etc/passwd'".to_owned(),
         "SET datafusion.execution.batch_size = 1".to_owned(),
+        format!("EXPLAIN ANALYZE COPY (SELECT 1) TO '{}'", outside.display()),
+        "SELECT 1 AS x INTO t".to_owned(),
     ];
     for sql in &forbidden {
         let (ok, _, err) = psql(&sluice, None, &["-c", sql]);
