@@ -350,7 +350,7 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let storage = server.storage.clone();
     let report = server.shutdown()?;
     let total = storage
-        .stats(server::TELEMETRY)
+        .stats(sluice_ingest::TELEMETRY_TABLE)
         .map(|s| s.cold_rows)
         .unwrap_or_default();
     println!(

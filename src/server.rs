@@ -10,14 +10,12 @@ use std::time::Duration;
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::Registry;
-use sluice_aggregator::{
-    ALERTS_TABLE, Aggregator, AggregatorMetrics, LATE_TABLE, MINUTE_TABLE, ROLLUP_TABLE, TableSink,
-};
+use sluice_aggregator::{Aggregator, AggregatorMetrics, StoreThenAggregate, TableSink};
 use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, PipelineClosed};
 use sluice_ingest::{
-    BatchSink, IngestHandle, IngestMetrics, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
+    IngestHandle, IngestMetrics, IntoTables, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
 };
-use sluice_notify::{DEAD_LETTER_TABLE, DeliveryMetrics, Notifier};
+use sluice_notify::{DeliveryMetrics, Notifier};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
 
 use crate::config::Config;
@@ -29,63 +27,28 @@ const MQTT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads the configuration again (file and environment), for a reload.
 pub(crate) type LoadConfig = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
-pub(crate) const TELEMETRY: &str = "telemetry";
-pub(crate) const REJECTS: &str = "rejects";
-
-/// The tables sluice stores, and how their files are laid out.
+/// The tables sluice stores: each stage declares its own and how their files are laid out.
 pub(crate) fn table_specs() -> Vec<TableSpec> {
-    vec![
-        TableSpec {
-            name: TELEMETRY.into(),
-            schema: sluice_ingest::telemetry_schema(),
-            time_column: "ts".into(),
-            sort_columns: vec!["device_id".into(), "ts".into()],
-            bloom_filter_columns: vec!["device_id".into()],
-        },
-        TableSpec {
-            name: REJECTS.into(),
-            schema: sluice_ingest::rejects_schema(),
-            time_column: "received_at".into(),
-            sort_columns: vec!["received_at".into()],
-            bloom_filter_columns: vec![],
-        },
-        window_table(MINUTE_TABLE),
-        window_table(ROLLUP_TABLE),
-        TableSpec {
-            name: LATE_TABLE.into(),
-            schema: sluice_aggregator::late_schema(),
-            time_column: "ts".into(),
-            sort_columns: vec!["device_id".into(), "ts".into()],
-            bloom_filter_columns: vec![],
-        },
-        TableSpec {
-            name: ALERTS_TABLE.into(),
-            schema: sluice_aggregator::alerts_schema(),
-            time_column: "ts".into(),
-            sort_columns: vec!["rule".into(), "device_id".into(), "ts".into()],
-            bloom_filter_columns: vec![],
-        },
-        TableSpec {
-            name: DEAD_LETTER_TABLE.into(),
-            schema: sluice_notify::dead_letter_schema(),
-            time_column: "ts".into(),
-            sort_columns: vec!["ts".into()],
-            bloom_filter_columns: vec![],
-        },
-    ]
+    let layouts = sluice_ingest::tables()
+        .into_iter()
+        .chain(sluice_aggregator::tables())
+        .chain(sluice_notify::tables());
+    layouts
+        .map(|t| TableSpec {
+            name: t.name.into(),
+            schema: t.schema,
+            time_column: t.time_column.into(),
+            sort_columns: t.sort_columns.iter().map(|c| c.to_string()).collect(),
+            bloom_filter_columns: t
+                .bloom_filter_columns
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        })
+        .collect()
 }
 
-fn window_table(name: &str) -> TableSpec {
-    TableSpec {
-        name: name.into(),
-        schema: sluice_aggregator::window_schema(),
-        time_column: "window_start".into(),
-        sort_columns: vec!["device_id".into(), "window_start".into()],
-        bloom_filter_columns: vec!["device_id".into()],
-    }
-}
-
-/// Appends sealed batches to the storage's hot store.
+/// The storage's hot store as the stages' table sink (storage knows no stage's types).
 struct HotStore(Storage);
 
 impl TableSink for HotStore {
@@ -94,26 +57,6 @@ impl TableSink for HotStore {
             reason: e.reason(),
             message: e.to_string(),
         })
-    }
-}
-
-/// Decoded batches go to the hot store; telemetry also to the aggregator.
-struct StorageSink {
-    hot: HotStore,
-    aggregator: Arc<Aggregator>,
-}
-
-impl BatchSink for StorageSink {
-    /// Only rows that are stored are counted into windows (windows = SQL over the rows).
-    fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
-        self.hot.append(TELEMETRY, batch.clone())?;
-        // The rows are stored; a gone aggregator panicked, which stops the server
-        // (crate::fatal), so windows are not silently left behind for long.
-        let _ = self.aggregator.observe(batch);
-        Ok(())
-    }
-    fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused> {
-        self.hot.append(REJECTS, batch)
     }
 }
 
@@ -256,8 +199,8 @@ impl Server {
         let ingest_metrics = IngestMetrics::new(&registry).context("registering ingest metrics")?;
         let pipeline = Pipeline::start(
             config.pipeline(),
-            Arc::new(StorageSink {
-                hot: HotStore(storage.clone()),
+            Arc::new(StoreThenAggregate {
+                store: IntoTables(HotStore(storage.clone())),
                 aggregator,
             }),
             ingest_metrics,

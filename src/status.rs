@@ -7,7 +7,7 @@ use sluice_storage::Storage;
 
 use sluice_broker::MqttMeters;
 
-use crate::server::{REJECTS, TELEMETRY};
+use sluice_ingest::{REJECTS_TABLE as REJECTS, TELEMETRY_TABLE as TELEMETRY};
 
 /// Counters at one moment.
 #[derive(Debug, Clone, Copy)]

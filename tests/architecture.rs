@@ -82,7 +82,10 @@ fn library_crates_depend_the_way_the_code_map_says() {
     assert_eq!(sluice_deps("ingest"), Vec::<String>::new());
     assert_eq!(sluice_deps("storage"), Vec::<String>::new());
     assert_eq!(sluice_deps("aggregator"), ["sluice-ingest"]);
-    assert_eq!(sluice_deps("notify"), ["sluice-aggregator"]);
+    assert_eq!(
+        sluice_deps("notify"),
+        ["sluice-ingest", "sluice-aggregator"]
+    );
     // The aggregator is pure computation: no network, no runtime, no files.
     let aggregator = dependencies("aggregator");
     for io in ["reqwest", "rumqttc", "tokio", "rumqttd"] {

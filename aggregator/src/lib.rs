@@ -26,12 +26,44 @@ pub use rows::{
     ClosedWindow, LateReading, alerts_batch, alerts_schema, late_batch, late_schema, window_batch,
     window_schema, windows_from_batch,
 };
+pub use sluice_ingest::TableSink;
 pub use stage::{
     ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, LATE_TABLE,
-    MINUTE_TABLE, ROLLUP_TABLE, TableSink,
+    MINUTE_TABLE, ROLLUP_TABLE, StoreThenAggregate,
 };
 pub use state::StateStore;
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
+
+use sluice_ingest::TableLayout;
+
+/// The tables the aggregator writes, and how their files are laid out.
+pub fn tables() -> Vec<TableLayout> {
+    let window = |name| TableLayout {
+        name,
+        schema: window_schema(),
+        time_column: "window_start",
+        sort_columns: &["device_id", "window_start"],
+        bloom_filter_columns: &["device_id"],
+    };
+    vec![
+        window(MINUTE_TABLE),
+        window(ROLLUP_TABLE),
+        TableLayout {
+            name: LATE_TABLE,
+            schema: late_schema(),
+            time_column: "ts",
+            sort_columns: &["device_id", "ts"],
+            bloom_filter_columns: &[],
+        },
+        TableLayout {
+            name: ALERTS_TABLE,
+            schema: alerts_schema(),
+            time_column: "ts",
+            sort_columns: &["rule", "device_id", "ts"],
+            bloom_filter_columns: &[],
+        },
+    ]
+}
 
 /// The known metrics, in the order of [`WindowAcc::known`] and of the window tables'
 /// column groups.

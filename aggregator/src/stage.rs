@@ -9,7 +9,7 @@ use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use sluice_ingest::Refused;
+use sluice_ingest::{BatchSink, Refused, TableSink};
 
 use crate::WindowAcc;
 use crate::alert::{AlertEvent, AlertSink, Alerts, Rule};
@@ -23,12 +23,6 @@ pub const MINUTE_TABLE: &str = "telemetry_1m";
 pub const ROLLUP_TABLE: &str = "telemetry_1h";
 pub const LATE_TABLE: &str = "telemetry_late";
 pub const ALERTS_TABLE: &str = "alerts";
-
-/// Where finished batches go (the storage's hot store). May block (back-pressure); an
-/// `Err` says the batch was not stored, and its rows are counted by the caller.
-pub trait TableSink: Send + Sync {
-    fn append(&self, table: &str, batch: RecordBatch) -> Result<(), Refused>;
-}
 
 /// Where alert transitions go as they happen (besides the `alerts` table).
 ///
@@ -236,6 +230,27 @@ impl Aggregator {
         {
             tracing::error!("the aggregator thread panicked");
         }
+    }
+}
+
+/// Stores every batch through `store`, and hands each telemetry batch that was stored
+/// to the aggregator: windows count exactly the rows SQL sees.
+pub struct StoreThenAggregate<S> {
+    pub store: S,
+    pub aggregator: Arc<Aggregator>,
+}
+
+impl<S: BatchSink> BatchSink for StoreThenAggregate<S> {
+    fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
+        self.store.append_telemetry(batch.clone())?;
+        // The rows are stored. A gone aggregator panicked, and a panic on the
+        // `aggregator` thread stops the server (the binary's `fatal`), so its windows
+        // are not left behind silently.
+        let _ = self.aggregator.observe(batch);
+        Ok(())
+    }
+    fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused> {
+        self.store.append_rejects(batch)
     }
 }
 

@@ -9,6 +9,7 @@ mod batch;
 mod decode;
 mod options;
 mod pipeline;
+mod tables;
 
 pub use batch::{
     Batcher, RejectsBuilder, RowBuilder, SealPolicy, SealReason, TelemetryBuilder, rejects_schema,
@@ -22,3 +23,4 @@ pub use options::IngestOptions;
 pub use pipeline::{
     BatchSink, Closed, IngestHandle, IngestMetrics, Message, Pipeline, PipelineConfig, Refused,
 };
+pub use tables::{IntoTables, REJECTS_TABLE, TELEMETRY_TABLE, TableLayout, TableSink, tables};

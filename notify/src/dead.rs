@@ -44,6 +44,17 @@ pub fn dead_letter_schema() -> SchemaRef {
     DEAD_LETTER_SCHEMA.clone()
 }
 
+/// The table notify writes, and how its files are laid out.
+pub fn tables() -> Vec<sluice_ingest::TableLayout> {
+    vec![sluice_ingest::TableLayout {
+        name: DEAD_LETTER_TABLE,
+        schema: dead_letter_schema(),
+        time_column: "ts",
+        sort_columns: &["ts"],
+        bloom_filter_columns: &[],
+    }]
+}
+
 /// One row of `alert_dead_letters`.
 pub(crate) struct Letter {
     pub(crate) ts: i64,

@@ -23,7 +23,7 @@ mod mqtt;
 pub mod policy;
 mod webhook;
 
-pub use dead::{DEAD_LETTER_TABLE, dead_letter_schema};
+pub use dead::{DEAD_LETTER_TABLE, dead_letter_schema, tables};
 pub use mqtt::Publish;
 pub use webhook::{Webhook, WebhookSpec, compile_webhooks};
 
