@@ -381,6 +381,9 @@ struct InFlight {
     queued: VecDeque<Instant>,
     /// Scheduled times of QoS 1 messages written, by packet id, awaiting PUBACK.
     unacked: HashMap<u16, Instant>,
+    /// The connection failed and has not been accepted again: nothing outstanding will
+    /// be acknowledged, and the client may not take new messages.
+    lost: bool,
 }
 
 impl Connection {
@@ -441,7 +444,7 @@ impl Connection {
         self.started = Instant::now();
         self.wall_start = SystemTime::now();
 
-        let events = tokio::spawn(event_loop(
+        let mut events = tokio::spawn(event_loop(
             eventloop,
             self.qos1,
             in_flight.clone(),
@@ -488,27 +491,52 @@ impl Connection {
                 .unwrap_or_else(|p| p.into_inner())
                 .queued
                 .push_back(due_at);
-            if client.publish(topic, self.qos1, payload).await.is_err() {
-                break; // the event loop ended
+            // The client takes a message only while its event loop drains its queue; with
+            // the broker gone it never does, so the wait is bounded by the run's end and
+            // the stop flag.
+            let publish = client.publish(topic, self.qos1, payload);
+            tokio::pin!(publish);
+            let published = loop {
+                tokio::select! {
+                    published = &mut publish => break Some(published),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        let over = self.duration.is_some_and(|d| self.started.elapsed() >= d);
+                        if over || self.stop.load(Ordering::Relaxed) {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match published {
+                Some(Ok(())) => {}
+                // The event loop ended, or the run is over with the broker not taking
+                // messages.
+                Some(Err(_)) | None => break,
             }
             self.progress.sent.fetch_add(1, Ordering::Relaxed);
             j += 1;
         }
 
-        // Let outstanding QoS 1 messages be acknowledged, then leave cleanly.
+        // Let outstanding QoS 1 messages be acknowledged (unless the connection is lost:
+        // then none will be), then leave cleanly.
         let drain_deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < drain_deadline {
             let settled = {
                 let state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                state.queued.is_empty() && state.unacked.is_empty()
+                state.lost || (state.queued.is_empty() && state.unacked.is_empty())
             };
             if settled {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+        let lost = in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost;
+        if !lost {
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut events).await;
+        }
+        // A lost connection's event loop keeps trying to reconnect: it ends here.
+        events.abort();
         Ok(())
     }
 }
@@ -558,8 +586,12 @@ async fn event_loop(
                 tracing::warn!(%reason, "the broker refused a message");
             }
             Ok(mqtt::Event::Disconnected) => break,
+            Ok(mqtt::Event::ConnAck) => {
+                in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost = false;
+            }
             Ok(_) => {}
             Err(e) => {
+                in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost = true;
                 progress.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "loadgen connection error; reconnecting");
                 tokio::time::sleep(Duration::from_millis(200)).await;

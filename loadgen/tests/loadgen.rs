@@ -142,3 +142,35 @@ fn bad_settings_are_refused_by_name() {
         assert!(error.to_string().contains(name), "{error}");
     }
 }
+
+#[test]
+fn a_broker_that_dies_mid_run_ends_the_run_at_its_duration_with_a_report() {
+    let (mut broker, collect) = broker();
+    let mut config = LoadgenConfig::new(broker.addrs().mqtt.to_string());
+    config.devices = 200;
+    config.rate = 400.0;
+    config.connections = 2;
+    config.duration = Some(Duration::from_secs(3));
+    let started = Instant::now();
+    let runner = std::thread::spawn(move || run_to_end(config));
+    // The broker goes away under the load: its connections close and nothing listens.
+    std::thread::sleep(Duration::from_secs(1));
+    broker.shutdown(Duration::from_secs(1));
+    drop(broker);
+    let report = runner.join().unwrap().expect("a report, not an error");
+    let took = started.elapsed();
+    // 3 s of schedule, at most 1 s to say goodbye to a dead broker, and slack for a
+    // loaded machine; before, it never ended.
+    assert!(took < Duration::from_secs(8), "the run took {took:?}");
+    assert!(
+        report.errors >= 1,
+        "the lost connections are counted: {report}"
+    );
+    assert!(report.acked < report.sent, "{report}");
+    assert!(report.acked > 0, "{report}");
+    // Every message acknowledged before the broker died had reached its pipeline.
+    assert!(
+        collect.0.lock().unwrap().len() as u64 >= report.acked,
+        "{report}"
+    );
+}
