@@ -12,6 +12,7 @@ mod provider;
 mod read_only;
 mod state;
 mod table;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

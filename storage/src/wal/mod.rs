@@ -1,0 +1,5 @@
+//! The write-ahead log (issue #14, being built): segment files under `<data_dir>/wal/`
+//! of framed records. So far: the record format and the scan that recovers a segment
+//! ([`record`]); the group-commit writer, replay and checkpoints come next.
+
+pub mod record;
