@@ -1,5 +1,7 @@
 //! The write-ahead log (issue #14, being built): segment files under `<data_dir>/wal/`
 //! of framed records. So far: the record format and the scan that recovers a segment
-//! ([`record`]); the group-commit writer, replay and checkpoints come next.
+//! ([`record`]), and the group-commit writer ([`writer`]); segments, replay and
+//! checkpoints come next.
 
 pub mod record;
+pub mod writer;
