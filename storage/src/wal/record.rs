@@ -27,6 +27,11 @@ pub enum EncodeError {
     TooLarge(usize),
 }
 
+/// How many bytes `record` takes in a segment, framing included.
+pub fn framed_len(record: &Record<'_>) -> usize {
+    HEADER + BODY_FIXED + record.topic.len() + record.payload.len()
+}
+
 /// Appends `record`, framed, to `out`.
 pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let topic_len =
