@@ -254,7 +254,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         "sluice stopped: {} rows written to {} Parquet files in the final flush",
         report.flushed_rows, report.flushed_files
     );
-    match panicked {
+    // A pipeline thread may also panic during the shutdown itself.
+    match panicked.or_else(|| fatal.get()) {
         Some(what) => anyhow::bail!("{what} (sluice stopped; what was stored was flushed)"),
         None => Ok(()),
     }

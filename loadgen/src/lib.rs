@@ -510,8 +510,15 @@ impl Connection {
             match published {
                 Some(Ok(())) => {}
                 // The event loop ended, or the run is over with the broker not taking
-                // messages.
-                Some(Err(_)) | None => break,
+                // messages: this one was never sent, so it awaits nothing.
+                Some(Err(_)) | None => {
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .queued
+                        .pop_back();
+                    break;
+                }
             }
             self.progress.sent.fetch_add(1, Ordering::Relaxed);
             j += 1;

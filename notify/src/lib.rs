@@ -177,6 +177,8 @@ impl DeliveryMetrics {
 
 /// Sends every alert transition to every channel.
 pub struct Notifier {
+    /// Set by `shutdown`: later notifications are counted as lost and logged.
+    stopped: std::sync::atomic::AtomicBool,
     mqtt: Mutex<Option<MqttChannel>>,
     webhooks: Mutex<Vec<Endpoint>>,
     outcomes: Outcomes,
@@ -206,11 +208,15 @@ impl Notifier {
             dead: Arc::new(dead),
             metrics,
         };
+        // A redirect would be followed as a GET without the body: the notification lost
+        // while counted delivered. A 3xx is an answer like any other (refused).
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(std::io::Error::other)?;
         let mqtt = publisher.map(|p| MqttChannel::start(p, outcomes.clone(), &handle));
         let notifier = Notifier {
+            stopped: std::sync::atomic::AtomicBool::new(false),
             mqtt: Mutex::new(mqtt),
             webhooks: Mutex::new(Vec::new()),
             outcomes,
@@ -225,6 +231,11 @@ impl Notifier {
 
     /// Queues `event` on every channel; never blocks.
     pub fn notify(&self, event: &AlertEvent) {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            self.outcomes.metrics.outcome("all", "lost");
+            tracing::error!(rule = %event.rule, device = %event.device, "alert notification after delivery stopped: not delivered and not kept");
+            return;
+        }
         let job = Job::new(event);
         if let Some(mqtt) = &*lock(&self.mqtt) {
             mqtt.send(job.clone(), &self.outcomes);
@@ -239,6 +250,10 @@ impl Notifier {
     /// going out within the stop grace or to the dead letters, and a changed one starts
     /// again with its new settings. Blocks until the stopped ones are done.
     pub fn set_webhooks(&self, webhooks: Vec<Webhook>) {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("webhooks not replaced: alert delivery has stopped");
+            return;
+        }
         let mut endpoints = lock(&self.webhooks);
         let mut old = std::mem::take(&mut *endpoints);
         for hook in webhooks {
@@ -261,6 +276,8 @@ impl Notifier {
     /// Delivers what is queued (within a grace period) and stops; what is left is a dead
     /// letter, and every dead letter is handed to the table before this returns.
     pub fn shutdown(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = Instant::now() + STOP_GRACE;
         let mut stopping: Vec<_> = std::mem::take(&mut *lock(&self.webhooks))
             .into_iter()

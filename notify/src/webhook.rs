@@ -175,6 +175,19 @@ impl Endpoint {
     }
 }
 
+/// Resolves at a stop's deadline (never without a stop).
+async fn stop_deadline(mut stopping: watch::Receiver<Option<Instant>>) {
+    loop {
+        let deadline = *stopping.borrow_and_update();
+        if let Some(deadline) = deadline {
+            return tokio::time::sleep_until(deadline).await;
+        }
+        if stopping.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 struct Worker {
     hook: Arc<Webhook>,
     channel: Arc<str>,
@@ -221,7 +234,13 @@ impl Worker {
                 continue;
             }
             attempt += 1;
-            let outcome = self.attempt(job).await;
+            let outcome = tokio::select! {
+                outcome = self.attempt(job) => outcome,
+                () = stop_deadline(self.stopping.clone()) => {
+                    let error = format!("{} (an attempt was under way)", self.breaker.stopped(Instant::now().into_std()));
+                    return self.outcomes.dead(&self.channel, job, attempt, &error);
+                }
+            };
             if matches!(outcome, Outcome::Failed(_)) {
                 self.outcomes
                     .metrics
@@ -275,6 +294,10 @@ impl Worker {
             .await;
         match response {
             Ok(r) if r.status().is_success() => Outcome::Delivered,
+            Ok(r) if r.status().is_redirection() => Outcome::Refused(format!(
+                "HTTP {} (redirects are not followed: configure the URL it points to)",
+                r.status()
+            )),
             Ok(r) => {
                 let status = r.status();
                 let error = format!("HTTP {status}");

@@ -349,9 +349,18 @@ impl Storage {
     pub async fn sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
         let started = Instant::now();
         let (storage, text) = (self.clone(), sql.to_owned());
-        let result = self
-            .query_runtime()
-            .spawn(async move { storage.run_sql(&text).await })
+        // A caller that goes away (an HTTP client hanging up) takes its query with it.
+        struct AbortOnDrop(tokio::task::JoinHandle<Result<QueryOutput, StorageError>>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let mut task = AbortOnDrop(
+            self.query_runtime()
+                .spawn(async move { storage.run_sql(&text).await }),
+        );
+        let result = (&mut task.0)
             .await
             .unwrap_or_else(|e| Err(StorageError::internal(format!("the query failed: {e}"))));
         self.inner.metrics.queried(

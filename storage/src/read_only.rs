@@ -3,8 +3,10 @@
 //! before anything is planned. What is not on the list is refused, so a statement kind
 //! DataFusion learns later is refused until someone decides otherwise.
 
+use std::ops::ControlFlow;
+
 use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::{Set, SetExpr, Statement};
+use datafusion::sql::sqlparser::ast::{Query, Set, SetExpr, Statement, Visit, Visitor};
 
 /// The start of every refusal's message.
 pub const READ_ONLY: &str = "sluice's SQL endpoints are read-only";
@@ -28,47 +30,95 @@ fn allowed(sessions: Sessions) -> &'static str {
     }
 }
 
+/// The settings the PostgreSQL endpoint keeps per client (datafusion-postgres's SET hook
+/// handles exactly these, written unquoted; any other name would reach DataFusion's
+/// context, which every client shares).
+const CLIENT_SETTINGS: [&str; 7] = [
+    "statement_timeout",
+    "datestyle",
+    "bytea_output",
+    "intervalstyle",
+    "application_name",
+    "extra_float_digits",
+    "search_path",
+];
+
+/// Finds a `SELECT … INTO` (it creates a table) anywhere in a statement: nested
+/// queries, subqueries, CTEs, set operations.
+struct SelectInto;
+
+impl Visitor for SelectInto {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        fn into(body: &SetExpr) -> bool {
+            match body {
+                SetExpr::Select(select) => select.into.is_some(),
+                SetExpr::SetOperation { left, right, .. } => into(left) || into(right),
+                _ => false,
+            }
+        }
+        if into(&query.body) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
 /// Why `statement` is refused on an endpoint with `sessions`, or `None` if it may run.
 pub fn refusal(statement: &Statement, sessions: Sessions) -> Option<String> {
     let per_client = sessions == Sessions::PerClient;
-    let allowed_here = match statement {
-        // SELECT … INTO creates a table.
-        Statement::Query(query) => !matches!(&*query.body, SetExpr::Select(s) if s.into.is_some()),
-        // EXPLAIN ANALYZE runs its statement.
-        Statement::Explain { statement, .. } => return refusal(statement, sessions),
-        Statement::ExplainTable { .. }
-        | Statement::ShowVariable { .. }
-        | Statement::ShowVariables { .. }
-        | Statement::ShowTables { .. }
-        | Statement::ShowColumns { .. }
-        | Statement::ShowCatalogs { .. }
-        | Statement::ShowSchemas { .. } => true,
-        Statement::StartTransaction { .. }
-        | Statement::Commit { .. }
-        | Statement::Rollback { .. }
-        | Statement::Declare { .. }
-        | Statement::Fetch { .. }
-        | Statement::Close { .. }
-        | Statement::Deallocate { .. }
-        | Statement::Discard { .. } => per_client,
-        // DataFusion's own settings are shared by every client of this server.
-        Statement::Set(Set::SingleAssignment { variable, .. }) => {
-            per_client
-                && !variable
-                    .to_string()
-                    .to_ascii_lowercase()
-                    .starts_with("datafusion.")
-        }
-        Statement::Set(_) => per_client,
-        _ => false,
-    };
+    let selects_into = statement.visit(&mut SelectInto).is_break();
+    let allowed_here = !selects_into
+        && match statement {
+            Statement::Query(_) => true,
+            // EXPLAIN ANALYZE runs its statement.
+            Statement::Explain { statement, .. } => return refusal(statement, sessions),
+            // A cursor runs its query.
+            Statement::Declare { stmts } => {
+                per_client
+                    && stmts.iter().all(|d| {
+                        d.for_query.as_ref().is_none_or(|q| {
+                            refusal(&Statement::Query(q.clone()), sessions).is_none()
+                        })
+                    })
+            }
+            Statement::ExplainTable { .. }
+            | Statement::ShowVariable { .. }
+            | Statement::ShowVariables { .. }
+            | Statement::ShowTables { .. }
+            | Statement::ShowColumns { .. }
+            | Statement::ShowCatalogs { .. }
+            | Statement::ShowSchemas { .. } => true,
+            Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Fetch { .. }
+            | Statement::Close { .. }
+            | Statement::Deallocate { .. }
+            | Statement::Discard { .. } => per_client,
+            // Only a client's own settings: anything else would change DataFusion's
+            // context, shared by every client of this server.
+            Statement::Set(Set::SingleAssignment {
+                scope: None,
+                hivevar: false,
+                variable,
+                ..
+            }) => {
+                per_client
+                    && CLIENT_SETTINGS.contains(&variable.to_string().to_lowercase().as_str())
+            }
+            Statement::Set(Set::SingleAssignment { .. }) => false,
+            Statement::Set(_) => per_client,
+            _ => false,
+        };
     if allowed_here {
         return None;
     }
     let what = match statement {
-        Statement::Set(_) if per_client => {
-            "SET of DataFusion's settings (shared by every client)".to_owned()
-        }
+        _ if selects_into => "SELECT … INTO (it creates a table)".to_owned(),
+        Statement::Set(_) if per_client => "SET of a setting every client shares".to_owned(),
         _ => first_words(&statement.to_string()),
     };
     Some(format!(
@@ -131,7 +181,12 @@ mod tests {
             "EXPLAIN ANALYZE INSERT INTO telemetry VALUES (1)",
             "EXPLAIN COPY (SELECT 1) TO '/tmp/x.csv'",
             "SET datafusion.execution.batch_size = 1",
+            "SET \"datafusion.runtime.temp_directory\" = '/tmp'",
+            "SET timezone = 'UTC'",
             "CREATE VIEW v AS SELECT 1",
+            "(SELECT * INTO t FROM (SELECT 1 AS x) s)",
+            "SELECT x FROM (SELECT 1 AS x) s WHERE x IN (SELECT 1 INTO u)",
+            "WITH c AS (SELECT 1 INTO w) SELECT * FROM c",
         ] {
             for sessions in [Sessions::Shared, Sessions::PerClient] {
                 let why = refusal_df(&parse(sql), sessions).unwrap_or_else(|| panic!("{sql}"));
@@ -142,6 +197,12 @@ mod tests {
         // everybody shares one.
         let set = parse("SET application_name = 'grafana'");
         assert_eq!(refusal_df(&set, Sessions::PerClient), None);
+        let tz = parse("SET TIME ZONE 'UTC'");
+        assert_eq!(refusal_df(&tz, Sessions::PerClient), None);
+        let cursor = parse("DECLARE c CURSOR FOR SELECT 1");
+        assert_eq!(refusal_df(&cursor, Sessions::PerClient), None);
+        let cursor = parse("DECLARE c CURSOR FOR SELECT 1 INTO t");
+        assert!(refusal_df(&cursor, Sessions::PerClient).is_some());
         assert_eq!(
             refusal_df(&set, Sessions::Shared).unwrap(),
             "sluice's SQL endpoints are read-only: SET application_name = is not allowed (queries, EXPLAIN and SHOW only)"

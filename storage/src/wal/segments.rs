@@ -75,7 +75,8 @@ pub fn recover(dir: &Path, mut replay: impl FnMut(u64, Record<'_>)) -> io::Resul
     fs::create_dir_all(dir)?;
     let mut recovered = Recovered::default();
     let ids = list(dir)?;
-    recovered.next_id = ids.last().map_or(1, |id| id + 1);
+    let last = ids.last().copied();
+    recovered.next_id = last.map_or(1, |id| id + 1);
     for id in ids {
         recovered.segments += 1;
         let path = segment_path(dir, id);
@@ -102,7 +103,10 @@ pub fn recover(dir: &Path, mut replay: impl FnMut(u64, Record<'_>)) -> io::Resul
                     }
                     replay(id, record);
                 }
-                Found::TornTail { from } => torn = Some(from),
+                // Only the segment being written when the process died can end in a cut
+                // write; a bad end of an older (fully synced) one is damage.
+                Found::TornTail { from } if Some(id) == last => torn = Some(from),
+                Found::TornTail { from } => damaged.push(from..data.len()),
                 Found::Corrupt { from, to } => damaged.push(from..to),
             }
         }
@@ -229,6 +233,26 @@ mod tests {
             "the rewritten segment holds the intact records"
         );
         assert!(recovered.corrupt.is_empty());
+    }
+
+    #[test]
+    fn a_bad_end_of_an_older_segment_is_damage_set_aside_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let offsets = write_segment(dir.path(), 1, 0, 3);
+        write_segment(dir.path(), 2, 3, 1);
+        let path = segment_path(dir.path(), 1);
+        let mut data = fs::read(&path).unwrap();
+        data[offsets[2] + 12] ^= 0xff;
+        fs::write(&path, &data).unwrap();
+        let (seen, recovered) = replayed(dir.path());
+        assert_eq!(seen, [(1, 0), (1, 1), (2, 3)]);
+        assert!(recovered.torn_tails.is_empty());
+        assert_eq!(recovered.corrupt, [(1, offsets[2]..offsets[3])]);
+        let aside = dir
+            .path()
+            .join(CORRUPT_DIR)
+            .join(format!("{:020}-{}-{}.bin", 1, offsets[2], offsets[3]));
+        assert_eq!(fs::read(aside).unwrap(), data[offsets[2]..]);
     }
 
     #[test]

@@ -185,6 +185,10 @@ fn run(mut file: impl SegmentFile, mut len: u64, policy: SyncPolicy, rx: Receive
     let mut waiting: Vec<oneshot::Sender<Result<(), AppendError>>> = Vec::new();
     let mut written = len;
     let mut failed: Option<String> = None;
+    // A failed group that could not be cut off the file: what follows it would not be
+    // where the log thinks, so every later append fails until a restart recovers the
+    // segment.
+    let mut broken: Option<String> = None;
     let mut open = true;
     while open || !waiting.is_empty() {
         let next = match group.due() {
@@ -196,7 +200,9 @@ fn run(mut file: impl SegmentFile, mut len: u64, policy: SyncPolicy, rx: Receive
         match next {
             Ok(append) => {
                 group.add(append.bytes.len(), Instant::now());
-                if failed.is_none()
+                if let Some(why) = &broken {
+                    failed.get_or_insert_with(|| why.clone());
+                } else if failed.is_none()
                     && let Err(e) = file.write_all(&append.bytes)
                 {
                     failed = Some(e.to_string());
@@ -214,6 +220,7 @@ fn run(mut file: impl SegmentFile, mut len: u64, policy: SyncPolicy, rx: Receive
             continue;
         }
         if failed.is_none()
+            && broken.is_none()
             && let Err(e) = file.sync_data()
         {
             failed = Some(e.to_string());
@@ -226,8 +233,13 @@ fn run(mut file: impl SegmentFile, mut len: u64, policy: SyncPolicy, rx: Receive
             Some(error) => {
                 // What the group wrote is not durable: cut it off, so the next group
                 // follows the last durable record.
-                if let Err(e) = file.truncate(len) {
-                    tracing::error!(error = %e, "cannot cut a failed WAL group off its segment");
+                if broken.is_none()
+                    && let Err(e) = file.truncate(len)
+                {
+                    tracing::error!(error = %e, "cannot cut a failed WAL group off its segment: the log refuses appends until a restart");
+                    broken = Some(format!(
+                        "{error}; then the failed records could not be cut off: {e}"
+                    ));
                 }
                 written = len;
                 tracing::error!(
@@ -262,6 +274,7 @@ mod tests {
         synced: usize,
         syncs: usize,
         fail_writes: bool,
+        fail_truncate: bool,
     }
 
     impl SegmentFile for Memory {
@@ -286,7 +299,11 @@ mod tests {
             Ok(())
         }
         fn truncate(&mut self, len: u64) -> io::Result<()> {
-            self.0.lock().unwrap().bytes.truncate(len as usize);
+            let mut s = self.0.lock().unwrap();
+            if s.fail_truncate {
+                return Err(io::Error::other("Input/output error"));
+            }
+            s.bytes.truncate(len as usize);
             Ok(())
         }
     }
@@ -437,6 +454,33 @@ mod tests {
             kept,
             [0, 2],
             "the failed record is not in the file, whole or in part"
+        );
+    }
+
+    #[test]
+    fn a_failed_group_that_cannot_be_cut_off_fails_every_later_append() {
+        let file = Memory::default();
+        let wal = GroupCommit::start(
+            file.clone(),
+            0,
+            SyncPolicy {
+                interval: Duration::ZERO,
+                bytes: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(block(wal.append(framed(0))), Ok(()));
+        {
+            let mut s = file.0.lock().unwrap();
+            s.fail_writes = true;
+            s.fail_truncate = true;
+        }
+        assert!(block(wal.append(framed(1))).is_err());
+        file.0.lock().unwrap().fail_writes = false;
+        let later = block(wal.append(framed(2)));
+        assert!(
+            matches!(&later, Err(AppendError::Io(e)) if e.contains("could not be cut off")),
+            "{later:?}"
         );
     }
 }
