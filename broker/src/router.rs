@@ -138,6 +138,12 @@ pub(crate) struct Routed {
     pub(crate) pkid: u16,
 }
 
+/// A batch for the feed thread; `taken` is told once the router has it.
+struct Feed {
+    batch: Vec<Routed>,
+    taken: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// The pipeline or the router is gone: the process is stopping.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RouterGone;
@@ -225,7 +231,7 @@ pub(crate) struct Router {
     /// subscribed could reach the router first and miss the new subscriber.
     gate: Arc<tokio::sync::RwLock<()>>,
     requests: flume::Sender<Request>,
-    feed: flume::Sender<Vec<Routed>>,
+    feed: flume::Sender<Feed>,
     is_full: Box<dyn Fn() -> bool + Send + Sync>,
     pub(crate) visibility: Visibility,
     /// The highest QoS granted to any subscription so far: publishes below it carry
@@ -297,7 +303,7 @@ impl Router {
                 }
             })?;
 
-        let (feed, feed_rx) = flume::bounded::<Vec<Routed>>(1024);
+        let (feed, feed_rx) = flume::bounded::<Feed>(1024);
         std::thread::Builder::new()
             .name("mqtt-router-feed".into())
             .spawn(move || run_feed(feed_link_tx, feed_link_rx, feed_rx))?;
@@ -354,7 +360,23 @@ impl Router {
             return Ok(());
         }
         let _alone = self.gate.write().await;
-        self.feed.send_async(batch).await.map_err(|_| RouterGone)
+        let feed = Feed { batch, taken: None };
+        self.feed.send_async(feed).await.map_err(|_| RouterGone)
+    }
+
+    /// Like [`route`](Self::route), and done only once the router itself has the
+    /// publishes (not just the feed thread's queue).
+    async fn route_confirmed(&self, batch: Vec<Routed>) -> Result<(), RouterGone> {
+        let (taken, confirmed) = tokio::sync::oneshot::channel();
+        {
+            let _alone = self.gate.write().await;
+            let feed = Feed {
+                batch,
+                taken: Some(taken),
+            };
+            self.feed.send_async(feed).await.map_err(|_| RouterGone)?;
+        }
+        confirmed.await.map_err(|_| RouterGone)
     }
 
     /// Held while a SUBSCRIBE or UNSUBSCRIBE goes to the router (see `gate`).
@@ -475,16 +497,17 @@ impl Publisher {
         let mut properties = None;
         self.router
             .prepare(&mut publish, &mut properties, qos, None);
-        self.meters.routed.inc();
         self.router
-            .route(vec![Routed {
+            .route_confirmed(vec![Routed {
                 publish,
                 properties,
                 qos,
                 pkid,
             }])
             .await
-            .map_err(|_| PublishError::Stopped)
+            .map_err(|_| PublishError::Stopped)?;
+        self.meters.routed.inc();
+        Ok(())
     }
 }
 
@@ -503,14 +526,17 @@ fn disconnect(mut tx: LinkTx, rx: LinkRx) {
 /// The feed thread: takes batches of publishes, hands them to the router through the
 /// feed link, and reads the router's acknowledgements (discarded: the device was
 /// acknowledged by sluice).
-fn run_feed(mut tx: LinkTx, mut rx: LinkRx, feed: flume::Receiver<Vec<Routed>>) {
+fn run_feed(mut tx: LinkTx, mut rx: LinkRx, feed: flume::Receiver<Feed>) {
     let mut packets: Vec<Packet> = Vec::new();
+    let mut taken = Vec::new();
     loop {
         match feed.recv_timeout(Duration::from_millis(100)) {
-            Ok(batch) => {
-                collect(batch, &mut packets);
+            Ok(first) => {
+                taken.extend(first.taken);
+                collect(first.batch, &mut packets);
                 while let Ok(more) = feed.try_recv() {
-                    collect(more, &mut packets);
+                    taken.extend(more.taken);
+                    collect(more.batch, &mut packets);
                     if packets.len() >= 4096 {
                         break;
                     }
@@ -518,11 +544,15 @@ fn run_feed(mut tx: LinkTx, mut rx: LinkRx, feed: flume::Receiver<Vec<Routed>>) 
                 if let Some(last) = packets.pop() {
                     tx.buffer().extend(packets.drain(..));
                     if futures::executor::block_on(tx.send(last)).is_err() {
+                        // Those waiting for confirmation learn it by their sender's drop.
                         tracing::error!(
                             "the MQTT router stopped; messages for subscribers are lost from now on"
                         );
                         return;
                     }
+                }
+                for t in taken.drain(..) {
+                    let _ = t.send(());
                 }
             }
             Err(flume::RecvTimeoutError::Timeout) => {}
