@@ -51,9 +51,12 @@ impl Fatal {
 }
 
 fn is_pipeline_thread(name: &str) -> bool {
-    PIPELINE_THREADS.iter().any(|t| match t.strip_suffix('-') {
-        Some(_) => name.starts_with(t),
-        None => name == *t,
+    PIPELINE_THREADS.iter().any(|t| {
+        if t.ends_with('-') {
+            name.starts_with(t)
+        } else {
+            name == *t
+        }
     })
 }
 

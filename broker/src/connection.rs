@@ -1072,14 +1072,9 @@ impl Conn {
             payload: publish.payload.clone(),
             received_at_ns,
         });
-        // A copy for the router, when someone may want it: any topic but the direct
-        // ones and `$` topics, which no client subscription sees [MQTT-4.7.2-1]; a direct
-        // topic while a subscription sees it, or when it is to be retained.
+        // A copy for the router, when someone may want it.
         let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
-        let visibility = &self.shared.router.visibility;
-        if !topic.starts_with('$')
-            && (!visibility.is_direct(topic) || retain || visibility.watched(topic))
-        {
+        if self.shared.router.visibility.wanted(topic, retain) {
             let origin = self.session.has_no_local().then_some(self.session.origin);
             self.shared
                 .router
@@ -1752,27 +1747,15 @@ pub(crate) async fn publish_will(shared: &Shared, will: &Will) {
     }
     shared.meters.will();
     let topic_str = std::str::from_utf8(topic).unwrap_or_default();
-    let visibility = &shared.router.visibility;
-    if topic_str.starts_with('$')
-        || !(!visibility.is_direct(topic_str) || *retain || visibility.watched(topic_str))
-    {
+    if !shared.router.visibility.wanted(topic_str, *retain) {
         return;
     }
-    let mut publish = router::build_publish(topic, message, qos, *retain, u16::from(qos > 0));
-    let mut properties = will.properties.as_ref().map(will_publish_properties);
-    shared
+    let properties = will.properties.as_ref().map(will_publish_properties);
+    let routed = shared
         .router
-        .prepare(&mut publish, &mut properties, qos, None);
+        .built(topic, message, qos, *retain, properties);
     shared.meters.routed.inc();
-    let _ = shared
-        .router
-        .route(vec![Routed {
-            publish,
-            properties,
-            qos,
-            pkid: u16::from(qos > 0),
-        }])
-        .await;
+    let _ = shared.router.route(vec![routed]).await;
 }
 
 fn will_publish_properties(p: &LastWillProperties) -> PublishProperties {

@@ -212,6 +212,13 @@ impl Visibility {
         }
     }
 
+    /// Whether the router needs a publish on `topic`: any topic but the direct ones and
+    /// `$` topics, which no client subscription sees [MQTT-4.7.2-1]; a direct topic
+    /// while a subscription sees it, or when it is to be retained.
+    pub(crate) fn wanted(&self, topic: &str, retain: bool) -> bool {
+        !topic.starts_with('$') && (!self.is_direct(topic) || retain || self.watched(topic))
+    }
+
     /// Whether some subscription sees this direct topic.
     pub(crate) fn watched(&self, topic: &str) -> bool {
         if self.count.load(Ordering::Acquire) == 0 {
@@ -411,6 +418,27 @@ impl Router {
         self.max_granted.fetch_max(qos, Ordering::Relaxed);
     }
 
+    /// A publish sluice makes itself (a will, an in-process publish), ready for the
+    /// router: no publishing session, packet id 1 when it has one.
+    pub(crate) fn built(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        mut properties: Option<PublishProperties>,
+    ) -> Routed {
+        let pkid = u16::from(qos > 0);
+        let mut publish = build_publish(topic, payload, qos, retain, pkid);
+        self.prepare(&mut publish, &mut properties, qos, None);
+        Routed {
+            publish,
+            properties,
+            qos,
+            pkid,
+        }
+    }
+
     /// Prepares a publish for the router: the marker it needs (given its QoS, RETAIN
     /// flag and publisher), and the one-byte payload standing for an empty one that is
     /// not retained.
@@ -487,23 +515,15 @@ impl Publisher {
         if self.router.closed.load(Ordering::SeqCst) {
             return Err(PublishError::Stopped);
         }
-        let visibility = &self.router.visibility;
-        if visibility.is_direct(topic) && !retain && !visibility.watched(topic) {
+        if !self.router.visibility.wanted(topic, retain) {
             // No subscription can see it.
             return Ok(());
         }
-        let pkid = u16::from(qos > 0);
-        let mut publish = build_publish(topic.as_bytes(), payload, qos, retain, pkid);
-        let mut properties = None;
+        let routed = self
+            .router
+            .built(topic.as_bytes(), payload, qos, retain, None);
         self.router
-            .prepare(&mut publish, &mut properties, qos, None);
-        self.router
-            .route_confirmed(vec![Routed {
-                publish,
-                properties,
-                qos,
-                pkid,
-            }])
+            .route_confirmed(vec![routed])
             .await
             .map_err(|_| PublishError::Stopped)?;
         self.meters.routed.inc();

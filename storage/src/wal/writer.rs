@@ -320,6 +320,12 @@ mod tests {
         out
     }
 
+    /// A writer on `file`, empty so far.
+    fn start(file: &Memory, interval: Duration, bytes: usize) -> GroupCommit {
+        let policy = SyncPolicy { interval, bytes };
+        GroupCommit::start(file.clone(), 0, policy).unwrap()
+    }
+
     fn block<T>(f: impl std::future::Future<Output = T>) -> T {
         futures::executor::block_on(f)
     }
@@ -348,15 +354,7 @@ mod tests {
     #[test]
     fn a_waiter_is_answered_only_once_its_record_is_synced() {
         let file = Memory::default();
-        let wal = GroupCommit::start(
-            file.clone(),
-            0,
-            SyncPolicy {
-                interval: Duration::from_millis(300),
-                bytes: usize::MAX,
-            },
-        )
-        .unwrap();
+        let wal = start(&file, Duration::from_millis(300), usize::MAX);
         let mut first = wal.append(framed(0));
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(first.try_get(), None, "not synced yet: no answer");
@@ -372,17 +370,7 @@ mod tests {
     #[test]
     fn many_writers_are_written_whole_and_in_the_order_they_appended() {
         let file = Memory::default();
-        let wal = Arc::new(
-            GroupCommit::start(
-                file.clone(),
-                0,
-                SyncPolicy {
-                    interval: Duration::from_millis(1),
-                    bytes: 4096,
-                },
-            )
-            .unwrap(),
-        );
+        let wal = Arc::new(start(&file, Duration::from_millis(1), 4096));
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let wal = wal.clone();
@@ -420,15 +408,7 @@ mod tests {
     #[test]
     fn a_failed_write_fails_its_group_leaves_no_partial_record_and_the_log_goes_on() {
         let file = Memory::default();
-        let mut wal = GroupCommit::start(
-            file.clone(),
-            0,
-            SyncPolicy {
-                interval: Duration::ZERO,
-                bytes: 1,
-            },
-        )
-        .unwrap();
+        let mut wal = start(&file, Duration::ZERO, 1);
         assert_eq!(block(wal.append(framed(0))), Ok(()));
         file.0.lock().unwrap().fail_writes = true;
         let refused = block(wal.append(framed(1)));
@@ -460,15 +440,7 @@ mod tests {
     #[test]
     fn a_failed_group_that_cannot_be_cut_off_fails_every_later_append() {
         let file = Memory::default();
-        let wal = GroupCommit::start(
-            file.clone(),
-            0,
-            SyncPolicy {
-                interval: Duration::ZERO,
-                bytes: 1,
-            },
-        )
-        .unwrap();
+        let wal = start(&file, Duration::ZERO, 1);
         assert_eq!(block(wal.append(framed(0))), Ok(()));
         {
             let mut s = file.0.lock().unwrap();
