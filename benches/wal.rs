@@ -13,7 +13,16 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use sluice_storage::wal::record::{Record, encode};
 use sluice_storage::wal::segments;
-use sluice_storage::wal::writer::{GroupCommit, SyncPolicy};
+use sluice_storage::wal::writer::{Current, GroupCommit, SegmentDir, SegmentFile, SyncPolicy};
+
+/// Later segments (none here: one segment holds a run) go beside the first.
+struct Files(std::path::PathBuf);
+
+impl SegmentDir for Files {
+    fn create(&mut self, id: u64) -> std::io::Result<Box<dyn SegmentFile>> {
+        Ok(Box::new(segments::create(&self.0, id)?))
+    }
+}
 
 const THREADS: usize = 16;
 const RATE: f64 = 33_333.0;
@@ -38,7 +47,7 @@ fn raw_fdatasync(dir: &std::path::Path) {
     let block = vec![7u8; 64 << 10];
     let mut h = Histogram::<u64>::new(3).expect("a histogram");
     for _ in 0..500 {
-        file.write_all(&block).expect("write");
+        Write::write_all(&mut file, &block).expect("write");
         let started = Instant::now();
         file.sync_data().expect("fdatasync");
         h.record(started.elapsed().as_micros() as u64)
@@ -58,8 +67,16 @@ fn group_commit(dir: &std::path::Path, interval_ms: u64, secs: u64) {
     let policy = SyncPolicy {
         interval: Duration::from_millis(interval_ms),
         bytes: 256 << 10,
+        segment_bytes: u64::MAX,
+        fsync: true,
     };
-    let wal = Arc::new(GroupCommit::start(file, 0, policy).expect("the writer"));
+    let current = Current {
+        id,
+        file: Box::new(file),
+        len: 0,
+    };
+    let wal =
+        Arc::new(GroupCommit::start(Files(dir.to_owned()), current, policy).expect("the writer"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -27,7 +27,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::prelude::SessionConfig;
 
 pub use metrics::StorageMetrics;
-pub use options::StorageOptions;
+pub use options::{StorageOptions, WalOptions, WalSync};
 pub use parquet_files::WriteOptions;
 pub use read_only::{READ_ONLY, Sessions, refusal, refusal_df};
 pub use state::StateDir;
@@ -154,6 +154,10 @@ struct Inner {
     metrics: StorageMetrics,
     flush_wanted: Option<Sender<()>>,
     queries: QueryRuntime,
+    /// Set once the write-ahead log is in use: every flush is then a checkpoint.
+    checkpoints: std::sync::Mutex<Option<Arc<dyn Checkpoints>>>,
+    /// One flush (checkpoint) at a time: the flusher's and `/flush`'s.
+    flushing: std::sync::Mutex<()>,
 }
 
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
@@ -223,9 +227,14 @@ impl Storage {
         writable: bool,
         flush_wanted: Option<Sender<()>>,
     ) -> Result<Storage, StorageError> {
+        let committed =
+            wal::committed(&config.data_dir).map_err(|source| StorageError::DataDir {
+                path: wal::dir(&config.data_dir),
+                source,
+            })?;
         let tables = specs
             .into_iter()
-            .map(|spec| Table::open(&config.data_dir, spec, writable).map(Arc::new))
+            .map(|spec| Table::open(&config.data_dir, spec, writable, committed).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let session = SessionConfig::new()
             .with_information_schema(true)
@@ -249,6 +258,8 @@ impl Storage {
                 metrics,
                 flush_wanted,
                 queries: QueryRuntime::start()?,
+                checkpoints: std::sync::Mutex::new(None),
+                flushing: std::sync::Mutex::new(()),
             }),
         })
     }
@@ -304,14 +315,85 @@ impl Storage {
         }
     }
 
-    /// Writes every table's hot rows to Parquet. Tables are flushed independently: one
-    /// failing does not stop the others; the first error is returned.
+    /// The cut of each table now (see [`Cut`]).
+    pub fn cut_tables(&self, tables: &[&str]) -> Result<Vec<(String, u64)>, StorageError> {
+        tables
+            .iter()
+            .map(|name| Ok((name.to_string(), self.table(name)?.cut())))
+            .collect()
+    }
+
+    /// From now on every flush is a checkpoint through `checkpoints`.
+    pub fn set_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) {
+        *self
+            .inner
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(checkpoints);
+    }
+
+    /// Writes the hot rows to Parquet: every one, or with checkpoints, those before a
+    /// cut (then commits it). Tables are flushed independently: one failing does not
+    /// stop the others; the first error is returned.
     pub fn flush(&self) -> Result<FlushReport, StorageError> {
+        let _one = self
+            .inner
+            .flushing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let checkpoints = self
+            .inner
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(checkpoints) = checkpoints else {
+            return self.flush_cut(None);
+        };
+        let cut = match checkpoints.cut() {
+            Ok(cut) => cut,
+            Err(e) => {
+                // The hot store must still be emptied (ingestion may be waiting for
+                // room): a flush of everything, named so that it is kept only once a
+                // later checkpoint commits (see `wal`).
+                tracing::warn!(error = %e, "checkpoint: no cut; flushing without committing");
+                let cut = Cut {
+                    checkpoint: checkpoints.next(),
+                    tables: Vec::new(),
+                };
+                return self.flush_cut(Some(&cut));
+            }
+        };
+        let report = self.flush_cut(Some(&cut))?;
+        checkpoints.commit(&cut).map_err(|e| {
+            StorageError::internal(format!(
+                "checkpoint {} flushed but not committed (a later one will be): {e}",
+                cut.checkpoint
+            ))
+        })?;
+        tracing::debug!(
+            checkpoint = cut.checkpoint,
+            rows = report.rows,
+            "checkpoint committed"
+        );
+        Ok(report)
+    }
+
+    /// Writes the hot rows `cut` covers (every row: `None`) to Parquet, files named
+    /// with its checkpoint.
+    fn flush_cut(&self, cut: Option<&Cut>) -> Result<FlushReport, StorageError> {
         let mut total = FlushReport::default();
         let mut first_error = None;
         for table in &self.inner.tables {
             let started = Instant::now();
-            match table.flush(&self.inner.config.write) {
+            let up_to = cut.and_then(|c| {
+                c.tables
+                    .iter()
+                    .find(|(name, _)| *name == table.spec.name)
+                    .map(|(_, seq)| *seq)
+            });
+            let checkpoint = cut.map(|c| c.checkpoint);
+            match table.flush(&self.inner.config.write, up_to, checkpoint) {
                 Ok(report) => {
                     self.inner
                         .metrics
@@ -400,6 +482,29 @@ impl Storage {
     }
 }
 
+/// What one flush covers: the write-ahead log before segment `checkpoint`, and of each
+/// table listed the hot batches before its cut (tables not listed: all their rows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub checkpoint: u64,
+    pub tables: Vec<(String, u64)>,
+}
+
+/// Brings the writers of the tables to a [`Cut`] before a flush, and commits it after.
+/// The binary implements it over the pipeline stages and the WAL; without one, a flush
+/// writes every hot row and records nothing.
+pub trait Checkpoints: Send + Sync + 'static {
+    /// Starts a new WAL segment and brings every writer to the point where the hot store
+    /// holds exactly what the segments before it hold.
+    fn cut(&self) -> Result<Cut, String>;
+    /// The flush of `cut` is on disk.
+    fn commit(&self, cut: &Cut) -> Result<(), String>;
+    /// The checkpoint a flush without a cut names its files with: one past the segment
+    /// being written now. Such files are kept once a checkpoint at least as late
+    /// commits, removed at start otherwise (their rows are then replayed).
+    fn next(&self) -> u64;
+}
+
 /// The background thread that flushes on an interval and when a table fills.
 pub struct Flusher {
     stop: Sender<()>,
@@ -437,12 +542,19 @@ impl Flusher {
         })
     }
 
-    /// Stops the thread and writes every remaining hot row to Parquet.
-    pub fn shutdown(mut self) -> Result<FlushReport, StorageError> {
-        let _ = self.stop.send(());
+    /// Stops the thread (no more flushes on the interval); the last one is
+    /// [`shutdown`](Self::shutdown)'s.
+    pub fn stop(&mut self) {
         if let Some(thread) = self.thread.take() {
+            let _ = self.stop.send(());
             let _ = thread.join();
         }
+    }
+
+    /// Stops the thread and writes every remaining hot row to Parquet (a last
+    /// checkpoint, when there are checkpoints).
+    pub fn shutdown(mut self) -> Result<FlushReport, StorageError> {
+        self.stop();
         self.storage.flush()
     }
 }

@@ -6,7 +6,85 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::wal::{SyncPolicy, WalConfig};
 use crate::{StorageConfig, WriteOptions};
+
+/// `[wal]`: how the write-ahead log syncs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalOptions {
+    /// `always`: a PUBACK is sent once the reading is fdatasynced (nothing acknowledged is
+    /// lost, even by a power cut). `off`: never fdatasync; a PUBACK is sent once the
+    /// reading is written to the operating system: a crash of sluice (kill -9, OOM) still
+    /// loses nothing acknowledged, a crash of the machine loses what the operating system
+    /// had not written back (up to ~30 s with Linux defaults).
+    pub sync: WalSync,
+    /// With `always`: a group of appends is synced at most this long after its first…
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// …or as soon as this many bytes wait.
+    pub sync_bytes: usize,
+    /// A segment file this big is closed and the next one started.
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WalSync {
+    Always,
+    Off,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        // benches/wal.rs, BENCHMARKS.md: at the reference load a 2 ms interval keeps the
+        // PUBACK wait's p99 at 3.5 ms with ~500 syncs a second.
+        WalOptions {
+            sync: WalSync::Always,
+            sync_interval: Duration::from_millis(2),
+            sync_bytes: 256 << 10,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+impl WalOptions {
+    /// The first setting out of range, as `key: why` (relative to `[wal]`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sync_bytes == 0 {
+            return Err("sync_bytes must be at least 1".into());
+        }
+        if self.segment_bytes < 1 << 20 {
+            return Err(format!(
+                "segment_bytes must be at least 1 MiB (1048576), got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.sync_interval > Duration::from_secs(1) {
+            return Err(format!(
+                "sync_interval must be at most 1s (every PUBACK waits up to it), got {:?}",
+                self.sync_interval
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn wal_config(&self) -> WalConfig {
+        WalConfig {
+            policy: SyncPolicy {
+                // Without syncs there is nothing to group for: each append is answered
+                // once written.
+                interval: match self.sync {
+                    WalSync::Always => self.sync_interval,
+                    WalSync::Off => Duration::ZERO,
+                },
+                bytes: self.sync_bytes,
+                segment_bytes: self.segment_bytes,
+                fsync: self.sync == WalSync::Always,
+            },
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

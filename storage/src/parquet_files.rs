@@ -49,9 +49,30 @@ impl Default for WriteOptions {
 /// Prefix of a file being written; what a crash leaves with it was never published.
 pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
+/// The checkpoint a file's name says it was written by (`part-c<checkpoint>-<id>.parquet`);
+/// `None` for a file written outside checkpoints.
+fn checkpoint_of(name: &str) -> Option<u64> {
+    name.strip_prefix("part-c")?.split('-').next()?.parse().ok()
+}
+
+/// The name of a new file, tagged with the checkpoint writing it.
+fn file_name(checkpoint: Option<u64>) -> String {
+    let id = uuid::Uuid::new_v4().simple();
+    match checkpoint {
+        Some(c) => format!("part-c{c:020}-{id}.parquet"),
+        None => format!("part-{id}.parquet"),
+    }
+}
+
 /// Finds the table's published files. In writable mode, temporary files left by a crash
-/// mid-flush are removed (their rows were never published).
-pub(crate) fn discover(dir: &Path, writable: bool) -> Result<Vec<ColdFile>, StorageError> {
+/// mid-flush are removed (their rows were never published), and so are files of a
+/// checkpoint after `committed` (a crash came before it committed: their rows are
+/// still in the write-ahead log and are replayed); read-only, such files are skipped.
+pub(crate) fn discover(
+    dir: &Path,
+    writable: bool,
+    committed: u64,
+) -> Result<Vec<ColdFile>, StorageError> {
     let data_dir_error = |source: io::Error| StorageError::DataDir {
         path: dir.to_path_buf(),
         source,
@@ -77,7 +98,15 @@ pub(crate) fn discover(dir: &Path, writable: bool) -> Result<Vec<ColdFile>, Stor
                     fs::remove_file(&path).map_err(data_dir_error)?;
                 }
             } else if name.ends_with(".parquet") {
-                paths.push(path);
+                match checkpoint_of(&name) {
+                    Some(c) if c > committed => {
+                        if writable {
+                            tracing::warn!(path = %path.display(), checkpoint = c, committed, "removing a file of a checkpoint that never committed (its rows are replayed from the WAL)");
+                            fs::remove_file(&path).map_err(data_dir_error)?;
+                        }
+                    }
+                    _ => paths.push(path),
+                }
             }
         }
     }
@@ -107,13 +136,14 @@ pub(crate) fn write_partitions(
     batches: &[&RecordBatch],
     order: &FlushOrder,
     options: &WriteOptions,
+    checkpoint: Option<u64>,
 ) -> io::Result<Vec<ColdFile>> {
     let props = writer_properties(spec, options)?;
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     for hour in order.partitions.iter().map(|(hour, _)| *hour) {
         let partition_dir = dir.join(partition_path(hour));
         fs::create_dir_all(&partition_dir)?;
-        let name = format!("part-{}.parquet", uuid::Uuid::new_v4().simple());
+        let name = file_name(checkpoint);
         staged.push((
             partition_dir.join(format!("{TMP_PREFIX}{name}")),
             partition_dir.join(&name),
@@ -236,5 +266,12 @@ mod tests {
         );
         assert_eq!(partition_path(0), PathBuf::from("date=1970-01-01/hour=00"));
         assert_eq!(partition_path(-1), PathBuf::from("date=1969-12-31/hour=23"));
+    }
+
+    #[test]
+    fn a_file_name_says_which_checkpoint_wrote_it() {
+        assert_eq!(checkpoint_of(&file_name(Some(42))), Some(42));
+        assert_eq!(checkpoint_of(&file_name(None)), None);
+        assert_eq!(checkpoint_of("part-0123abc.parquet"), None);
     }
 }

@@ -17,6 +17,8 @@ use arrow::ipc::writer::FileWriter;
 
 use crate::parquet_files::{TMP_PREFIX, publish};
 
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
 /// The directory holding every set (`<data_dir>/state`).
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -26,6 +28,54 @@ pub struct StateDir {
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         StateDir { root: root.into() }
+    }
+
+    /// The sets a stop saved before checkpoints existed: `<data_dir>/state`.
+    pub fn legacy(data_dir: &Path) -> Self {
+        StateDir::new(data_dir.join("state"))
+    }
+
+    /// The sets of checkpoint `id`: `<data_dir>/state/checkpoint-<id>`.
+    pub fn of_checkpoint(data_dir: &Path, id: u64) -> Self {
+        StateDir::new(
+            data_dir
+                .join("state")
+                .join(format!("{CHECKPOINT_PREFIX}{id:020}")),
+        )
+    }
+
+    /// Whether anything was saved here.
+    pub fn exists(&self) -> bool {
+        self.root.is_dir()
+    }
+
+    /// Removes every set (what a checkpoint that never committed left).
+    pub fn clear(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the sets of every checkpoint but `keep` (failures are logged: the next
+    /// commit tries again).
+    pub fn prune_checkpoints(data_dir: &Path, keep: u64) {
+        let keep = StateDir::of_checkpoint(data_dir, keep).root;
+        let Ok(entries) = fs::read_dir(data_dir.join("state")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(CHECKPOINT_PREFIX)
+                && path != keep
+                && let Err(e) = fs::remove_dir_all(&path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an old checkpoint's state");
+            }
+        }
     }
 
     fn dir(&self, set: &str) -> PathBuf {

@@ -107,6 +107,7 @@ impl Table {
         data_dir: &Path,
         spec: TableSpec,
         writable: bool,
+        committed: u64,
     ) -> Result<Table, StorageError> {
         let schema_error = |what: String| StorageError::Schema {
             table: spec.name.clone(),
@@ -132,7 +133,7 @@ impl Table {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| schema_error(e.to_string()))?;
         let dir = data_dir.join(&spec.name);
-        let files = parquet_files::discover(&dir, writable)?;
+        let files = parquet_files::discover(&dir, writable, committed)?;
         Ok(Table {
             spec,
             dir,
@@ -186,24 +187,47 @@ impl Table {
         Ok(rows)
     }
 
-    /// Writes every hot batch to Parquet and publishes the files in place of the batches.
-    pub(crate) fn flush(&self, options: &WriteOptions) -> Result<FlushReport, StorageError> {
+    /// The cut of the table now: a flush [`up to`](Self::flush) it takes every batch
+    /// appended so far and none appended later.
+    pub(crate) fn cut(&self) -> u64 {
+        let _current = self
+            .version
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// Writes the hot batches before `up_to` (every one: `None`) to Parquet, files named
+    /// with `checkpoint`, and publishes them in place of the batches.
+    pub(crate) fn flush(
+        &self,
+        options: &WriteOptions,
+        up_to: Option<u64>,
+        checkpoint: Option<u64>,
+    ) -> Result<FlushReport, StorageError> {
         let _one_flush = self
             .flush_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let taken = self.snapshot().hot.clone();
+        let taken: Vec<HotBatch> = self
+            .snapshot()
+            .hot
+            .iter()
+            .filter(|h| up_to.is_none_or(|cut| h.seq < cut))
+            .cloned()
+            .collect();
         let Some(last_seq) = taken.last().map(|h| h.seq) else {
             return Ok(FlushReport::default());
         };
         let batches: Vec<&RecordBatch> = taken.iter().map(|h| &h.batch).collect();
         let order = self.flush_order(&batches)?;
-        let written =
-            parquet_files::write_partitions(&self.dir, &self.spec, &batches, &order, options)
-                .map_err(|source| StorageError::Flush {
-                    table: self.spec.name.clone(),
-                    source: Box::new(source),
-                })?;
+        let written = parquet_files::write_partitions(
+            &self.dir, &self.spec, &batches, &order, options, checkpoint,
+        )
+        .map_err(|source| StorageError::Flush {
+            table: self.spec.name.clone(),
+            source: Box::new(source),
+        })?;
         let report = FlushReport {
             rows: written.iter().map(|f| f.rows).sum(),
             files: written.len(),

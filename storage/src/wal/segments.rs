@@ -69,14 +69,24 @@ pub fn create(dir: &Path, id: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// Recovers every segment of `dir` (created if missing), handing each intact record to
-/// `replay` in log order with its segment id.
-pub fn recover(dir: &Path, mut replay: impl FnMut(u64, Record<'_>)) -> io::Result<Recovered> {
+/// Recovers every segment of `dir` (created if missing) from segment `from` on, handing
+/// each intact record to `replay` in log order with its segment id. Segments before
+/// `from` are covered by a checkpoint: they are deleted unread.
+pub fn recover(
+    dir: &Path,
+    from: u64,
+    mut replay: impl FnMut(u64, Record<'_>),
+) -> io::Result<Recovered> {
     fs::create_dir_all(dir)?;
     let mut recovered = Recovered::default();
-    let ids = list(dir)?;
+    let mut ids = list(dir)?;
+    for id in ids.iter().filter(|&&id| id < from) {
+        fs::remove_file(segment_path(dir, *id))?;
+    }
+    ids.retain(|&id| id >= from);
     let last = ids.last().copied();
-    recovered.next_id = last.map_or(1, |id| id + 1);
+    // A new segment never gets an id a checkpoint already covers.
+    recovered.next_id = last.map_or(1, |id| id + 1).max(from);
     for id in ids {
         recovered.segments += 1;
         let path = segment_path(dir, id);
@@ -182,7 +192,7 @@ mod tests {
 
     fn replayed(dir: &Path) -> (Vec<(u64, i64)>, Recovered) {
         let mut seen = Vec::new();
-        let recovered = recover(dir, |id, r| seen.push((id, r.received_at_ns))).unwrap();
+        let recovered = recover(dir, 0, |id, r| seen.push((id, r.received_at_ns))).unwrap();
         (seen, recovered)
     }
 
@@ -267,5 +277,20 @@ mod tests {
         assert_eq!(recovered.unreadable, [2]);
         assert!(dir.path().join(CORRUPT_DIR).join(segment_name(2)).exists());
         assert_eq!(list(dir.path()).unwrap(), [1, 3]);
+    }
+
+    #[test]
+    fn segments_a_checkpoint_covers_are_deleted_unread_and_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, 0, 2);
+        write_segment(dir.path(), 2, 2, 2);
+        let mut seen = Vec::new();
+        let recovered = recover(dir.path(), 2, |id, r| seen.push((id, r.received_at_ns))).unwrap();
+        assert_eq!(seen, [(2, 2), (2, 3)]);
+        assert_eq!(list(dir.path()).unwrap(), [2]);
+        assert_eq!(recovered.next_id, 3);
+        fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+        let recovered = recover(dir.path(), 9, |_, _| panic!("nothing to replay")).unwrap();
+        assert_eq!(recovered.next_id, 9, "not an id the checkpoint covers");
     }
 }
