@@ -28,8 +28,8 @@ pub use rows::{
 };
 pub use sluice_ingest::TableSink;
 pub use stage::{
-    ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, LATE_TABLE,
-    MINUTE_TABLE, ROLLUP_TABLE, StoreThenAggregate,
+    ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, Checkpointing,
+    LATE_TABLE, MINUTE_TABLE, Paused, ROLLUP_TABLE, StoreThenAggregate,
 };
 pub use state::StateStore;
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};

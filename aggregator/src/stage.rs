@@ -151,7 +151,39 @@ impl AggregatorMetrics {
 enum Input {
     Batch(RecordBatch),
     Rules(Vec<Rule>),
-    Finish,
+    /// Write what is pending, save the state into the store, say so, wait to go on.
+    Checkpoint {
+        store: Arc<dyn crate::StateStore>,
+        saved: Sender<Result<(), String>>,
+        resume: Receiver<()>,
+    },
+    /// Stop, saving the state into the store given (else `config.state`).
+    Finish(Option<Arc<dyn crate::StateStore>>),
+}
+
+/// The aggregator at a checkpoint: its rows up to the checkpoint are written and its state
+/// saved; it waits until this is dropped (so the caller can take the cut of its tables).
+pub struct Paused {
+    _resume: Sender<()>,
+}
+
+/// A checkpoint the aggregator has queued.
+pub struct Checkpointing {
+    answer: Receiver<Result<(), String>>,
+    paused: Paused,
+}
+
+impl Checkpointing {
+    /// Waits until the aggregator saved its state and paused.
+    pub fn saved(self, timeout: Duration) -> Result<Paused, String> {
+        match self.answer.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(self.paused),
+            Ok(Err(e)) => Err(format!("the aggregator could not save its state: {e}")),
+            Err(_) => Err(format!(
+                "the aggregator did not save its state within {timeout:?}"
+            )),
+        }
+    }
 }
 
 /// The running stage; shared by whoever feeds it and whoever stops it.
@@ -219,11 +251,49 @@ impl Aggregator {
         }
     }
 
+    /// A checkpoint, queued behind every batch observed so far: once those are processed,
+    /// the aggregator writes the rows pending and saves open windows and alert state into
+    /// `store`, then pauses (see [`Checkpointing::saved`]). `Err` if it cannot be queued
+    /// within `timeout`.
+    pub fn checkpoint(
+        &self,
+        store: Arc<dyn crate::StateStore>,
+        timeout: Duration,
+    ) -> Result<Checkpointing, String> {
+        let (saved, answer) = crossbeam_channel::bounded(1);
+        let (resume, resumed) = crossbeam_channel::bounded(0);
+        let input = Input::Checkpoint {
+            store,
+            saved,
+            resume: resumed,
+        };
+        self.tx.send_timeout(input, timeout).map_err(|_| {
+            format!("the aggregator did not take the checkpoint within {timeout:?}")
+        })?;
+        Ok(Checkpointing {
+            answer,
+            paused: Paused { _resume: resume },
+        })
+    }
+
+    /// Processes everything queued, writes the rows and saves open windows and alert
+    /// state into `store` (else the configured one; with neither, closes every open
+    /// window: partial windows), then returns. Call once no more batches come.
+    pub fn finish_into(&self, store: Option<Arc<dyn crate::StateStore>>) {
+        let _ = self.tx.send(Input::Finish(store));
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the aggregator thread panicked");
+        }
+    }
+
     /// Processes everything queued, closes every open window (a stop ends them) and writes
     /// the rows, then returns.
     /// Call once no more batches come.
     pub fn finish(&self) {
-        let _ = self.tx.send(Input::Finish);
+        let _ = self.tx.send(Input::Finish(None));
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread
             && thread.join().is_err()
@@ -330,6 +400,7 @@ fn wall_ns() -> i64 {
 impl Stage {
     fn run(mut self, rx: Receiver<Input>) {
         let mut ticked = Instant::now();
+        let mut finish_into = None;
         loop {
             match rx.recv_timeout(POLL) {
                 Ok(Input::Batch(batch)) => self.process(&batch, wall_ns()),
@@ -338,7 +409,22 @@ impl Stage {
                     self.metrics.active.reset();
                     ticked = Instant::now() - TICK;
                 }
-                Ok(Input::Finish) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Input::Checkpoint {
+                    store,
+                    saved,
+                    resume,
+                }) => {
+                    self.write();
+                    let _ = saved.send(self.save(store.as_ref()).map_err(|e| e.to_string()));
+                    // Dropped by the caller once it took the cut of the tables.
+                    let _ = resume.recv();
+                    continue;
+                }
+                Ok(Input::Finish(store)) => {
+                    finish_into = store;
+                    break;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if ticked.elapsed() >= TICK {
@@ -374,7 +460,8 @@ impl Stage {
         }
         self.notify();
         self.write();
-        if let Some(store) = &self.config.state {
+        let store = finish_into.or_else(|| self.config.state.clone());
+        if let Some(store) = &store {
             match crate::state::save_alerts(store.as_ref(), &self.alerts.save()) {
                 Ok(()) => tracing::info!("alert state saved"),
                 Err(e) => {
@@ -382,16 +469,16 @@ impl Stage {
                 }
             }
         }
+        let rollup = self
+            .config
+            .windows
+            .map_or(0, |w| w.rollup.as_nanos() as i64);
         let Some(windows) = &mut self.windows else {
             return;
         };
-        let saved = self.config.state.as_ref().map(|store| {
-            let rollup = self
-                .config
-                .windows
-                .map_or(0, |w| w.rollup.as_nanos() as i64);
-            crate::state::save(store.as_ref(), &windows.save(), rollup)
-        });
+        let saved = store
+            .as_ref()
+            .map(|store| crate::state::save(store.as_ref(), &windows.save(), rollup));
         match saved {
             Some(Ok(())) => tracing::info!(devices = windows.devices(), "open windows saved"),
             Some(Err(e)) => {
@@ -404,6 +491,19 @@ impl Stage {
                 self.write();
             }
         }
+    }
+
+    /// Saves open windows and alert state (a checkpoint; nothing is closed).
+    fn save(&self, store: &dyn crate::StateStore) -> std::io::Result<()> {
+        crate::state::save_alerts(store, &self.alerts.save())?;
+        if let Some(windows) = &self.windows {
+            let rollup = self
+                .config
+                .windows
+                .map_or(0, |w| w.rollup.as_nanos() as i64);
+            crate::state::save(store, &windows.save(), rollup)?;
+        }
+        Ok(())
     }
 
     /// Hands new transitions to the output (at once, not with the table rows).

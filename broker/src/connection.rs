@@ -45,7 +45,7 @@ use crate::meters::{Attempt, Close, ListenerMeters, MqttMeters, Refused};
 use crate::router::{self, Link, Routed, Router};
 use crate::session::{Control, Expired, SessionState, Sessions, Stored, Sub, Will};
 use crate::transport::{Listener, Transport};
-use crate::{AuthOutcome, Authenticator, ConnectInfo, Inbound, Pipeline};
+use crate::{AuthOutcome, Authenticator, ConnectInfo, Inbound, NotTaken, Pipeline};
 
 /// Connection limits and protocol settings.
 #[derive(Debug, Clone)]
@@ -1071,6 +1071,7 @@ impl Conn {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
             received_at_ns,
+            qos,
         });
         // A copy for the router, when someone may want it.
         let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
@@ -1120,14 +1121,23 @@ impl Conn {
             let mut delivery = self.shared.pipeline.deliver(batch);
             // Taken at once, as long as there is room; otherwise what is owed to the
             // client already goes out before the wait.
+            let client = self.client_id.clone();
+            let taken = move |delivered: Result<(), NotTaken>| match delivered {
+                Ok(()) => Ok(()),
+                Err(NotTaken::Closed) => Err(Close::Internal),
+                Err(NotTaken::NotStored(why)) => {
+                    tracing::warn!(client = %client, error = %why, "publishes not stored: connection closed without acknowledging them");
+                    Err(Close::NotStored)
+                }
+            };
             let delivered = match futures::poll!(&mut delivery) {
-                std::task::Poll::Ready(delivered) => delivered.map_err(|_| Close::Internal),
+                std::task::Poll::Ready(delivered) => taken(delivered),
                 std::task::Poll::Pending => {
                     self.flush().await.map_err(Ending::from)?;
                     let mut shutdown = self.shared.shutdown.clone();
                     let control = self.control.clone();
                     tokio::select! {
-                        delivered = delivery => delivered.map_err(|_| Close::Internal),
+                        delivered = delivery => taken(delivered),
                         _ = control.kicked() => Err(Close::TakenOver),
                         _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
                     }
@@ -1135,10 +1145,17 @@ impl Conn {
             };
             if let Err(close) = delivered {
                 // Not taken, so not acknowledged: the client sends them again.
-                self.shared.meters.refused(Refused::Closed, n);
+                let refused = match close {
+                    Close::NotStored => Refused::NotStored,
+                    _ => Refused::Closed,
+                };
+                self.shared.meters.refused(refused, n);
                 let reason = match close {
                     Close::TakenOver => DisconnectReasonCode::SessionTakenOver,
                     Close::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+                    // 0x89 Server busy: the client may come back later, when there is
+                    // room on the disk again.
+                    Close::NotStored => DisconnectReasonCode::ServerBusy,
                     _ => DisconnectReasonCode::UnspecifiedError,
                 };
                 return Err(Ending::server(close, reason));
@@ -1739,6 +1756,7 @@ pub(crate) async fn publish_will(shared: &Shared, will: &Will) {
             topic: topic.clone(),
             payload: message.clone(),
             received_at_ns: now_ns(),
+            qos,
         }])
         .await;
     if delivered.is_err() {

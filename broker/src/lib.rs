@@ -58,19 +58,29 @@ pub struct Inbound {
     pub payload: Bytes,
     /// When sluice read it, ns since the epoch (UTC).
     pub received_at_ns: i64,
+    /// Its QoS: 0 is never acknowledged, so nothing waits for it to be durable.
+    pub qos: u8,
 }
 
-/// The pipeline is gone (the process is stopping).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the pipeline is closed")]
-pub struct PipelineClosed;
+/// Why the pipeline did not take messages: none of them is acknowledged, and the
+/// connection is closed (MQTT 5: DISCONNECT with a reason code first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotTaken {
+    /// The pipeline is gone (the process is stopping).
+    #[error("the pipeline is closed")]
+    Closed,
+    /// They could not be stored (the write-ahead log failed: a full disk).
+    #[error("the messages could not be stored: {0}")]
+    NotStored(String),
+}
 
 /// Where every message goes.
 pub trait Pipeline: Send + Sync + 'static {
     /// Hands over messages of one connection, in the order they were received. The
-    /// future completes when the pipeline has taken them all; until then that
-    /// connection reads nothing more and acknowledges nothing (back-pressure).
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>>;
+    /// future completes when the pipeline has taken them all (and, for a pipeline
+    /// that logs them, when they are durable); until then that connection reads nothing
+    /// more and acknowledges nothing (back-pressure).
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>>;
 }
 
 /// What a client presented in its CONNECT.

@@ -85,10 +85,12 @@ pub(crate) enum Close {
     Shutdown,
     /// The pipeline or the router is gone.
     Internal,
+    /// What the client sent could not be stored (a full disk).
+    NotStored,
 }
 
 impl Close {
-    const ALL: [Close; 10] = [
+    const ALL: [Close; 11] = [
         Close::Client,
         Close::Network,
         Close::KeepAlive,
@@ -99,6 +101,7 @@ impl Close {
         Close::WriteTimeout,
         Close::Shutdown,
         Close::Internal,
+        Close::NotStored,
     ];
 
     fn label(self) -> &'static str {
@@ -113,6 +116,7 @@ impl Close {
             Close::WriteTimeout => "write_timeout",
             Close::Shutdown => "shutdown",
             Close::Internal => "internal",
+            Close::NotStored => "not_stored",
         }
     }
 }
@@ -128,14 +132,18 @@ pub(crate) enum Refused {
     ReceiveMaximum,
     /// Read but not handed on because the connection closed first (not acknowledged).
     Closed,
+    /// Handed on but not stored (a full disk); the connection was closed, nothing
+    /// acknowledged.
+    NotStored,
 }
 
 impl Refused {
-    const ALL: [Refused; 4] = [
+    const ALL: [Refused; 5] = [
         Refused::Qos2Duplicate,
         Refused::Topic,
         Refused::ReceiveMaximum,
         Refused::Closed,
+        Refused::NotStored,
     ];
 
     fn label(self) -> &'static str {
@@ -144,6 +152,7 @@ impl Refused {
             Refused::Topic => "invalid_topic",
             Refused::ReceiveMaximum => "receive_maximum",
             Refused::Closed => "connection_closed",
+            Refused::NotStored => "not_stored",
         }
     }
 }

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, Pipeline, PipelineClosed};
+use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, NotTaken, Pipeline};
 
 /// A pipeline that keeps what it gets, and can be paused.
 #[derive(Default)]
@@ -18,7 +18,7 @@ struct Collect {
 struct Handle(Arc<Collect>);
 
 impl Pipeline for Handle {
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>> {
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
         let collect = self.0.clone();
         Box::pin(async move {
             let _open = collect.gate.read().await;

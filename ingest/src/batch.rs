@@ -256,17 +256,25 @@ pub enum SealReason {
     Rows,
     Age,
     Drain,
+    /// A checkpoint (a flush covering the write-ahead log) came.
+    Checkpoint,
 }
 
 impl SealReason {
     /// Every reason (for metrics).
-    pub const ALL: [SealReason; 3] = [SealReason::Rows, SealReason::Age, SealReason::Drain];
+    pub const ALL: [SealReason; 4] = [
+        SealReason::Rows,
+        SealReason::Age,
+        SealReason::Drain,
+        SealReason::Checkpoint,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SealReason::Rows => "rows",
             SealReason::Age => "age",
             SealReason::Drain => "drain",
+            SealReason::Checkpoint => "checkpoint",
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod batch;
 mod decode;
+mod dedup;
 mod options;
 mod pipeline;
 mod tables;
@@ -21,6 +22,7 @@ pub use decode::{
 };
 pub use options::IngestOptions;
 pub use pipeline::{
-    BatchSink, Closed, IngestHandle, IngestMetrics, Message, Pipeline, PipelineConfig, Refused,
+    BatchSink, Closed, IngestHandle, IngestMetrics, Journal, Logged, Message, Pipeline,
+    PipelineConfig, Refused, Stored,
 };
 pub use tables::{IntoTables, REJECTS_TABLE, TELEMETRY_TABLE, TableLayout, TableSink, tables};

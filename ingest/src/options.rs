@@ -27,6 +27,10 @@ pub struct IngestOptions {
     /// (`invalid_timestamp`).
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// A reading whose (`device_id`, `ts`) arrived within this long before is a
+    /// duplicate: counted, not stored (`0s`: no deduplication).
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 impl Default for IngestOptions {
@@ -40,6 +44,7 @@ impl Default for IngestOptions {
             max_message_bytes: pipeline.limits.max_payload_bytes,
             reject_payload_bytes: pipeline.reject_payload_bytes,
             max_clock_skew: pipeline.limits.max_clock_skew,
+            dedup_window: pipeline.dedup_window,
         }
     }
 }
@@ -76,6 +81,7 @@ impl IngestOptions {
                 max_clock_skew: self.max_clock_skew,
             },
             reject_payload_bytes: self.reject_payload_bytes,
+            dedup_window: self.dedup_window,
         }
     }
 }

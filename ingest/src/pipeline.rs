@@ -8,9 +8,16 @@
 //!   by a semaphore: [`IngestHandle::send`] waits (asynchronously) for room, and room
 //!   comes back as decoders finish with messages, after their batches were taken by
 //!   the sink. A slow sink therefore slows the senders; nothing is dropped.
+//! - **Durability.** With a [`Journal`] (the write-ahead log), every message is
+//!   appended to it in the same step that queues it, and [`IngestHandle::send`] returns
+//!   what resolves once it is durable. [`IngestHandle::cut`] puts a checkpoint between
+//!   two messages: everything journaled before it is sealed and handed to the sink
+//!   before anything after it.
+//! - **Exactly once.** A reading whose (`device_id`, `ts`) was seen within
+//!   `dedup_window` is a duplicate: counted, never stored or aggregated (`dedup.rs`).
 
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,11 +26,13 @@ use arrow::datatypes::TimestampNanosecondType;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use futures::future::BoxFuture;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::Semaphore;
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
 use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
+use crate::dedup::{Dedup, key};
 
 /// Index of `ts` in the telemetry schema.
 const TS_COLUMN: usize = 1;
@@ -63,6 +72,96 @@ pub trait BatchSink: Send + Sync + 'static {
     fn append_rejects(&self, batch: RecordBatch) -> Result<(), Refused>;
 }
 
+/// Resolves once the messages it was returned for are durable (`Err`: they cannot be,
+/// and must not be acknowledged).
+pub type Logged = BoxFuture<'static, Result<(), String>>;
+
+/// Where messages are logged before they are queued: the write-ahead log.
+pub trait Journal: Send + Sync + 'static {
+    /// Appends `messages` in order; never waits.
+    fn append(&self, messages: &[Message]) -> Logged;
+    /// Starts a new segment after everything appended so far; resolves to its id.
+    fn rotate(&self) -> BoxFuture<'static, Result<u64, String>>;
+}
+
+/// A reading already stored, whose key a decoder must remember (taken from the rows
+/// at start, so that a redelivery after a restart is still a duplicate).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub device_id: String,
+    pub ts_ns: i64,
+    pub received_at_ns: i64,
+}
+
+/// What goes through a decoder's queue.
+enum Item {
+    Messages(Vec<Message>),
+    /// Seal what is open, hand it on, then meet the other decoders at a checkpoint.
+    Cut(Arc<Rendezvous>),
+    Stored(Vec<Stored>),
+}
+
+/// Where the decoders meet for a checkpoint: each arrives once it handed on everything
+/// before the cut and waits until the checkpoint has taken its cut (or given up).
+#[derive(Default)]
+struct Rendezvous {
+    state: Mutex<Meeting>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Meeting {
+    arrived: usize,
+    released: bool,
+    abandoned: bool,
+}
+
+impl Rendezvous {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Meeting> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A decoder arrives and waits to be released.
+    fn arrive(&self) {
+        let mut m = self.lock();
+        if m.abandoned {
+            return;
+        }
+        m.arrived += 1;
+        self.changed.notify_all();
+        while !m.released && !m.abandoned {
+            m = self.changed.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits for `n` decoders; `false` (and they are let go) if they are not all there
+    /// within `timeout`.
+    fn gather(&self, n: usize, timeout: Duration) -> bool {
+        let m = self.lock();
+        let (m, _) = self
+            .changed
+            .wait_timeout_while(m, timeout, |m| m.arrived < n)
+            .unwrap_or_else(|p| p.into_inner());
+        if m.arrived < n {
+            drop(m);
+            self.abandon();
+            return false;
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.lock().released = true;
+        self.changed.notify_all();
+    }
+
+    /// Lets go whoever arrived; later arrivals do not wait.
+    fn abandon(&self) {
+        self.lock().abandoned = true;
+        self.changed.notify_all();
+    }
+}
+
 /// Settings of the batching stage.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -74,6 +173,9 @@ pub struct PipelineConfig {
     pub limits: DecodeLimits,
     /// How much of a rejected payload is kept in `rejects.payload`.
     pub reject_payload_bytes: usize,
+    /// A reading whose (`device_id`, `ts`) arrived within this long before is a
+    /// duplicate (zero: no deduplication).
+    pub dedup_window: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -84,6 +186,7 @@ impl Default for PipelineConfig {
             seal: SealPolicy::default(),
             limits: DecodeLimits::default(),
             reject_payload_bytes: 1024,
+            dedup_window: Duration::from_secs(600),
         }
     }
 }
@@ -105,9 +208,10 @@ fn decoder_for(topic: &[u8], decoders: usize) -> usize {
 
 struct Queues {
     /// `None` once the pipeline is finishing: the workers drain what is queued and stop.
-    senders: RwLock<Option<Vec<Sender<Vec<Message>>>>>,
+    senders: RwLock<Option<Vec<Sender<Item>>>>,
     room: Semaphore,
     capacity: usize,
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 /// Feeds the decoders; cheap to clone.
@@ -118,9 +222,11 @@ pub struct IngestHandle {
 
 impl IngestHandle {
     /// Queues messages, in order; waits while the queues are full. Cancel-safe: if the
-    /// future is dropped before it completes, none of the messages was queued.
-    pub async fn send(&self, messages: Vec<Message>) -> Result<(), Closed> {
+    /// future is dropped before it completes, none of the messages was queued. With a
+    /// journal, the result resolves once they are durable.
+    pub async fn send(&self, messages: Vec<Message>) -> Result<Logged, Closed> {
         let mut messages = messages;
+        let mut logged = Vec::new();
         while !messages.is_empty() {
             // A larger batch than the whole queue goes in parts.
             let rest = if messages.len() > self.queues.capacity {
@@ -135,15 +241,128 @@ impl IngestHandle {
                 .await
                 .map_err(|_| Closed)?;
             permits.forget();
-            self.push(messages)?;
+            logged.extend(self.push(messages)?);
             messages = rest;
+        }
+        Ok(Box::pin(async move {
+            for part in logged {
+                part.await?;
+            }
+            Ok(())
+        }))
+    }
+
+    /// [`send`](Self::send) from a thread that may block, waiting until durable.
+    pub fn send_blocking(&self, messages: Vec<Message>) -> Result<Result<(), String>, Closed> {
+        futures::executor::block_on(async { Ok(self.send(messages).await?.await) })
+    }
+
+    /// From now on every message sent is appended to `journal` first (messages sent
+    /// before, the replay of the journal itself, are not). Set once.
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        if self.queues.journal.set(journal).is_err() {
+            tracing::error!("the ingest journal is set once; the first one stays");
+        }
+    }
+
+    /// Makes the decoders remember readings already stored (see [`Stored`]).
+    pub fn remember(&self, stored: Vec<Stored>) -> Result<(), Closed> {
+        let senders = self
+            .queues
+            .senders
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(senders) = senders.as_ref() else {
+            return Err(Closed);
+        };
+        let mut parts: Vec<Vec<Stored>> = vec![Vec::new(); senders.len()];
+        for s in stored {
+            let topic = format!("devices/{}/telemetry", s.device_id);
+            parts[decoder_for(topic.as_bytes(), senders.len())].push(s);
+        }
+        for (sender, part) in senders.iter().zip(parts) {
+            if !part.is_empty() {
+                sender.send(Item::Stored(part)).map_err(|_| Closed)?;
+            }
         }
         Ok(())
     }
 
-    /// [`send`](Self::send) from a thread that may block.
-    pub fn send_blocking(&self, messages: Vec<Message>) -> Result<(), Closed> {
-        futures::executor::block_on(self.send(messages))
+    /// Seals every open batch and hands it to the sink; returns once every decoder has
+    /// (what was sent before is then queryable: the end of a replay).
+    pub fn seal(&self, timeout: Duration) -> Result<(), String> {
+        let meeting = Arc::new(Rendezvous::default());
+        let decoders = {
+            let senders = self
+                .queues
+                .senders
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let Some(senders) = senders.as_ref() else {
+                return Err("the ingest pipeline is closed".into());
+            };
+            for sender in senders {
+                sender
+                    .send(Item::Cut(meeting.clone()))
+                    .map_err(|_| "the ingest pipeline is closed".to_string())?;
+            }
+            senders.len()
+        };
+        let all = meeting.gather(decoders, timeout);
+        meeting.release();
+        if all {
+            Ok(())
+        } else {
+            Err(format!(
+                "the decoders did not seal their batches within {timeout:?}"
+            ))
+        }
+    }
+
+    /// A checkpoint: starts a new journal segment and brings the decoders to it (each
+    /// seals and hands on every message journaled before it), then calls `at_cut` with
+    /// the new segment's id while they wait, and lets them go. Returns what `at_cut`
+    /// returned. Gives up (`Err`, the decoders go on) if they are not all there within
+    /// `timeout` (a sink that waits for a flush would otherwise wait for this checkpoint).
+    pub fn cut<T>(&self, timeout: Duration, at_cut: impl FnOnce(u64) -> T) -> Result<T, String> {
+        let meeting = Arc::new(Rendezvous::default());
+        let (rotated, decoders) = {
+            let senders = self
+                .queues
+                .senders
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let Some(senders) = senders.as_ref() else {
+                return Err("the ingest pipeline is closed".into());
+            };
+            let Some(journal) = self.queues.journal.get() else {
+                return Err("no journal to checkpoint".into());
+            };
+            let rotated = journal.rotate();
+            for sender in senders {
+                // Never waits under the lock: a queue this full has a stuck decoder.
+                if sender.try_send(Item::Cut(meeting.clone())).is_err() {
+                    meeting.abandon();
+                    return Err("a decoder's queue is full: no checkpoint now".into());
+                }
+            }
+            (rotated, senders.len())
+        };
+        let id = match futures::executor::block_on(rotated) {
+            Ok(id) => id,
+            Err(e) => {
+                meeting.abandon();
+                return Err(e);
+            }
+        };
+        if !meeting.gather(decoders, timeout) {
+            return Err(format!(
+                "the decoders did not reach the checkpoint within {timeout:?} (the sink is waiting)"
+            ));
+        }
+        let at = at_cut(id);
+        meeting.release();
+        Ok(at)
     }
 
     /// Messages queued now.
@@ -151,7 +370,9 @@ impl IngestHandle {
         self.queues.capacity - self.queues.room.available_permits()
     }
 
-    fn push(&self, messages: Vec<Message>) -> Result<(), Closed> {
+    /// Journals and queues messages in one step: a checkpoint (which takes the write
+    /// lock) comes wholly before or wholly after both.
+    fn push(&self, messages: Vec<Message>) -> Result<Option<Logged>, Closed> {
         let senders = self
             .queues
             .senders
@@ -161,9 +382,13 @@ impl IngestHandle {
             self.queues.room.add_permits(messages.len());
             return Err(Closed);
         };
+        let logged = self.queues.journal.get().map(|j| j.append(&messages));
         // Room was taken for every message, so no queue can be full.
         if senders.len() == 1 {
-            return senders[0].send(messages).map_err(|_| Closed);
+            senders[0]
+                .send(Item::Messages(messages))
+                .map_err(|_| Closed)?;
+            return Ok(logged);
         }
         let mut parts: Vec<Vec<Message>> = vec![Vec::new(); senders.len()];
         for message in messages {
@@ -171,10 +396,10 @@ impl IngestHandle {
         }
         for (sender, part) in senders.iter().zip(parts) {
             if !part.is_empty() {
-                sender.send(part).map_err(|_| Closed)?;
+                sender.send(Item::Messages(part)).map_err(|_| Closed)?;
             }
         }
-        Ok(())
+        Ok(logged)
     }
 }
 
@@ -186,6 +411,7 @@ pub struct IngestMetrics {
     queue_capacity: IntGauge,
     pub rows: IntCounter,
     rejects: IntCounterVec,
+    pub duplicates: IntCounter,
     refused: IntCounterVec,
     batches: IntCounterVec,
     batch_rows: Histogram,
@@ -206,6 +432,10 @@ impl IngestMetrics {
         let rejects = IntCounterVec::new(
             Opts::new("sluice_ingest_rejects_total", "Messages refused, by reason"),
             &["reason"],
+        )?;
+        let duplicates = IntCounter::new(
+            "sluice_ingest_duplicates_total",
+            "Readings not stored because one with the same device_id and ts arrived within ingest.dedup_window",
         )?;
         let refused = IntCounterVec::new(
             Opts::new(
@@ -238,6 +468,7 @@ impl IngestMetrics {
         registry.register(Box::new(queue_capacity.clone()))?;
         registry.register(Box::new(rows.clone()))?;
         registry.register(Box::new(rejects.clone()))?;
+        registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(batches.clone()))?;
         // Lags from event time (the message's timestamp), 1 ms to ~16 min.
@@ -277,6 +508,7 @@ impl IngestMetrics {
             queue_capacity,
             rows,
             rejects,
+            duplicates,
             refused,
             batches,
             batch_rows,
@@ -334,13 +566,15 @@ impl Pipeline {
     ) -> std::io::Result<Pipeline> {
         let capacity = config.queue_messages.clamp(1, Semaphore::MAX_PERMITS);
         let decoders = config.workers.max(1);
+        // Room for every message plus checkpoints and remembered keys beside them.
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..decoders)
-            .map(|_| crossbeam_channel::bounded(capacity))
+            .map(|_| crossbeam_channel::bounded(capacity + 64))
             .unzip();
         let queues = Arc::new(Queues {
             senders: RwLock::new(Some(senders)),
             room: Semaphore::new(capacity),
             capacity,
+            journal: OnceLock::new(),
         });
         metrics.queue_capacity.set(capacity as i64);
         let workers = receivers
@@ -385,7 +619,8 @@ impl Pipeline {
 }
 
 struct Worker {
-    rx: Receiver<Vec<Message>>,
+    rx: Receiver<Item>,
+    dedup: Dedup,
     queues: Arc<Queues>,
     sink: Arc<dyn BatchSink>,
     metrics: IngestMetrics,
@@ -397,13 +632,14 @@ struct Worker {
 impl Worker {
     fn new(
         config: &PipelineConfig,
-        rx: Receiver<Vec<Message>>,
+        rx: Receiver<Item>,
         queues: Arc<Queues>,
         sink: Arc<dyn BatchSink>,
         metrics: IngestMetrics,
     ) -> Self {
         Worker {
             rx,
+            dedup: Dedup::new(config.dedup_window.as_nanos() as i64),
             queues,
             sink,
             metrics,
@@ -427,16 +663,16 @@ impl Worker {
                 None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match received {
-                Ok(chunk) => {
-                    self.take(chunk);
+                Ok(item) => {
+                    self.take(item);
                     // While messages keep coming, take them every LINGER without
                     // blocking on the queue (senders then never need to wake this
                     // thread); block again once a round finds nothing.
                     loop {
                         std::thread::sleep(LINGER);
                         let mut took = false;
-                        while let Ok(chunk) = self.rx.try_recv() {
-                            self.take(chunk);
+                        while let Ok(item) = self.rx.try_recv() {
+                            self.take(item);
                             took = true;
                         }
                         self.seal_aged(Instant::now());
@@ -468,8 +704,27 @@ impl Worker {
         }
     }
 
-    /// Decodes a chunk, then gives its room in the queue back.
-    fn take(&mut self, chunk: Vec<Message>) {
+    /// Decodes a chunk, then gives its room in the queue back; or meets a checkpoint.
+    fn take(&mut self, item: Item) {
+        let chunk = match item {
+            Item::Messages(chunk) => chunk,
+            Item::Cut(meeting) => {
+                if let Some(batch) = self.telemetry.drain() {
+                    self.emit_telemetry(batch, SealReason::Checkpoint);
+                }
+                if let Some(batch) = self.rejects.drain() {
+                    self.emit_rejects(batch, SealReason::Checkpoint);
+                }
+                return meeting.arrive();
+            }
+            Item::Stored(stored) => {
+                for s in stored {
+                    self.dedup
+                        .first(key(&s.device_id, s.ts_ns), s.received_at_ns);
+                }
+                return;
+            }
+        };
         self.process(&chunk);
         self.queues.room.add_permits(chunk.len());
         self.metrics
@@ -483,11 +738,21 @@ impl Worker {
         // Counted once per chunk: a shared counter bumped per message bounces its cache
         // line between the workers.
         let mut rows = 0;
+        let mut duplicates = 0;
         for message in chunk {
             let decoded = decode(&message.topic, &message.payload, &self.limits).and_then(|r| {
                 Rejection::check_clock_skew(&r, message.received_at_ns, &self.limits).map(|()| r)
             });
             match decoded {
+                Ok(reading)
+                    if !self.dedup.first(
+                        key(&reading.device_id, reading.ts_ns),
+                        message.received_at_ns,
+                    ) =>
+                {
+                    tracing::debug!(device = %reading.device_id, ts = reading.ts_ns, "duplicate reading not stored");
+                    duplicates += 1;
+                }
                 Ok(reading) => {
                     self.telemetry
                         .builder()
@@ -516,6 +781,7 @@ impl Worker {
             }
         }
         self.metrics.rows.inc_by(rows);
+        self.metrics.duplicates.inc_by(duplicates);
     }
 
     fn emit_telemetry(&self, batch: RecordBatch, reason: SealReason) {
@@ -606,7 +872,7 @@ mod tests {
             payload: Bytes::from_static(b"{oops"),
             ..message(99, 0)
         });
-        pipeline.handle().send_blocking(chunk).unwrap();
+        pipeline.handle().send_blocking(chunk).unwrap().unwrap();
         pipeline.finish();
         assert_eq!(rows(&sink.0.rejects), 1);
         assert_eq!(metrics.refused_total(), 10);
@@ -661,7 +927,7 @@ mod tests {
             Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
         // Event times 10:30:10, :20 and :30, all received at 10:31:00.
         let chunk = [10, 20, 30].map(|second| message(1, second)).to_vec();
-        pipeline.handle().send_blocking(chunk).unwrap();
+        pipeline.handle().send_blocking(chunk).unwrap().unwrap();
         pipeline.finish();
         assert_eq!(rows(&sink.telemetry), 3);
         let ingest = &metrics.ingest_lag;
@@ -697,14 +963,14 @@ mod tests {
                         bad += 1;
                         Message {
                             payload: Bytes::from_static(b"{oops"),
-                            ..message(i, i)
+                            ..message(c * 97 + i, i)
                         }
                     } else {
-                        message(i, i)
+                        message(c * 97 + i, i)
                     }
                 })
                 .collect();
-            tx.send_blocking(chunk).unwrap();
+            tx.send_blocking(chunk).unwrap().unwrap();
         }
         drop(tx);
         pipeline.finish();
@@ -770,7 +1036,7 @@ mod tests {
             // Chunks interleave 20 devices, 60 readings each, in rising event time.
             for round in 0..60 {
                 let chunk = (0..20).map(|device| message(device, round)).collect();
-                handle.send_blocking(chunk).unwrap();
+                handle.send_blocking(chunk).unwrap().unwrap();
             }
             pipeline.finish();
             let seen = sink.seen.lock().unwrap();
@@ -819,6 +1085,7 @@ mod tests {
         // More than the queue holds: goes in parts, waiting for room each time.
         handle
             .send_blocking((0..25).map(|i| message(1, i)).collect())
+            .unwrap()
             .unwrap();
         // A send whose future is dropped before it completes queues nothing.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -837,6 +1104,261 @@ mod tests {
             handle.send_blocking(vec![message(3, 0)]).is_err(),
             "a finished pipeline takes nothing"
         );
+    }
+
+    /// A journal in memory: what was appended, in order, and when it answers.
+    #[derive(Default)]
+    struct Memory {
+        appended: Mutex<Vec<(i64, String)>>,
+        rotations: Mutex<Vec<usize>>,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    impl Journal for Memory {
+        fn append(&self, messages: &[Message]) -> Logged {
+            let mut appended = self.appended.lock().unwrap();
+            for m in messages {
+                appended.push((m.received_at_ns, String::from_utf8_lossy(&m.topic).into()));
+            }
+            let refuse = self.refuse.load(std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if refuse {
+                    Err("No space left on device".into())
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn rotate(&self) -> BoxFuture<'static, Result<u64, String>> {
+            let at = self.appended.lock().unwrap().len();
+            let mut rotations = self.rotations.lock().unwrap();
+            rotations.push(at);
+            let id = rotations.len() as u64 + 1;
+            Box::pin(async move { Ok(id) })
+        }
+    }
+
+    fn numbered(device: usize, n: usize) -> Message {
+        Message {
+            received_at_ns: 1_705_314_660_000_000_000 + n as i64,
+            ..message(device, n)
+        }
+    }
+
+    #[test]
+    fn a_redelivered_reading_is_counted_and_not_stored_and_the_first_wins() {
+        let sink = Arc::new(Collect::default());
+        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
+        let pipeline =
+            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let handle = pipeline.handle();
+        handle
+            .send_blocking(vec![message(1, 5), message(2, 5)])
+            .unwrap()
+            .unwrap();
+        // The same key again (a redelivery), and the same key with another value.
+        let other_value = Message {
+            payload: Bytes::from(
+                r#"{"deviceId":"d1","timestamp":"2024-01-15T10:30:05Z","type":"telemetry","payload":{"temperature":99}}"#,
+            ),
+            ..message(1, 5)
+        };
+        handle
+            .send_blocking(vec![message(1, 5), other_value])
+            .unwrap()
+            .unwrap();
+        // Remembered from storage (as at a start): a duplicate too.
+        handle
+            .remember(vec![Stored {
+                device_id: "d3".into(),
+                ts_ns: 1_705_314_605_000_000_000,
+                received_at_ns: 1_705_314_660_000_000_000,
+            }])
+            .unwrap();
+        handle
+            .send_blocking(vec![message(3, 5), message(3, 6)])
+            .unwrap()
+            .unwrap();
+        pipeline.finish();
+        assert_eq!(metrics.duplicates.get(), 3);
+        assert_eq!(rows(&sink.telemetry), 3, "d1@5, d2@5, d3@6");
+        let temperatures: Vec<(String, f64)> = sink
+            .telemetry
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                let devices = b.column(0).as_string::<i32>().clone();
+                let t = b
+                    .column(b.schema().index_of("temperature").unwrap())
+                    .as_primitive::<arrow::datatypes::Float64Type>()
+                    .clone();
+                (0..b.num_rows()).map(move |i| (devices.value(i).to_owned(), t.value(i)))
+            })
+            .filter(|(d, _)| d == "d1")
+            .collect();
+        assert_eq!(
+            temperatures,
+            [("d1".to_owned(), 5.0)],
+            "the first one stays"
+        );
+        // The accounting identity, duplicates included.
+        assert_eq!(
+            metrics.messages.get(),
+            metrics.rows.get() + metrics.rejects_total() + metrics.duplicates.get()
+        );
+    }
+
+    #[test]
+    fn every_message_is_journaled_before_it_is_queued_and_a_refusal_reaches_the_sender() {
+        let sink = Arc::new(Collect::default());
+        let journal = Arc::new(Memory::default());
+        let pipeline = Pipeline::start(
+            PipelineConfig::default(),
+            sink.clone(),
+            IngestMetrics::new(&Registry::new()).unwrap(),
+        )
+        .unwrap();
+        let handle = pipeline.handle();
+        handle.send_blocking(vec![numbered(1, 0)]).unwrap().unwrap();
+        assert!(
+            journal.appended.lock().unwrap().is_empty(),
+            "before the journal: not logged (replay)"
+        );
+        handle.set_journal(journal.clone());
+        handle
+            .send_blocking((1..6).map(|n| numbered(n % 2, n)).collect())
+            .unwrap()
+            .unwrap();
+        journal
+            .refuse
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = handle.send_blocking(vec![numbered(1, 6)]).unwrap();
+        assert_eq!(refused, Err("No space left on device".to_string()));
+        pipeline.finish();
+        let logged: Vec<i64> = journal
+            .appended
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| at - 1_705_314_660_000_000_000)
+            .collect();
+        assert_eq!(logged, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_cut_hands_on_everything_journaled_before_it_and_nothing_after() {
+        /// Counts rows as they reach the sink.
+        #[derive(Default)]
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl BatchSink for Count {
+            fn append_telemetry(&self, batch: RecordBatch) -> Result<(), Refused> {
+                self.0
+                    .fetch_add(batch.num_rows(), std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+            fn append_rejects(&self, _: RecordBatch) -> Result<(), Refused> {
+                Ok(())
+            }
+        }
+        let sink = Arc::new(Count::default());
+        let journal = Arc::new(Memory::default());
+        let config = PipelineConfig {
+            workers: 3,
+            // Batches stay open: only the cut seals them.
+            seal: SealPolicy {
+                max_rows: 1_000_000,
+                max_age: Duration::from_secs(3600),
+            },
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::start(
+            config,
+            sink.clone(),
+            IngestMetrics::new(&Registry::new()).unwrap(),
+        )
+        .unwrap();
+        let handle = pipeline.handle();
+        handle.set_journal(journal.clone());
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let handle = handle.clone();
+                std::thread::spawn(move || {
+                    // One reading per device: no key repeats (the helper's timestamps do).
+                    for n in 0..3000 {
+                        let _ = handle.send_blocking(vec![numbered(t * 10_000 + n, n)]);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(5));
+        let (at_cut, id) = handle
+            .cut(Duration::from_secs(5), |id| {
+                (sink.0.load(std::sync::atomic::Ordering::SeqCst), id)
+            })
+            .unwrap();
+        for s in senders {
+            s.join().unwrap();
+        }
+        let journaled_before = journal.rotations.lock().unwrap()[0];
+        assert_eq!(id, 2);
+        assert_eq!(
+            at_cut, journaled_before,
+            "the sink had exactly what was journaled before the rotation"
+        );
+        pipeline.finish();
+        assert_eq!(sink.0.load(std::sync::atomic::Ordering::SeqCst), 12_000);
+    }
+
+    #[test]
+    fn a_cut_gives_up_when_a_decoder_cannot_get_there_and_the_decoders_go_on() {
+        struct Stuck(Mutex<bool>, std::sync::Condvar);
+        impl BatchSink for Stuck {
+            fn append_telemetry(&self, _: RecordBatch) -> Result<(), Refused> {
+                let mut open = self.0.lock().unwrap();
+                while !*open {
+                    open = self.1.wait(open).unwrap();
+                }
+                Ok(())
+            }
+            fn append_rejects(&self, _: RecordBatch) -> Result<(), Refused> {
+                Ok(())
+            }
+        }
+        let sink = Arc::new(Stuck(Mutex::new(false), std::sync::Condvar::new()));
+        let config = PipelineConfig {
+            workers: 2,
+            seal: SealPolicy {
+                max_rows: 1,
+                max_age: Duration::from_secs(3600),
+            },
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::start(
+            config,
+            sink.clone(),
+            IngestMetrics::new(&Registry::new()).unwrap(),
+        )
+        .unwrap();
+        let handle = pipeline.handle();
+        handle.set_journal(Arc::new(Memory::default()));
+        // One decoder is stuck in the sink (as when storage waits for a flush).
+        drop(handle.send_blocking(vec![numbered(1, 0)]).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        let cut = handle.cut(Duration::from_millis(200), |_| ());
+        assert!(
+            matches!(&cut, Err(e) if e.contains("did not reach")),
+            "{cut:?}"
+        );
+        *sink.0.lock().unwrap() = true;
+        sink.1.notify_all();
+        // Nobody waits for the abandoned cut: everything goes through.
+        drop(
+            handle
+                .send_blocking((1..20).map(|n| numbered(n, n)).collect())
+                .unwrap(),
+        );
+        pipeline.finish();
     }
 
     #[test]
@@ -863,6 +1385,7 @@ mod tests {
         pipeline
             .handle()
             .send_blocking(vec![message(1, 1)])
+            .unwrap()
             .unwrap();
         let waited = Instant::now();
         while rows(&sink.telemetry) == 0 {

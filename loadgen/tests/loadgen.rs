@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, Pipeline, PipelineClosed};
+use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, NotTaken, Pipeline};
 use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, Protocol, run};
 
 /// Keeps every message the broker hands on.
@@ -14,7 +14,7 @@ use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, Protocol, run};
 struct Collect(Arc<Mutex<Vec<Inbound>>>);
 
 impl Pipeline for Collect {
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>> {
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
         self.0.lock().unwrap().extend(messages);
         Box::pin(std::future::ready(Ok(())))
     }
