@@ -20,6 +20,8 @@ pub(crate) struct Config {
     pub pg: PgConfig,
     pub ingest: sluice_ingest::IngestOptions,
     pub storage: sluice_storage::StorageOptions,
+    /// The write-ahead log every message goes through before its PUBACK.
+    pub wal: sluice_storage::WalOptions,
     pub windows: sluice_aggregator::WindowsOptions,
     /// `[[alert]]` rules (README: "Alerts"); reloaded on SIGHUP and `POST /reload`.
     #[serde(rename = "alert", skip_serializing_if = "Vec::is_empty")]
@@ -66,6 +68,7 @@ impl Default for Config {
             pg: PgConfig::default(),
             ingest: Default::default(),
             storage: Default::default(),
+            wal: Default::default(),
             windows: Default::default(),
             alerts: Vec::new(),
             webhooks: Vec::new(),
@@ -158,6 +161,7 @@ impl Config {
             ("mqtt", self.mqtt.validate()),
             ("ingest", self.ingest.validate()),
             ("storage", self.storage.validate()),
+            ("wal", self.wal.validate()),
         ];
         for (section, checked) in sections {
             checked.map_err(|e| anyhow::anyhow!("invalid configuration: {section}.{e}"))?;
@@ -191,8 +195,8 @@ impl Config {
                 .window_config()
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
             rules: self.rules()?,
-            state: Some(std::sync::Arc::new(crate::server::StateFiles(
-                sluice_storage::StateDir::new(self.data_dir.join("state")),
+            state: Some(std::sync::Arc::new(crate::durable::StateFiles::legacy(
+                &self.data_dir,
             ))),
             ..sluice_aggregator::AggregatorConfig::default()
         })

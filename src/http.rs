@@ -24,6 +24,8 @@ pub(crate) struct AppState {
     pub storage: Storage,
     pub registry: Registry,
     pub ready: Arc<AtomicBool>,
+    /// `/ready` is unready while the WAL cannot store appends (a full disk).
+    pub wal: Option<sluice_storage::wal::Wal>,
     pub reload: Reload,
 }
 
@@ -87,14 +89,23 @@ impl HttpServer {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    if !state.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response();
     }
+    if state.wal.as_ref().is_some_and(|w| !w.healthy()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the write-ahead log cannot store messages (disk full or failing; see sluice_wal_healthy and the log); publishes are not acknowledged until it can\n",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(wal) = &state.wal {
+        wal.healthy();
+    }
     let mut body = Vec::new();
     match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),

@@ -7,6 +7,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod config;
+mod durable;
 mod fatal;
 mod http;
 mod output;

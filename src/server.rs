@@ -1,6 +1,8 @@
-//! Wires broker → ingest → storage and the HTTP endpoints, and shuts them down in an
-//! order that loses nothing: close the MQTT connections (everything acknowledged is in
-//! the decoders' queues by then), seal every batch, flush every row to Parquet.
+//! Wires broker → WAL → ingest → storage and the HTTP endpoints, and shuts them down in
+//! an order that loses nothing: close the MQTT connections (everything acknowledged is
+//! in the WAL and the decoders' queues by then), seal every batch, save the open windows,
+//! flush every row to Parquet and commit a last checkpoint (the WAL is then empty).
+//! At start, before any client connects, the WAL is replayed (see `durable.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::Registry;
 use sluice_aggregator::{Aggregator, AggregatorMetrics, StoreThenAggregate, TableSink};
-use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, PipelineClosed};
+use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, NotTaken};
 use sluice_ingest::{
     IngestHandle, IngestMetrics, IntoTables, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
 };
@@ -19,6 +21,7 @@ use sluice_notify::{DeliveryMetrics, Notifier};
 use sluice_storage::{Flusher, Storage, StorageMetrics, TableSpec};
 
 use crate::config::Config;
+use crate::durable::{self, Checkpointer, Log};
 use crate::http;
 
 /// How long closing the MQTT connections may take at a stop.
@@ -79,22 +82,6 @@ impl sluice_notify::Publish for RouterPublish {
     }
 }
 
-/// The aggregator's state, kept by storage (the aggregator writes no file itself).
-#[derive(Debug)]
-pub(crate) struct StateFiles(pub(crate) sluice_storage::StateDir);
-
-impl sluice_aggregator::StateStore for StateFiles {
-    fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()> {
-        self.0.save(set, files)
-    }
-    fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String> {
-        self.0.load(set, names)
-    }
-    fn remove(&self, set: &str, names: &[&str], aside: bool) {
-        self.0.remove(set, names, aside)
-    }
-}
-
 /// Every message a client publishes goes to the decoders, in the order its connection
 /// received it (one that is not telemetry becomes a reject). sluice's own alert
 /// notifications never come this way: they are published into the router in-process.
@@ -103,7 +90,10 @@ struct ToPipeline {
 }
 
 impl sluice_broker::Pipeline for ToPipeline {
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), PipelineClosed>> {
+    /// Done once the decoders have the messages and, if any is to be acknowledged
+    /// (QoS 1 or 2), once they are durable in the WAL.
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
+        let acked = messages.iter().any(|m| m.qos > 0);
         let batch: Vec<Message> = messages
             .into_iter()
             .map(|m| Message {
@@ -113,7 +103,13 @@ impl sluice_broker::Pipeline for ToPipeline {
             })
             .collect();
         let handle = self.handle.clone();
-        Box::pin(async move { handle.send(batch).await.map_err(|_| PipelineClosed) })
+        Box::pin(async move {
+            let logged = handle.send(batch).await.map_err(|_| NotTaken::Closed)?;
+            if acked {
+                logged.await.map_err(NotTaken::NotStored)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -137,6 +133,8 @@ pub(crate) struct Server {
     pipeline: Pipeline,
     alerting: Arc<Alerting>,
     flusher: Flusher,
+    wal: sluice_storage::wal::Wal,
+    checkpointer: Arc<Checkpointer>,
     http: http::HttpServer,
     pg: crate::pg::PgServer,
     ready: Arc<AtomicBool>,
@@ -181,9 +179,11 @@ impl Server {
             )
             .context("starting alert delivery")?,
         );
+        let mut aggregator_config = config.aggregator()?;
+        aggregator_config.state = Some(durable::restore_from(&config.data_dir)?);
         let aggregator = Arc::new(
             Aggregator::start(
-                config.aggregator()?,
+                aggregator_config,
                 Arc::new(HotStore(storage.clone())),
                 AggregatorMetrics::new(&registry).context("registering aggregator metrics")?,
                 Some(notifier.clone() as Arc<dyn sluice_aggregator::AlertOutput>),
@@ -201,19 +201,47 @@ impl Server {
             config.pipeline(),
             Arc::new(StoreThenAggregate {
                 store: IntoTables(HotStore(storage.clone())),
-                aggregator,
+                aggregator: aggregator.clone(),
             }),
             ingest_metrics,
         )
         .context("starting the ingest workers")?;
 
+        // Before any client connects: the keys of recent readings (redeliveries after a
+        // restart are still duplicates), then what the WAL holds past the checkpoint.
+        let handle = pipeline.handle();
+        let remembered = durable::remember_stored(&storage, &handle, config.ingest.dedup_window)?;
+        let (wal, replayed) = durable::open_and_replay(
+            &config.data_dir,
+            config.wal.wal_config(),
+            sluice_storage::wal::WalMetrics::new(&registry).context("registering WAL metrics")?,
+            &handle,
+        )?;
+        let r = &replayed.recovered;
+        tracing::info!(
+            records = r.records,
+            segments = r.segments,
+            checkpoint = replayed.checkpoint,
+            took_ms = replayed.took.as_millis() as u64,
+            torn_tails = r.torn_tails.len(),
+            corrupt_ranges = r.corrupt.len(),
+            unreadable_segments = r.unreadable.len(),
+            remembered_keys = remembered,
+            "write-ahead log replayed"
+        );
+        handle.set_journal(Arc::new(Log(wal.clone())));
+        let checkpointer = Arc::new(Checkpointer {
+            data_dir: config.data_dir.clone(),
+            storage: storage.clone(),
+            wal: wal.clone(),
+            ingest: handle.clone(),
+            aggregator,
+            last: std::sync::Mutex::new(None),
+        });
+        storage.set_checkpoints(checkpointer.clone());
+
         let broker = bound
-            .start(
-                Arc::new(ToPipeline {
-                    handle: pipeline.handle(),
-                }),
-                Arc::new(AllowAll),
-            )
+            .start(Arc::new(ToPipeline { handle }), Arc::new(AllowAll))
             .context("starting the MQTT broker")?;
         broker.meters().register(&registry)?;
 
@@ -229,6 +257,7 @@ impl Server {
                 storage: storage.clone(),
                 registry,
                 ready: ready.clone(),
+                wal: Some(wal.clone()),
                 reload: reload.clone(),
             },
         )
@@ -260,6 +289,8 @@ impl Server {
             pipeline,
             alerting,
             flusher,
+            wal,
+            checkpointer,
             http,
             pg,
             ready,
@@ -273,16 +304,26 @@ impl Server {
         tracing::info!("shutting down: closing MQTT connections");
         self.broker.shutdown(MQTT_CLOSE_TIMEOUT);
         tracing::info!("MQTT connections closed; sealing open batches");
+        // No checkpoint on the interval from here: the last one is below.
+        self.flusher.stop();
         self.pipeline.finish();
         tracing::info!("writing closed windows and alerts, saving open windows and alert state");
-        self.alerting.aggregator.finish();
+        let state = self.checkpointer.last();
+        if let Err(e) = &state {
+            tracing::error!(error = %e, "no last checkpoint: open windows are closed now, the WAL is kept and replayed at the next start");
+        }
+        self.alerting.aggregator.finish_into(
+            state
+                .ok()
+                .map(|s| Arc::new(s) as Arc<dyn sluice_aggregator::StateStore>),
+        );
         // Queued notifications get a short grace; what cannot go out is a dead letter
         // (the MQTT listeners are closed by now, so late ones are).
         self.alerting.notifier.shutdown();
-        let report = self
-            .flusher
-            .shutdown()
-            .context("final flush to Parquet failed; the rows above are lost")?;
+        let report = self.flusher.shutdown().context(
+            "final flush to Parquet failed; the rows above are kept in the WAL and replayed at the next start",
+        )?;
+        self.wal.close();
         self.http.stop();
         self.pg.stop();
         tracing::info!(rows = report.rows, files = report.files, "final flush done");

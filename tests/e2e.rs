@@ -205,13 +205,19 @@ fn sigterm_flushes_everything_acknowledged_to_parquet() {
         format!("n,devices,s\n3000,300,{expected_sum}.0\n")
     );
 
+    // The WAL is empty: only the record of the last checkpoint is left.
+    let wal: Vec<String> = std::fs::read_dir(data_dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(wal, ["checkpoint"]);
     // No temporary file is left behind, and every file is readable. (`state/` holds the
     // open windows, saved at the stop.)
     let mut pending = vec![data_dir.clone()];
     while let Some(d) = pending.pop() {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
-            if p == data_dir.join("state") {
+            if p == data_dir.join("state") || p == data_dir.join("wal") {
                 continue;
             }
             if p.is_dir() {

@@ -191,6 +191,13 @@ impl Sluice {
         }
     }
 
+    /// Kills the process with SIGKILL (a crash: nothing of sluice runs) and waits.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
