@@ -154,10 +154,12 @@ struct Inner {
     metrics: StorageMetrics,
     flush_wanted: Option<Sender<()>>,
     queries: QueryRuntime,
-    /// Set once the write-ahead log is in use: every flush is then a checkpoint.
+    /// Set once the write-ahead log is in use: flushes are then checkpoints (see
+    /// [`Storage::flush`]).
     checkpoints: std::sync::Mutex<Option<Arc<dyn Checkpoints>>>,
-    /// One flush (checkpoint) at a time: the flusher's and `/flush`'s.
-    flushing: std::sync::Mutex<()>,
+    /// One flush (checkpoint) at a time: the flusher's and `/flush`'s. Holds when the
+    /// last checkpoint was taken.
+    flushing: std::sync::Mutex<Instant>,
 }
 
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
@@ -259,7 +261,7 @@ impl Storage {
                 flush_wanted,
                 queries: QueryRuntime::start()?,
                 checkpoints: std::sync::Mutex::new(None),
-                flushing: std::sync::Mutex::new(()),
+                flushing: std::sync::Mutex::new(Instant::now()),
             }),
         })
     }
@@ -323,7 +325,7 @@ impl Storage {
             .collect()
     }
 
-    /// From now on every flush is a checkpoint through `checkpoints`.
+    /// From now on flushes are checkpoints through `checkpoints` (see [`Storage::flush`]).
     pub fn set_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) {
         *self
             .inner
@@ -336,7 +338,17 @@ impl Storage {
     /// cut (then commits it). Tables are flushed independently: one failing does not
     /// stop the others; the first error is returned.
     pub fn flush(&self) -> Result<FlushReport, StorageError> {
-        let _one = self
+        self.flush_when(true)
+    }
+
+    /// A flush of the flusher's: a checkpoint only once `flush_interval` has passed since
+    /// the last one. The flushes that make room in between (`flush_rows`, `flush_bytes`:
+    /// every few seconds at a high rate) write every hot row into files kept only once a
+    /// later checkpoint commits, as when a cut cannot be had, so that a checkpoint's cost
+    /// (the aggregator's state of every device) is paid once an interval, not once a
+    /// flush; the WAL keeps the segments since the last checkpoint meanwhile.
+    fn flush_when(&self, checkpoint: bool) -> Result<FlushReport, StorageError> {
+        let mut last_checkpoint = self
             .inner
             .flushing
             .lock()
@@ -350,6 +362,16 @@ impl Storage {
         let Some(checkpoints) = checkpoints else {
             return self.flush_cut(None);
         };
+        // A tenth of the interval early: the flusher's timer and the size triggers drift.
+        let interval = self.inner.config.flush_interval;
+        if !checkpoint && last_checkpoint.elapsed() + interval / 10 < interval {
+            let cut = Cut {
+                checkpoint: checkpoints.next(),
+                tables: Vec::new(),
+            };
+            return self.flush_cut(Some(&cut));
+        }
+        *last_checkpoint = Instant::now();
         let cut = match checkpoints.cut() {
             Ok(cut) => cut,
             Err(e) => {
@@ -531,7 +553,7 @@ impl Flusher {
                     }
                     // Errors are logged and counted by `flush`; the rows stay hot and the
                     // next round tries again.
-                    let _ = worker.flush();
+                    let _ = worker.flush_when(false);
                 }
             })
             .map_err(|e| StorageError::internal(format!("cannot start the flusher: {e}")))?;

@@ -337,3 +337,65 @@ fn the_hot_store_is_flushed_when_its_memory_reaches_flush_bytes() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Counts the checkpoints a storage takes; every cut covers every hot row.
+#[derive(Default)]
+struct Counting {
+    cuts: std::sync::atomic::AtomicU64,
+    commits: std::sync::atomic::AtomicU64,
+}
+
+impl sluice_storage::Checkpoints for Counting {
+    fn cut(&self) -> Result<sluice_storage::Cut, String> {
+        let n = self.cuts.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(sluice_storage::Cut {
+            checkpoint: 10 * n,
+            tables: Vec::new(),
+        })
+    }
+    fn commit(&self, _: &sluice_storage::Cut) -> Result<(), String> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn next(&self) -> u64 {
+        10 * self.cuts.load(Ordering::SeqCst) + 10
+    }
+}
+
+#[test]
+fn flushes_for_room_between_checkpoints_write_files_of_the_next_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StorageConfig::new(dir.path());
+    config.flush_interval = Duration::from_secs(3600);
+    let one_batch = batch(&[("a", T0, 1.0), ("b", T0, 2.0)]);
+    config.flush_bytes = one_batch.get_array_memory_size();
+    let (storage, _flusher) =
+        Storage::open(config, vec![spec()], StorageMetrics::unregistered()).unwrap();
+    let checkpoints = Arc::new(Counting::default());
+    storage.set_checkpoints(checkpoints.clone());
+    // Each append reaches flush_bytes: the flusher flushes, but an hour has not passed
+    // since the last checkpoint, so none is taken.
+    for i in 0..3 {
+        storage.append("readings", one_batch.clone()).unwrap();
+        let started = std::time::Instant::now();
+        while storage.stats("readings").unwrap().cold_rows < 2 * (i + 1) {
+            assert!(started.elapsed() < Duration::from_secs(10), "no flush");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert_eq!(checkpoints.cuts.load(Ordering::SeqCst), 0);
+    let files = parquet_files(dir.path());
+    assert_eq!(files.len(), 3, "{files:?}");
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("part-c{:020}-", 10)),
+            "named with the next checkpoint: {name}"
+        );
+    }
+    // An explicit flush (POST /flush, a stop) is always a checkpoint.
+    storage.append("readings", one_batch).unwrap();
+    storage.flush().unwrap();
+    assert_eq!(checkpoints.cuts.load(Ordering::SeqCst), 1);
+    assert_eq!(checkpoints.commits.load(Ordering::SeqCst), 1);
+}

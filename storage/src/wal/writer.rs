@@ -125,6 +125,8 @@ pub struct Group {
     policy: SyncPolicy,
     bytes: usize,
     since: Option<Instant>,
+    /// When the last group was synced: syncs are at least `interval` apart.
+    synced: Option<Instant>,
 }
 
 impl Group {
@@ -133,6 +135,7 @@ impl Group {
             policy,
             bytes: 0,
             since: None,
+            synced: None,
         }
     }
 
@@ -142,18 +145,25 @@ impl Group {
         self.since.get_or_insert(now);
     }
 
-    /// When the group must be synced (`None`: nothing waits).
+    /// When the group must be synced (`None`: nothing waits): at once when it is big
+    /// enough, else `interval` after the last sync, or at once if that is longer ago
+    /// (a record arriving at a quiet log waits for its own sync only).
     pub fn due(&self) -> Option<Instant> {
         let since = self.since?;
         if self.bytes >= self.policy.bytes {
             return Some(since);
         }
-        Some(since + self.policy.interval)
+        Some(match self.synced {
+            Some(synced) => (synced + self.policy.interval).max(since),
+            None => since,
+        })
     }
 
-    fn reset(&mut self) {
+    /// The group was synced at `now`.
+    fn synced(&mut self, now: Instant) {
         self.bytes = 0;
         self.since = None;
+        self.synced = Some(now);
     }
 }
 
@@ -388,7 +398,7 @@ impl Writer {
         for done in self.waiting.drain(..) {
             let _ = done.send(outcome.clone());
         }
-        self.group.reset();
+        self.group.synced(Instant::now());
     }
 
     /// Writes and syncs a block past the end, then cuts it off again: healthy if that
@@ -619,36 +629,41 @@ mod tests {
     }
 
     #[test]
-    fn a_group_is_due_at_its_interval_or_at_once_when_it_is_big_enough() {
+    fn a_group_is_due_an_interval_after_the_last_sync_or_at_once_when_big_enough() {
+        let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut g = Group::new(policy(Duration::from_millis(5), 1000));
+        let mut g = Group::new(policy(ms(5), 1000));
         assert_eq!(g.due(), None);
         g.add(100, t0);
-        g.add(100, t0 + Duration::from_millis(3));
-        assert_eq!(
-            g.due(),
-            Some(t0 + Duration::from_millis(5)),
-            "from the first"
-        );
-        g.add(800, t0 + Duration::from_millis(4));
-        assert_eq!(g.due(), Some(t0), "1000 bytes wait: now");
-        g.reset();
+        assert_eq!(g.due(), Some(t0), "a quiet log syncs at once");
+        g.synced(t0 + ms(1));
         assert_eq!(g.due(), None);
+        g.add(100, t0 + ms(2));
+        g.add(100, t0 + ms(3));
+        assert_eq!(g.due(), Some(t0 + ms(6)), "an interval after the last sync");
+        g.add(800, t0 + ms(4));
+        assert_eq!(g.due(), Some(t0 + ms(2)), "1000 bytes wait: now");
+        g.synced(t0 + ms(4));
+        g.add(100, t0 + ms(20));
+        assert_eq!(g.due(), Some(t0 + ms(20)), "the last sync is long ago: now");
     }
 
     #[test]
     fn a_waiter_is_answered_only_once_its_record_is_synced() {
         let file = Memory::default();
         let wal = start(&file, Duration::from_millis(300), usize::MAX);
-        let mut first = wal.append(framed(0));
+        // The first record of a quiet log is synced at once; the next ones wait for the
+        // interval from that sync.
+        assert_eq!(block(wal.append(framed(0))), Ok(()));
+        let mut first = wal.append(framed(1));
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(first.try_get(), None, "not synced yet: no answer");
-        assert_eq!(file.0.lock().unwrap().syncs, 0);
-        let second = wal.append(framed(1));
+        assert_eq!(file.0.lock().unwrap().syncs, 1);
+        let second = wal.append(framed(2));
         assert_eq!(block(second), Ok(()));
         assert_eq!(first.try_get(), Some(Ok(())));
         let s = file.0.lock().unwrap();
-        assert_eq!(s.syncs, 1, "one sync for the group");
+        assert_eq!(s.syncs, 2, "one sync for the group");
         assert_eq!(s.synced, s.bytes.len());
     }
 
