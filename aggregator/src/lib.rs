@@ -29,7 +29,7 @@ pub use rows::{
 pub use sluice_ingest::TableSink;
 pub use stage::{
     ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, Checkpointing,
-    LATE_TABLE, MINUTE_TABLE, Paused, ROLLUP_TABLE, StoreThenAggregate,
+    LATE_TABLE, MINUTE_TABLE, Paused, ROLLUP_TABLE, Saving, StoreThenAggregate,
 };
 pub use state::StateStore;
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};

@@ -151,9 +151,11 @@ impl AggregatorMetrics {
 enum Input {
     Batch(RecordBatch),
     Rules(Vec<Rule>),
-    /// Write what is pending, save the state into the store, say so, wait to go on.
+    /// Write what is pending, take a snapshot of the state, say so, wait to go on; the
+    /// snapshot is saved into the store meanwhile, on a thread of its own.
     Checkpoint {
         store: Arc<dyn crate::StateStore>,
+        snapshot: Sender<()>,
         saved: Sender<Result<(), String>>,
         resume: Receiver<()>,
     },
@@ -161,23 +163,44 @@ enum Input {
     Finish(Option<Arc<dyn crate::StateStore>>),
 }
 
-/// The aggregator at a checkpoint: its rows up to the checkpoint are written and its state
-/// saved; it waits until this is dropped (so the caller can take the cut of its tables).
+/// The aggregator at a checkpoint: its rows up to the checkpoint are written and a
+/// snapshot of its state taken; it waits until this is dropped (so the caller can take the
+/// cut of its tables).
 pub struct Paused {
     _resume: Sender<()>,
 }
 
 /// A checkpoint the aggregator has queued.
 pub struct Checkpointing {
-    answer: Receiver<Result<(), String>>,
+    snapshot: Receiver<()>,
+    saving: Saving,
     paused: Paused,
 }
 
+/// The snapshot of a checkpoint being saved, while the aggregator goes on.
+pub struct Saving {
+    answer: Receiver<Result<(), String>>,
+}
+
 impl Checkpointing {
-    /// Waits until the aggregator saved its state and paused.
-    pub fn saved(self, timeout: Duration) -> Result<Paused, String> {
+    /// Waits until the aggregator wrote its rows, took its snapshot and paused. Saving the
+    /// snapshot (serializing, writing, syncing: seconds for a million devices) does not
+    /// hold the aggregator up, and so holds up no reading.
+    pub fn paused(self, timeout: Duration) -> Result<(Paused, Saving), String> {
+        match self.snapshot.recv_timeout(timeout) {
+            Ok(()) => Ok((self.paused, self.saving)),
+            Err(_) => Err(format!(
+                "the aggregator did not reach the checkpoint within {timeout:?}"
+            )),
+        }
+    }
+}
+
+impl Saving {
+    /// Waits until the snapshot is saved.
+    pub fn saved(self, timeout: Duration) -> Result<(), String> {
         match self.answer.recv_timeout(timeout) {
-            Ok(Ok(())) => Ok(self.paused),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("the aggregator could not save its state: {e}")),
             Err(_) => Err(format!(
                 "the aggregator did not save its state within {timeout:?}"
@@ -252,18 +275,20 @@ impl Aggregator {
     }
 
     /// A checkpoint, queued behind every batch observed so far: once those are processed,
-    /// the aggregator writes the rows pending and saves open windows and alert state into
-    /// `store`, then pauses (see [`Checkpointing::saved`]). `Err` if it cannot be queued
-    /// within `timeout`.
+    /// the aggregator writes the rows pending, takes a snapshot of open windows and alert
+    /// state and pauses (see [`Checkpointing::paused`]); the snapshot is saved into `store`
+    /// meanwhile (see [`Saving::saved`]). `Err` if it cannot be queued within `timeout`.
     pub fn checkpoint(
         &self,
         store: Arc<dyn crate::StateStore>,
         timeout: Duration,
     ) -> Result<Checkpointing, String> {
         let (saved, answer) = crossbeam_channel::bounded(1);
+        let (snapshot, snapshotted) = crossbeam_channel::bounded(1);
         let (resume, resumed) = crossbeam_channel::bounded(0);
         let input = Input::Checkpoint {
             store,
+            snapshot,
             saved,
             resume: resumed,
         };
@@ -271,7 +296,8 @@ impl Aggregator {
             format!("the aggregator did not take the checkpoint within {timeout:?}")
         })?;
         Ok(Checkpointing {
-            answer,
+            snapshot: snapshotted,
+            saving: Saving { answer },
             paused: Paused { _resume: resume },
         })
     }
@@ -373,6 +399,23 @@ impl WindowSink for Pending {
     }
 }
 
+/// Open windows and alert state as a checkpoint found them.
+struct Snapshot {
+    alerts: crate::alert::SavedAlerts,
+    /// The devices, and the rollup's length (ns).
+    windows: Option<(Vec<crate::window::SavedDevice>, i64)>,
+}
+
+impl Snapshot {
+    fn save(&self, store: &dyn crate::StateStore) -> std::io::Result<()> {
+        crate::state::save_alerts(store, &self.alerts)?;
+        if let Some((devices, rollup)) = &self.windows {
+            crate::state::save(store, devices, *rollup)?;
+        }
+        Ok(())
+    }
+}
+
 struct Stage {
     windows: Option<Windows>,
     alerts: Alerts,
@@ -411,11 +454,22 @@ impl Stage {
                 }
                 Ok(Input::Checkpoint {
                     store,
+                    snapshot,
                     saved,
                     resume,
                 }) => {
                     self.write();
-                    let _ = saved.send(self.save(store.as_ref()).map_err(|e| e.to_string()));
+                    let taken = self.snapshot();
+                    let save = move || {
+                        let _ = saved.send(taken.save(store.as_ref()).map_err(|e| e.to_string()));
+                    };
+                    if let Err(e) = std::thread::Builder::new()
+                        .name("aggregator-state".into())
+                        .spawn(save)
+                    {
+                        tracing::error!(error = %e, "no thread to save the aggregator's state: this checkpoint goes without it");
+                    }
+                    let _ = snapshot.send(());
                     // Dropped by the caller once it took the cut of the tables.
                     let _ = resume.recv();
                     continue;
@@ -493,17 +547,16 @@ impl Stage {
         }
     }
 
-    /// Saves open windows and alert state (a checkpoint; nothing is closed).
-    fn save(&self, store: &dyn crate::StateStore) -> std::io::Result<()> {
-        crate::state::save_alerts(store, &self.alerts.save())?;
-        if let Some(windows) = &self.windows {
-            let rollup = self
-                .config
-                .windows
-                .map_or(0, |w| w.rollup.as_nanos() as i64);
-            crate::state::save(store, &windows.save(), rollup)?;
+    /// A copy of open windows and alert state (a checkpoint; nothing is closed).
+    fn snapshot(&self) -> Snapshot {
+        let rollup = self
+            .config
+            .windows
+            .map_or(0, |w| w.rollup.as_nanos() as i64);
+        Snapshot {
+            alerts: self.alerts.save(),
+            windows: self.windows.as_ref().map(|w| (w.save(), rollup)),
         }
-        Ok(())
     }
 
     /// Hands new transitions to the output (at once, not with the table rows).
