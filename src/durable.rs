@@ -1,11 +1,13 @@
 //! "A PUBACK means the reading is on disk": the write-ahead log as the ingest journal,
 //! the checkpoints that let a flush delete what it covers, and the replay at start.
 //!
-//! A checkpoint (every flush) goes: rotate the WAL to segment `c` and bring the decoders
+//! A checkpoint (a flush `storage.flush_interval` after the last one, and every explicit
+//! flush or stop) goes: rotate the WAL to segment `c` and bring the decoders
 //! to it (each seals what it holds from before); take the cut of `telemetry` and
 //! `rejects`; queue the aggregator's checkpoint behind every batch from before; let the
-//! decoders go on; once the aggregator has written its rows and saved its state into
-//! `state/checkpoint-c`, take the cut of its tables and let it go on; flush every table
+//! decoders go on; once the aggregator has written its rows and taken a snapshot of its
+//! state, take the cut of its tables and let it go on; once the snapshot is saved into
+//! `state/checkpoint-c` (on a thread of its own, holding up no reading), flush every table
 //! up to its cut into files named with `c`; commit `c` (`wal/checkpoint`), which
 //! deletes the segments before `c` and the older state sets. A crash anywhere in
 //! between leaves the last committed checkpoint whole: its files, its state set and the
@@ -167,13 +169,15 @@ impl Checkpoints for Checkpointer {
             (id, cut, queued)
         })?;
         let mut tables = ingest_cut?;
-        let paused = checkpointing?.saved(SAVE_TIMEOUT)?;
+        let (paused, saving) = checkpointing?.paused(SAVE_TIMEOUT)?;
         tables.extend(
             storage
                 .cut_tables(&AGGREGATOR_TABLES)
                 .map_err(|e| e.to_string())?,
         );
         drop(paused);
+        // The aggregator goes on while its snapshot is written; the checkpoint needs it.
+        saving.saved(SAVE_TIMEOUT)?;
         Ok(Cut {
             checkpoint: id,
             tables,

@@ -13,7 +13,7 @@ use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::Registry;
 use sluice_aggregator::{Aggregator, AggregatorMetrics, StoreThenAggregate, TableSink};
-use sluice_broker::{AllowAll, BoxFuture, Broker, Inbound, MqttMeters, NotTaken};
+use sluice_broker::{AllowAll, BoxFuture, Broker, Durable, Inbound, MqttMeters, NotTaken};
 use sluice_ingest::{
     IngestHandle, IngestMetrics, IntoTables, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
 };
@@ -90,9 +90,9 @@ struct ToPipeline {
 }
 
 impl sluice_broker::Pipeline for ToPipeline {
-    /// Done once the decoders have the messages and, if any is to be acknowledged
-    /// (QoS 1 or 2), once they are durable in the WAL.
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
+    /// Done once the decoders have the messages; what it gives is done, if any is to be
+    /// acknowledged (QoS 1 or 2), once they are durable in the WAL.
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<Durable, NotTaken>> {
         let acked = messages.iter().any(|m| m.qos > 0);
         let batch: Vec<Message> = messages
             .into_iter()
@@ -105,10 +105,10 @@ impl sluice_broker::Pipeline for ToPipeline {
         let handle = self.handle.clone();
         Box::pin(async move {
             let logged = handle.send(batch).await.map_err(|_| NotTaken::Closed)?;
-            if acked {
-                logged.await.map_err(NotTaken::NotStored)?;
+            if !acked {
+                return Ok(sluice_broker::durable_now());
             }
-            Ok(())
+            Ok(Box::pin(async move { logged.await.map_err(NotTaken::NotStored) }) as Durable)
         })
     }
 }
@@ -210,7 +210,9 @@ impl Server {
         // Before any client connects: the keys of recent readings (redeliveries after a
         // restart are still duplicates), then what the WAL holds past the checkpoint.
         let handle = pipeline.handle();
+        let remembering = std::time::Instant::now();
         let remembered = durable::remember_stored(&storage, &handle, config.ingest.dedup_window)?;
+        let remember_ms = remembering.elapsed().as_millis() as u64;
         let (wal, replayed) = durable::open_and_replay(
             &config.data_dir,
             config.wal.wal_config(),
@@ -227,6 +229,7 @@ impl Server {
             corrupt_ranges = r.corrupt.len(),
             unreadable_segments = r.unreadable.len(),
             remembered_keys = remembered,
+            remember_ms,
             "write-ahead log replayed"
         );
         handle.set_journal(Arc::new(Log(wal.clone())));

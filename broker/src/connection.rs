@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectProperties, ConnectReturnCode, Disconnect,
     DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet,
@@ -563,6 +564,7 @@ impl Handshake<'_> {
             pending: Vec::new(),
             routed: Vec::new(),
             batch_slots: Vec::new(),
+            durable: futures::stream::FuturesOrdered::new(),
             to_router,
             egress,
             qos1_unacked: 0,
@@ -746,6 +748,13 @@ impl Ending {
     }
 }
 
+/// A delivery's end: durable (or not), with its slots and how many messages it held.
+type Delivered = (Result<(), NotTaken>, Vec<u64>, u64);
+
+/// Deliveries of one connection waiting to be durable at once; at this many the
+/// connection waits for the oldest before it reads on.
+const MAX_UNDURABLE: usize = 64;
+
 pub(crate) struct Conn {
     shared: Arc<Shared>,
     listener: Listener,
@@ -782,6 +791,8 @@ pub(crate) struct Conn {
     routed: Vec<Routed>,
     /// Slots waiting for `pending` to be taken.
     batch_slots: Vec<u64>,
+    /// Deliveries taken, waiting to be durable, in order: each with its slots.
+    durable: futures::stream::FuturesOrdered<crate::BoxFuture<Delivered>>,
     /// Packets for the router on this connection's link.
     to_router: Vec<Packet>,
     egress: Egress,
@@ -791,7 +802,14 @@ pub(crate) struct Conn {
 
 impl Conn {
     async fn run(mut self) {
-        let ending = self.serve().await;
+        let mut ending = self.serve().await;
+        // What was taken is durable in milliseconds: its acknowledgements still go out,
+        // and every message is counted once.
+        while let Some(done) = self.durable.next().await {
+            if let Err(e) = self.on_durable(done) {
+                ending = e;
+            }
+        }
         self.finish(ending).await;
     }
 
@@ -830,6 +848,11 @@ impl Conn {
                     continue;
                 }
                 _ = &mut write_timer, if pace.deferred => {}
+                Some(done) = self.durable.next(), if !self.durable.is_empty() => {
+                    if let Err(ending) = self.on_durable(done) {
+                        return ending;
+                    }
+                }
                 notification = next_notification(&mut self.link) => {
                     if let Err(ending) = self.on_router(notification).await {
                         return ending;
@@ -1113,54 +1136,38 @@ impl Conn {
     }
 
     /// Hands the messages read so far to the pipeline (waiting while it is full), and
-    /// their copies to the router; then their acknowledgements can go.
+    /// their copies to the router; their acknowledgements go once they are durable
+    /// ([`on_durable`](Self::on_durable)), while the connection reads on.
     async fn deliver(&mut self) -> Result<(), Ending> {
+        let mut durable = None;
+        let mut n = 0;
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
-            let n = batch.len() as u64;
+            n = batch.len() as u64;
             let mut delivery = self.shared.pipeline.deliver(batch);
             // Taken at once, as long as there is room; otherwise what is owed to the
             // client already goes out before the wait.
-            let client = self.client_id.clone();
-            let taken = move |delivered: Result<(), NotTaken>| match delivered {
-                Ok(()) => Ok(()),
-                Err(NotTaken::Closed) => Err(Close::Internal),
-                Err(NotTaken::NotStored(why)) => {
-                    tracing::warn!(client = %client, error = %why, "publishes not stored: connection closed without acknowledging them");
-                    Err(Close::NotStored)
-                }
-            };
             let delivered = match futures::poll!(&mut delivery) {
-                std::task::Poll::Ready(delivered) => taken(delivered),
+                std::task::Poll::Ready(delivered) => delivered.map_err(|e| self.not_taken(e)),
                 std::task::Poll::Pending => {
                     self.flush().await.map_err(Ending::from)?;
                     let mut shutdown = self.shared.shutdown.clone();
                     let control = self.control.clone();
                     tokio::select! {
-                        delivered = delivery => taken(delivered),
+                        delivered = delivery => delivered.map_err(|e| self.not_taken(e)),
                         _ = control.kicked() => Err(Close::TakenOver),
                         _ = shutdown.wait_for(|stop| *stop) => Err(Close::Shutdown),
                     }
                 }
             };
-            if let Err(close) = delivered {
-                // Not taken, so not acknowledged: the client sends them again.
-                let refused = match close {
-                    Close::NotStored => Refused::NotStored,
-                    _ => Refused::Closed,
-                };
-                self.shared.meters.refused(refused, n);
-                let reason = match close {
-                    Close::TakenOver => DisconnectReasonCode::SessionTakenOver,
-                    Close::Shutdown => DisconnectReasonCode::ServerShuttingDown,
-                    // 0x89 Server busy: the client may come back later, when there is
-                    // room on the disk again.
-                    Close::NotStored => DisconnectReasonCode::ServerBusy,
-                    _ => DisconnectReasonCode::UnspecifiedError,
-                };
-                return Err(Ending::server(close, reason));
+            match delivered {
+                Ok(done) => durable = Some(done),
+                Err(close) => {
+                    // Not taken, so not acknowledged: the client sends them again.
+                    self.shared.meters.refused(Refused::Closed, n);
+                    return Err(Self::closing(close));
+                }
             }
-            self.shared.listeners[&self.listener].publishes.inc_by(n);
         }
         if !self.routed.is_empty() {
             let routed = std::mem::take(&mut self.routed);
@@ -1172,23 +1179,88 @@ impl Conn {
                 ));
             }
         }
-        for seq in std::mem::take(&mut self.batch_slots) {
-            self.fulfil(seq);
+        let slots = std::mem::take(&mut self.batch_slots);
+        match durable {
+            Some(durable) if !slots.is_empty() => {
+                self.durable
+                    .push_back(Box::pin(async move { (durable.await, slots, n) }));
+                while self.durable.len() >= MAX_UNDURABLE {
+                    if let Some(done) = self.durable.next().await {
+                        self.on_durable(done)?;
+                    }
+                }
+            }
+            _ => {
+                // Nothing to acknowledge waits for the log (QoS 0).
+                self.shared.listeners[&self.listener].publishes.inc_by(n);
+                for seq in slots {
+                    self.fulfil(seq);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A delivery is durable: its acknowledgements can go. Not stored (a full disk):
+    /// none of them goes, and the connection is closed (the client sends them again).
+    fn on_durable(&mut self, (durable, slots, n): Delivered) -> Result<(), Ending> {
+        match durable {
+            Ok(()) => {
+                self.shared.listeners[&self.listener].publishes.inc_by(n);
+                for seq in slots {
+                    self.fulfil(seq);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let close = self.not_taken(e);
+                let refused = match close {
+                    Close::NotStored => Refused::NotStored,
+                    _ => Refused::Closed,
+                };
+                self.shared.meters.refused(refused, n);
+                Err(Self::closing(close))
+            }
+        }
+    }
+
+    /// Why the pipeline did not take (or store) messages, as a close; logged.
+    fn not_taken(&self, e: NotTaken) -> Close {
+        match e {
+            NotTaken::Closed => Close::Internal,
+            NotTaken::NotStored(why) => {
+                tracing::warn!(client = %self.client_id, error = %why, "publishes not stored: connection closed without acknowledging them");
+                Close::NotStored
+            }
+        }
+    }
+
+    fn closing(close: Close) -> Ending {
+        let reason = match close {
+            Close::TakenOver => DisconnectReasonCode::SessionTakenOver,
+            Close::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+            // 0x89 Server busy: the client may come back later, when there is room on
+            // the disk again.
+            Close::NotStored => DisconnectReasonCode::ServerBusy,
+            _ => DisconnectReasonCode::UnspecifiedError,
+        };
+        Ending::server(close, reason)
     }
 
     /// Ends the connection after a protocol error, first handing on what was read
     /// before the bad packet (it was well-formed and is acknowledged).
     async fn end_with_pending(&mut self, ending: Ending) -> Ending {
-        match self.deliver().await {
-            Ok(()) => {
-                self.drain_slots();
-                let _ = self.flush().await;
-                ending
-            }
-            Err(e) => e,
+        if let Err(e) = self.deliver().await {
+            return e;
         }
+        while let Some(done) = self.durable.next().await {
+            if let Err(e) = self.on_durable(done) {
+                return e;
+            }
+        }
+        self.drain_slots();
+        let _ = self.flush().await;
+        ending
     }
 
     async fn protocol_end(&mut self, close: Close, reason: DisconnectReasonCode) -> Ending {

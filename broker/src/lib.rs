@@ -74,13 +74,22 @@ pub enum NotTaken {
     NotStored(String),
 }
 
+/// Completes once the messages of one delivery are durable, or cannot be.
+pub type Durable = BoxFuture<Result<(), NotTaken>>;
+
+/// A [`Durable`] that is done at once (a pipeline that keeps no log).
+pub fn durable_now() -> Durable {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 /// Where every message goes.
 pub trait Pipeline: Send + Sync + 'static {
     /// Hands over messages of one connection, in the order they were received. The
-    /// future completes when the pipeline has taken them all (and, for a pipeline
-    /// that logs them, when they are durable); until then that connection reads nothing
-    /// more and acknowledges nothing (back-pressure).
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>>;
+    /// future completes when the pipeline has taken them all: until then that connection
+    /// reads nothing more (back-pressure). What it gives completes once they are durable
+    /// (for a pipeline that logs them): their acknowledgements wait for it, in order,
+    /// while the connection goes on reading.
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<Durable, NotTaken>>;
 }
 
 /// What a client presented in its CONNECT.

@@ -6,7 +6,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, NotTaken, Pipeline};
+use sluice_broker::{
+    AllowAll, BoxFuture, Broker, BrokerConfig, Durable, Inbound, NotTaken, Pipeline, durable_now,
+};
 
 /// A pipeline that keeps what it gets, and can be paused.
 #[derive(Default)]
@@ -18,12 +20,12 @@ struct Collect {
 struct Handle(Arc<Collect>);
 
 impl Pipeline for Handle {
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<Durable, NotTaken>> {
         let collect = self.0.clone();
         Box::pin(async move {
             let _open = collect.gate.read().await;
             collect.messages.lock().unwrap().extend(messages);
-            Ok(())
+            Ok(durable_now())
         })
     }
 }

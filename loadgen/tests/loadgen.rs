@@ -6,7 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_broker::{AllowAll, BoxFuture, Broker, BrokerConfig, Inbound, NotTaken, Pipeline};
+use sluice_broker::{
+    AllowAll, BoxFuture, Broker, BrokerConfig, Durable, Inbound, NotTaken, Pipeline, durable_now,
+};
 use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, Protocol, run};
 
 /// Keeps every message the broker hands on.
@@ -14,9 +16,9 @@ use sluice_loadgen::{LoadgenConfig, LoadgenError, Progress, Protocol, run};
 struct Collect(Arc<Mutex<Vec<Inbound>>>);
 
 impl Pipeline for Collect {
-    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<(), NotTaken>> {
+    fn deliver(&self, messages: Vec<Inbound>) -> BoxFuture<Result<Durable, NotTaken>> {
         self.0.lock().unwrap().extend(messages);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(durable_now())))
     }
 }
 
