@@ -10,6 +10,7 @@
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- idle      [--connections K]
+//! cargo bench --bench e2e -- restart   [--devices N] [--rate R] [--secs S] [--connections K]
 //! ```
 //!
 //! What counts as stored is counted in SQL at the end (`lost = acked − stored`); CPU and
@@ -110,7 +111,10 @@ fn main() {
         "mosquitto" => mosquitto(&args),
         "loadgen" => loadgen_alone(&args),
         "idle" => idle(&args),
-        other => panic!("unknown scenario {other}: reference, max, mosquitto, loadgen or idle"),
+        "restart" => restart(&args),
+        other => {
+            panic!("unknown scenario {other}: reference, max, mosquitto, loadgen, idle or restart")
+        }
     }
 }
 
@@ -127,16 +131,7 @@ impl Sluice {
     /// `args.rules` alert rules.
     fn start(args: &Args) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sluice.toml");
-        let max_connections = (args.connections + 100).max(10_000);
-        let mut text = format!("[mqtt]\nmax_connections = {max_connections}\n");
-        if let Some(windows) = args.windows {
-            text.push_str(&format!("[windows]\nenabled = {windows}\n"));
-        }
-        for rule in &RULES[..args.rules] {
-            text.push_str(&format!("[[alert]]\n{rule}\n"));
-        }
-        std::fs::write(&config, text).unwrap();
+        let config = write_config(dir.path(), args);
         let server = common::Sluice::start(
             &dir.path().join("data"),
             &["--config", config.to_str().unwrap()],
@@ -179,6 +174,22 @@ impl Sluice {
         assert!(self.server.terminate().success());
         parquet_bytes(&data_dir.join("telemetry"))
     }
+}
+
+/// `sluice.toml` in `dir`: room for `args.connections` MQTT connections, windows as
+/// asked and `args.rules` alert rules; everything else sluice's defaults.
+fn write_config(dir: &std::path::Path, args: &Args) -> std::path::PathBuf {
+    let config = dir.join("sluice.toml");
+    let max_connections = (args.connections + 100).max(10_000);
+    let mut text = format!("[mqtt]\nmax_connections = {max_connections}\n");
+    if let Some(windows) = args.windows {
+        text.push_str(&format!("[windows]\nenabled = {windows}\n"));
+    }
+    for rule in &RULES[..args.rules] {
+        text.push_str(&format!("[[alert]]\n{rule}\n"));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
 }
 
 fn parquet_bytes(dir: &std::path::Path) -> u64 {
@@ -707,6 +718,158 @@ fn idle(args: &Args) {
         kernel_idle, kernel_after
     );
     sluice.stop();
+}
+
+/// Recovery after a crash at the reference load: `sluice serve` on the defaults (a
+/// checkpoint every `storage.flush_interval`), the loadgen at `--rate` for `--secs`, then
+/// `kill -9` just before the next checkpoint would have committed (the most the WAL holds
+/// past a checkpoint), and a restart on the same data directory: how long until it is
+/// ready, how fast the WAL replayed, and that every acknowledged reading is there once.
+fn restart(args: &Args) {
+    println!(
+        "restart: {} devices, {} msgs/s, QoS 1, {} connections, kill -9 after {} s, just before a checkpoint",
+        args.devices, args.rate, args.connections, args.secs
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), args);
+    let data = dir.path().join("data");
+    let serve_args = ["--config", config.to_str().unwrap()];
+    let sluice = common::Sluice::start(&data, &serve_args);
+    let mqtt = sluice.mqtt.to_string();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loadgen = {
+        let stop = stop.clone();
+        let mut config = LoadgenConfig::new(&mqtt);
+        config.devices = args.devices;
+        config.rate = args.rate;
+        config.duration = None;
+        config.connections = args.connections;
+        config.qos = 1;
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(sluice_loadgen::run(
+                    config,
+                    Arc::new(Progress::default()),
+                    stop,
+                ))
+                .expect("loadgen runs")
+        })
+    };
+
+    // Every commit of a checkpoint rewrites wal/checkpoint; its period is what the
+    // defaults give at this load (flush_interval, or flush_bytes when it comes first).
+    let checkpoint_file = data.join("wal/checkpoint");
+    let read_checkpoint = || std::fs::read_to_string(&checkpoint_file).unwrap_or_default();
+    let started = Instant::now();
+    let mut seen = read_checkpoint();
+    let mut commits: Vec<Instant> = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = read_checkpoint();
+        if now != seen && !now.is_empty() {
+            seen = now;
+            commits.push(Instant::now());
+        }
+        if started.elapsed() < Duration::from_secs_f64(args.secs) || commits.len() < 2 {
+            continue;
+        }
+        let period = commits[commits.len() - 1] - commits[commits.len() - 2];
+        let since = commits[commits.len() - 1].elapsed();
+        if since + Duration::from_millis(1500) >= period {
+            break;
+        }
+    }
+    let before_kill = sluice.get("/metrics").1;
+    let period = commits[commits.len() - 1] - commits[commits.len() - 2];
+    let since = commits[commits.len() - 1].elapsed();
+    sluice.kill();
+    let killed_at = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let report = loadgen.join().unwrap();
+    let wal_bytes = parquet_bytes(&data.join("wal"));
+    println!(
+        "killed at {:.1} s, {:.1} s after checkpoint {} (checkpoints every {:.1} s); WAL on disk {:.0} MiB",
+        killed_at.as_secs_f64(),
+        since.as_secs_f64(),
+        seen.trim(),
+        period.as_secs_f64(),
+        wal_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "before the kill: {:.0} records written to the WAL, {:.0} rows written to Parquet",
+        common::metric_value(&before_kill, "sluice_wal_records_total").unwrap_or(0.0),
+        common::metric_value(
+            &before_kill,
+            "sluice_storage_rows_written_total{table=\"telemetry\"}"
+        )
+        .unwrap_or(0.0)
+    );
+    println!("{report}");
+
+    let restarting = Instant::now();
+    let sluice = common::Sluice::start(&data, &serve_args);
+    let ready_in = restarting.elapsed();
+    let peak_rss = status_kib(sluice.pid(), "VmHWM:");
+    let log = sluice.log_text();
+    let line = strip_ansi(
+        log.lines()
+            .find(|l| l.contains("write-ahead log replayed"))
+            .expect("the replay's log line"),
+    );
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (records, took_ms) = (field("records"), field("took_ms"));
+    println!("{}", line.trim());
+    println!(
+        "ready {:.2} s after the restart (peak RSS {} MiB); replayed {records:.0} records in {took_ms:.0} ms: {:.0} records/s; remembered {:.0} keys in {:.0} ms",
+        ready_in.as_secs_f64(),
+        peak_rss / 1024,
+        records / (took_ms / 1e3),
+        field("remembered_keys"),
+        field("remember_ms"),
+    );
+    let stored = sluice.scalar("SELECT count(*) FROM telemetry") as u64;
+    let twice = sluice.scalar(
+        "SELECT count(*) FROM (SELECT device_id, ts FROM telemetry GROUP BY device_id, ts HAVING count(*) > 1)",
+    );
+    println!(
+        "stored {stored} (SQL count) of {} acknowledged, {} sent; readings stored more than once: {twice}",
+        report.acked, report.sent
+    );
+    assert!(sluice.terminate().success());
+    assert!(
+        stored >= report.acked,
+        "acknowledged readings were lost: {stored} stored of {} acknowledged",
+        report.acked
+    );
+    assert_eq!(twice, 0, "a reading stored twice");
+}
+
+/// `line` without the terminal colour codes (`ESC [ … m`) tracing writes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Memory the kernel holds for TCP sockets, KiB (`mem` of /proc/net/sockstat, in pages).
