@@ -1,6 +1,7 @@
-//! The group-commit writer: appends from many connections go to one thread, which writes
-//! them in order and `fdatasync`s every `interval` or `bytes`, whichever comes first,
-//! then tells each append's waiter whether its record is durable. A waiter is an async
+//! The group-commit writer: appends from many connections go to one thread, which
+//! gathers them in order and writes (one system call) and `fdatasync`s each group,
+//! `interval` after the last sync or once it holds `bytes`, whichever comes first, then
+//! tells each append's waiter whether its record is durable. A waiter is an async
 //! one-shot: thousands of connections wait at once without a thread each.
 //!
 //! A failed write or sync fails every append of its group (their records are cut off the
@@ -58,7 +59,8 @@ pub struct Current {
 /// When the writer syncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncPolicy {
-    /// At most this long after the first append not yet synced…
+    /// Syncs are at least this far apart: a record waits at most this long for its group
+    /// (one arriving at a quiet log is synced at once)…
     pub interval: Duration,
     /// …or as soon as this many bytes wait.
     pub bytes: usize,
@@ -194,6 +196,7 @@ impl GroupCommit {
             written: current.len,
             policy,
             group: Group::new(policy),
+            buffer: Vec::new(),
             waiting: Vec::new(),
             failed: None,
             broken: None,
@@ -280,6 +283,9 @@ impl Drop for GroupCommit {
 }
 
 struct Writer {
+    /// The group's records, written with one call when it is synced (one system call a
+    /// group, not one an append).
+    buffer: Vec<u8>,
     current: Arc<AtomicU64>,
     dir: Box<dyn SegmentDir>,
     id: u64,
@@ -347,19 +353,28 @@ impl Writer {
         self.group.add(bytes.len(), Instant::now());
         if let Some(why) = &self.broken {
             self.failed.get_or_insert_with(|| why.clone());
-        } else if self.failed.is_none()
-            && let Err(e) = self.file.write_all(bytes)
-        {
-            self.failed = Some(e.to_string());
+        } else if self.failed.is_none() {
+            self.buffer.extend_from_slice(bytes);
         }
         self.written += bytes.len() as u64;
         self.waiting.push(done);
     }
 
-    /// Syncs the group and answers its waiters.
+    /// Writes and syncs the group and answers its waiters.
     fn sync(&mut self) {
         if self.waiting.is_empty() {
             return;
+        }
+        if self.failed.is_none()
+            && !self.buffer.is_empty()
+            && let Err(e) = self.file.write_all(&self.buffer)
+        {
+            self.failed = Some(e.to_string());
+        }
+        self.buffer.clear();
+        if self.buffer.capacity() > 4 * self.policy.bytes.min(16 << 20) {
+            // A burst made it big: give the memory back.
+            self.buffer = Vec::new();
         }
         if self.policy.fsync
             && self.failed.is_none()
