@@ -303,13 +303,24 @@ fn run_loadgen_with(
     connections: usize,
     anomaly_rate: f64,
 ) -> Report {
-    let mut config = LoadgenConfig::new(broker);
+    let mut config = loadgen_config(broker, devices, rate, connections);
     config.anomaly_rate = anomaly_rate;
+    config.duration = Some(Duration::from_secs_f64(secs));
+    run_until(config, Arc::new(AtomicBool::new(false)))
+}
+
+/// A QoS 1 fleet of `devices` at `rate` over `connections`.
+fn loadgen_config(broker: &str, devices: u64, rate: f64, connections: usize) -> LoadgenConfig {
+    let mut config = LoadgenConfig::new(broker);
     config.devices = devices;
     config.rate = rate;
-    config.duration = Some(Duration::from_secs_f64(secs));
     config.connections = connections;
     config.qos = 1;
+    config
+}
+
+/// Runs the loadgen on a runtime of its own until its duration passes or `stop` is set.
+fn run_until(config: LoadgenConfig, stop: Arc<AtomicBool>) -> Report {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -318,7 +329,7 @@ fn run_loadgen_with(
         .block_on(sluice_loadgen::run(
             config,
             Arc::new(Progress::default()),
-            Arc::new(AtomicBool::new(false)),
+            stop,
         ))
         .expect("loadgen runs")
 }
@@ -740,25 +751,8 @@ fn restart(args: &Args) {
     let stop = Arc::new(AtomicBool::new(false));
     let loadgen = {
         let stop = stop.clone();
-        let mut config = LoadgenConfig::new(&mqtt);
-        config.devices = args.devices;
-        config.rate = args.rate;
-        config.duration = None;
-        config.connections = args.connections;
-        config.qos = 1;
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(sluice_loadgen::run(
-                    config,
-                    Arc::new(Progress::default()),
-                    stop,
-                ))
-                .expect("loadgen runs")
-        })
+        let config = loadgen_config(&mqtt, args.devices, args.rate, args.connections);
+        std::thread::spawn(move || run_until(config, stop))
     };
 
     // Every commit of a checkpoint rewrites wal/checkpoint; its period is what the

@@ -805,10 +805,8 @@ impl Conn {
         let mut ending = self.serve().await;
         // What was taken is durable in milliseconds: its acknowledgements still go out,
         // and every message is counted once.
-        while let Some(done) = self.durable.next().await {
-            if let Err(e) = self.on_durable(done) {
-                ending = e;
-            }
+        while let Err(e) = self.settle().await {
+            ending = e;
         }
         self.finish(ending).await;
     }
@@ -1164,8 +1162,7 @@ impl Conn {
                 Ok(done) => durable = Some(done),
                 Err(close) => {
                     // Not taken, so not acknowledged: the client sends them again.
-                    self.shared.meters.refused(Refused::Closed, n);
-                    return Err(Self::closing(close));
+                    return Err(self.refuse(close, n));
                 }
             }
         }
@@ -1214,14 +1211,17 @@ impl Conn {
             }
             Err(e) => {
                 let close = self.not_taken(e);
-                let refused = match close {
-                    Close::NotStored => Refused::NotStored,
-                    _ => Refused::Closed,
-                };
-                self.shared.meters.refused(refused, n);
-                Err(Self::closing(close))
+                Err(self.refuse(close, n))
             }
         }
+    }
+
+    /// Waits until every delivery is durable (or the first that cannot be).
+    async fn settle(&mut self) -> Result<(), Ending> {
+        while let Some(done) = self.durable.next().await {
+            self.on_durable(done)?;
+        }
+        Ok(())
     }
 
     /// Why the pipeline did not take (or store) messages, as a close; logged.
@@ -1235,7 +1235,14 @@ impl Conn {
         }
     }
 
-    fn closing(close: Close) -> Ending {
+    /// `n` messages neither taken nor stored, closing the connection: counted by why,
+    /// the connection's end.
+    fn refuse(&self, close: Close, n: u64) -> Ending {
+        let refused = match close {
+            Close::NotStored => Refused::NotStored,
+            _ => Refused::Closed,
+        };
+        self.shared.meters.refused(refused, n);
         let reason = match close {
             Close::TakenOver => DisconnectReasonCode::SessionTakenOver,
             Close::Shutdown => DisconnectReasonCode::ServerShuttingDown,
@@ -1253,10 +1260,8 @@ impl Conn {
         if let Err(e) = self.deliver().await {
             return e;
         }
-        while let Some(done) = self.durable.next().await {
-            if let Err(e) = self.on_durable(done) {
-                return e;
-            }
+        if let Err(e) = self.settle().await {
+            return e;
         }
         self.drain_slots();
         let _ = self.flush().await;
