@@ -222,16 +222,13 @@ pub(crate) fn remember_stored(
         let devices = batch.column(0).as_string::<i32>();
         let ts = batch.column(1).as_primitive::<TimestampNanosecondType>();
         let received = batch.column(2).as_primitive::<TimestampNanosecondType>();
-        let stored: Vec<Stored> = (0..batch.num_rows())
-            .map(|i| Stored {
-                device_id: devices.value(i).to_owned(),
+        count += batch.num_rows();
+        ingest
+            .remember((0..batch.num_rows()).map(|i| Stored {
+                device_id: devices.value(i),
                 ts_ns: ts.value(i),
                 received_at_ns: received.value(i),
-            })
-            .collect();
-        count += stored.len();
-        ingest
-            .remember(stored)
+            }))
             .map_err(|_| anyhow::anyhow!("the ingest pipeline closed during start"))?;
     }
     Ok(count)

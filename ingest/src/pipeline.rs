@@ -1,7 +1,7 @@
 //! The batching stage: decoder threads, each with its own bounded crossbeam queue, turn
 //! raw messages into sealed Arrow batches for a [`BatchSink`].
 //!
-//! - **Per-device order.** A message goes to the decoder its topic hashes to, so the
+//! - **Per-device order.** A message goes to the decoder its device id hashes to, so the
 //!   readings of one device are decoded, batched and handed on in the order they were
 //!   sent, whatever the number of decoders.
 //! - **Back-pressure.** The queues hold at most `queue_messages` messages in all, counted
@@ -16,7 +16,7 @@
 //! - **Exactly once.** A reading whose (`device_id`, `ts`) was seen within
 //!   `dedup_window` is a duplicate: counted, never stored or aggregated (`dedup.rs`).
 
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
 use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
-use crate::dedup::{Dedup, key};
+use crate::dedup::{Dedup, Key, key};
 
 /// Index of `ts` in the telemetry schema.
 const TS_COLUMN: usize = 1;
@@ -86,9 +86,9 @@ pub trait Journal: Send + Sync + 'static {
 
 /// A reading already stored, whose key a decoder must remember (taken from the rows
 /// at start, so that a redelivery after a restart is still a duplicate).
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub device_id: String,
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub device_id: &'a str,
     pub ts_ns: i64,
     pub received_at_ns: i64,
 }
@@ -98,7 +98,8 @@ enum Item {
     Messages(Vec<Message>),
     /// Seal what is open, hand it on, then meet the other decoders at a checkpoint.
     Cut(Arc<Rendezvous>),
-    Stored(Vec<Stored>),
+    /// Keys of stored readings, and when each arrived.
+    Stored(Vec<(Key, i64)>),
 }
 
 /// Where the decoders meet for a checkpoint: each arrives once it handed on everything
@@ -196,14 +197,23 @@ impl Default for PipelineConfig {
 #[error("the ingest pipeline is closed")]
 pub struct Closed;
 
-/// The decoder a topic goes to.
+/// The decoder a message goes to: its device's (the id its topic names; a topic naming
+/// none, which becomes a reject, goes by the whole topic).
 fn decoder_for(topic: &[u8], decoders: usize) -> usize {
+    let device = topic
+        .strip_prefix(b"devices/")
+        .and_then(|rest| rest.strip_suffix(b"/telemetry"))
+        .unwrap_or(topic);
+    decoder_of(device, decoders)
+}
+
+/// The decoder of a device id (the same on every run: only the spread matters).
+fn decoder_of(device: &[u8], decoders: usize) -> usize {
     if decoders == 1 {
         return 0;
     }
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    topic.hash(&mut hasher);
-    (hasher.finish() % decoders as u64) as usize
+    let hash = foldhash::fast::FixedState::with_seed(0x736c_7569_6365).hash_one(device);
+    (hash % decoders as u64) as usize
 }
 
 struct Queues {
@@ -266,7 +276,7 @@ impl IngestHandle {
     }
 
     /// Makes the decoders remember readings already stored (see [`Stored`]).
-    pub fn remember(&self, stored: Vec<Stored>) -> Result<(), Closed> {
+    pub fn remember<'a>(&self, stored: impl IntoIterator<Item = Stored<'a>>) -> Result<(), Closed> {
         let senders = self
             .queues
             .senders
@@ -275,10 +285,10 @@ impl IngestHandle {
         let Some(senders) = senders.as_ref() else {
             return Err(Closed);
         };
-        let mut parts: Vec<Vec<Stored>> = vec![Vec::new(); senders.len()];
+        let mut parts: Vec<Vec<(Key, i64)>> = vec![Vec::new(); senders.len()];
         for s in stored {
-            let topic = format!("devices/{}/telemetry", s.device_id);
-            parts[decoder_for(topic.as_bytes(), senders.len())].push(s);
+            parts[decoder_of(s.device_id.as_bytes(), senders.len())]
+                .push((key(s.device_id, s.ts_ns), s.received_at_ns));
         }
         for (sender, part) in senders.iter().zip(parts) {
             if !part.is_empty() {
@@ -718,9 +728,8 @@ impl Worker {
                 return meeting.arrive();
             }
             Item::Stored(stored) => {
-                for s in stored {
-                    self.dedup
-                        .first(key(&s.device_id, s.ts_ns), s.received_at_ns);
+                for (key, arrived_ns) in stored {
+                    self.dedup.first(key, arrived_ns);
                 }
                 return;
             }
@@ -1169,8 +1178,8 @@ mod tests {
             .unwrap();
         // Remembered from storage (as at a start): a duplicate too.
         handle
-            .remember(vec![Stored {
-                device_id: "d3".into(),
+            .remember([Stored {
+                device_id: "d3",
                 ts_ns: 1_705_314_605_000_000_000,
                 received_at_ns: 1_705_314_660_000_000_000,
             }])
