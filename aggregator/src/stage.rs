@@ -229,15 +229,10 @@ impl Aggregator {
         metrics
             .queue_capacity
             .set(config.queue_batches.max(1) as i64);
-        let mut windows = config.windows.map(Windows::new);
-        let mut alerts = Alerts::new(std::mem::take(&mut config.rules));
-        if let Some(store) = &config.state {
-            if let Some(windows) = &mut windows {
-                windows.restore(crate::state::take(store.as_ref()), wall_ns());
-            }
-            alerts.restore(crate::state::take_alerts(store.as_ref()), wall_ns());
-        }
-        let stage = Stage {
+        let windows = config.windows.map(Windows::new);
+        let alerts = Alerts::new(std::mem::take(&mut config.rules));
+        let restore = config.state.clone();
+        let mut stage = Stage {
             windows,
             alerts,
             output,
@@ -248,7 +243,19 @@ impl Aggregator {
         };
         let thread = std::thread::Builder::new()
             .name("aggregator".into())
-            .spawn(move || stage.run(rx))?;
+            .spawn(move || {
+                // On this thread, before the first batch: a million devices' state takes
+                // seconds to read, while the start goes on (the WAL's replay queues here).
+                if let Some(store) = restore {
+                    if let Some(windows) = &mut stage.windows {
+                        windows.restore(crate::state::take(store.as_ref()), wall_ns());
+                    }
+                    stage
+                        .alerts
+                        .restore(crate::state::take_alerts(store.as_ref()), wall_ns());
+                }
+                stage.run(rx)
+            })?;
         Ok(Aggregator {
             tx,
             thread: Mutex::new(Some(thread)),

@@ -95,7 +95,7 @@ pub(crate) fn save(
         .iter()
         .filter_map(|d| {
             d.rollup.as_ref().map(|r| ClosedWindow {
-                device: d.device.clone(),
+                device: d.device.as_str().into(),
                 end: r.start + rollup,
                 acc: r.clone(),
             })
@@ -116,8 +116,12 @@ pub(crate) fn save(
 pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
     let names = [DEVICES, SAMPLES, ROLLUPS];
     let loaded = take_set(store, WINDOWS_SET, &names, "window", |files| {
-        let mut saved = Vec::new();
-        let mut index = std::collections::HashMap::new();
+        let devices: usize = files[0].iter().map(|b| b.num_rows()).sum();
+        let mut saved = Vec::with_capacity(devices);
+        let mut index = std::collections::HashMap::with_capacity_and_hasher(
+            devices,
+            foldhash::fast::RandomState::default(),
+        );
         for batch in &files[0] {
             if batch.schema() != *DEVICES_SCHEMA {
                 return Err(format!("{DEVICES} has another schema than this version's"));
@@ -126,7 +130,7 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
             let max_event = batch.column(1).as_primitive::<Int64Type>();
             let watermark = batch.column(2).as_primitive::<Int64Type>();
             for row in 0..batch.num_rows() {
-                index.insert(names.value(row).to_owned(), saved.len());
+                index.insert(names.value(row), saved.len());
                 saved.push(SavedDevice {
                     device: names.value(row).into(),
                     max_event: max_event.value(row),
@@ -136,11 +140,22 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 });
             }
         }
-        let device_of = |name: &str, file: &str| {
-            index
-                .get(name)
-                .copied()
-                .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))
+        // Samples and rollups were saved device by device: a row of the device before
+        // needs no lookup.
+        let mut last: Option<(String, usize)> = None;
+        let mut device_of = |name: &str, file: &str| match &last {
+            Some((n, i)) if n == name => Ok::<usize, String>(*i),
+            _ => {
+                let i = index
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))?;
+                let mut n = last.take().map(|(n, _)| n).unwrap_or_default();
+                n.clear();
+                n.push_str(name);
+                last = Some((n, i));
+                Ok(i)
+            }
         };
         for batch in &files[1] {
             if batch.schema() != sluice_ingest::telemetry_schema() {

@@ -13,6 +13,7 @@
 //! Time is passed in (`now`, ns since the epoch), so all of this is tested without
 //! sleeping.
 
+use smol_str::SmolStr;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -142,10 +143,11 @@ pub struct Windows {
     rollup: i64,
     lateness: i64,
     idle: i64,
-    /// Device id → position in `devices` (small buckets: the map doubles when it grows).
-    index: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    /// Device id → position in `devices` (ids held inline: a lookup reads no other memory
+    /// than the bucket until it reaches the device).
+    index: HashMap<SmolStr, u32, foldhash::fast::RandomState>,
     /// Ids by position, so a pass over every device reads memory in order.
-    names: Vec<Box<str>>,
+    names: Vec<SmolStr>,
     devices: Vec<Device>,
     buffered: usize,
 }
@@ -161,7 +163,7 @@ fn floor(ts: i64, size: i64) -> i64 {
 /// What a device's windows need to carry on after a restart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedDevice {
-    pub device: Box<str>,
+    pub device: SmolStr,
     pub max_event: i64,
     pub watermark: i64,
     /// Readings of the windows still open.
@@ -199,8 +201,9 @@ impl Windows {
             Some(&i) => i as usize,
             None => {
                 let i = self.devices.len();
-                self.index.insert(name.into(), i as u32);
-                self.names.push(name.into());
+                let name = SmolStr::new(name);
+                self.index.insert(name.clone(), i as u32);
+                self.names.push(name);
                 self.devices.push(Device {
                     max_event: i64::MIN,
                     last_seen: now,
@@ -280,6 +283,9 @@ impl Windows {
     /// Takes back saved state. Every device counts as seen `now`: the idle rule starts
     /// afresh, so a restart does not close windows of devices that kept sending meanwhile.
     pub fn restore(&mut self, saved: Vec<SavedDevice>, now: i64) {
+        self.index.reserve(saved.len());
+        self.names.reserve(saved.len());
+        self.devices.reserve(saved.len());
         for s in saved {
             let i = self.device(&s.device, now);
             let device = &mut self.devices[i];
