@@ -751,7 +751,9 @@ fn restart(args: &Args) {
     let stop = Arc::new(AtomicBool::new(false));
     let loadgen = {
         let stop = stop.clone();
-        let config = loadgen_config(&mqtt, args.devices, args.rate, args.connections);
+        let mut config = loadgen_config(&mqtt, args.devices, args.rate, args.connections);
+        // Until the kill: the run's length is the checkpoints', not the loadgen's.
+        config.duration = None;
         std::thread::spawn(move || run_until(config, stop))
     };
 
