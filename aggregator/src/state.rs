@@ -141,21 +141,24 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
             }
         }
         // Samples and rollups were saved device by device: a row of the device before
-        // needs no lookup.
-        let mut last: Option<(String, usize)> = None;
-        let mut device_of = |name: &str, file: &str| match &last {
-            Some((n, i)) if n == name => Ok::<usize, String>(*i),
-            _ => {
-                let i = index
-                    .get(name)
-                    .copied()
-                    .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))?;
-                let mut n = last.take().map(|(n, _)| n).unwrap_or_default();
-                n.clear();
-                n.push_str(name);
-                last = Some((n, i));
-                Ok(i)
+        // (the one `last` points at) needs no lookup.
+        let mut last: Option<usize> = None;
+        let device_of = |saved: &[SavedDevice],
+                         last: &mut Option<usize>,
+                         name: &str,
+                         file: &str|
+         -> Result<usize, String> {
+            if let Some(i) = *last
+                && saved[i].device.as_str() == name
+            {
+                return Ok(i);
             }
+            let i = index
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))?;
+            *last = Some(i);
+            Ok(i)
         };
         for batch in &files[1] {
             if batch.schema() != sluice_ingest::telemetry_schema() {
@@ -165,7 +168,7 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
             let mut extras = Vec::new();
             for row in 0..batch.num_rows() {
                 let observation = columns.observation(row, &mut extras);
-                let i = device_of(observation.device, SAMPLES)?;
+                let i = device_of(&saved, &mut last, observation.device, SAMPLES)?;
                 saved[i].samples.push(Sample::of(&observation));
             }
         }
@@ -174,7 +177,7 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 return Err(format!("{ROLLUPS} has another schema than this version's"));
             }
             for (device, acc) in windows_from_batch(batch) {
-                let i = device_of(&device, ROLLUPS)?;
+                let i = device_of(&saved, &mut last, &device, ROLLUPS)?;
                 saved[i].rollup = Some(acc);
             }
         }
