@@ -8,17 +8,22 @@
 //! file again, back to the last durable length), and the writer goes on with the next
 //! appends: a full disk withholds acknowledgements until space comes back.
 //!
+//! An append does not wake the writer while a group is open: the writer sleeps until the
+//! group is due and then takes every append queued meanwhile. Only the first append to a
+//! quiet log, and the one that makes a group big enough, wake it (under load that is one
+//! wake-up a group instead of one an append, and no spinning in a channel's receive).
+//!
 //! The writer moves to a new segment once the current one holds `segment_bytes`, and
 //! when asked ([`GroupCommit::rotate`], a checkpoint): every append queued before the
 //! request is in an older segment, every later one in the new segment or after.
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tokio::sync::oneshot;
 
 /// Where a segment's bytes go: the file, or a test's stand-in.
@@ -173,8 +178,30 @@ impl Group {
 pub struct GroupCommit {
     tx: Option<Sender<Op>>,
     thread: Option<JoinHandle<()>>,
+    wake: Arc<Wake>,
+    /// `SyncPolicy::bytes`: an append that brings the unsynced bytes to it wakes the
+    /// writer.
+    group_bytes: usize,
     healthy: Arc<AtomicBool>,
     current: Arc<AtomicU64>,
+}
+
+/// When an append wakes the writer thread.
+struct Wake {
+    /// Set by the writer before it sleeps with nothing to sync: the next append wakes it.
+    idle: AtomicBool,
+    /// Bytes appended and not yet synced (or failed).
+    unsynced: AtomicUsize,
+    /// The writer's thread, once started.
+    thread: std::sync::OnceLock<Thread>,
+}
+
+impl Wake {
+    fn unpark(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
 }
 
 impl GroupCommit {
@@ -186,6 +213,11 @@ impl GroupCommit {
     ) -> io::Result<GroupCommit> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let healthy = Arc::new(AtomicBool::new(true));
+        let wake = Arc::new(Wake {
+            idle: AtomicBool::new(false),
+            unsynced: AtomicUsize::new(0),
+            thread: std::sync::OnceLock::new(),
+        });
         let current_id = Arc::new(AtomicU64::new(current.id));
         let writer = Writer {
             current: current_id.clone(),
@@ -201,13 +233,17 @@ impl GroupCommit {
             failed: None,
             broken: None,
             healthy: healthy.clone(),
+            wake: wake.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || writer.run(rx))?;
+        let _ = wake.thread.set(thread.thread().clone());
         Ok(GroupCommit {
             tx: Some(tx),
             thread: Some(thread),
+            wake,
+            group_bytes: policy.bytes,
             healthy,
             current: current_id,
         })
@@ -218,13 +254,24 @@ impl GroupCommit {
     pub fn append(&self, bytes: Vec<u8>) -> Durable {
         let (done, answer) = oneshot::channel();
         let durable = Durable(answer);
+        let len = bytes.len();
         let op = Op::Append { bytes, done };
         match &self.tx {
             Some(tx) => {
+                // Counted before it is sent, so that the writer, which takes it off once
+                // the record is synced, never sees it taken off first.
+                let before = self.wake.unsynced.fetch_add(len, Ordering::SeqCst);
                 if let Err(e) = tx.send(op)
                     && let Op::Append { done, .. } = e.into_inner()
                 {
+                    self.wake.unsynced.fetch_sub(len, Ordering::SeqCst);
                     let _ = done.send(Err(AppendError::Closed));
+                    return durable;
+                }
+                let big_enough =
+                    before < self.group_bytes && before.saturating_add(len) >= self.group_bytes;
+                if self.wake.idle.swap(false, Ordering::SeqCst) || big_enough {
+                    self.wake.unpark();
                 }
             }
             None => {
@@ -240,11 +287,15 @@ impl GroupCommit {
     /// once the older segments are synced. Never waits itself.
     pub fn rotate(&self) -> oneshot::Receiver<io::Result<u64>> {
         let (reply, answer) = oneshot::channel();
-        if let Some(tx) = &self.tx
-            && let Err(e) = tx.send(Op::Rotate(reply))
-            && let Op::Rotate(reply) = e.into_inner()
-        {
-            let _ = reply.send(Err(io::Error::other("the write-ahead log is closed")));
+        if let Some(tx) = &self.tx {
+            match tx.send(Op::Rotate(reply)) {
+                Ok(()) => self.wake.unpark(),
+                Err(e) => {
+                    if let Op::Rotate(reply) = e.into_inner() {
+                        let _ = reply.send(Err(io::Error::other("the write-ahead log is closed")));
+                    }
+                }
+            }
         }
         answer
     }
@@ -268,6 +319,7 @@ impl GroupCommit {
     /// Syncs what is queued, answers every waiter and stops the thread.
     pub fn close(&mut self) {
         self.tx = None;
+        self.wake.unpark();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -303,48 +355,62 @@ struct Writer {
     /// segment.
     broken: Option<String>,
     healthy: Arc<AtomicBool>,
+    wake: Arc<Wake>,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Op>) {
         let mut open = true;
-        while open || !self.waiting.is_empty() {
-            let unhealthy = !self.healthy.load(Ordering::Relaxed);
-            let next = match self.group.due() {
-                // Failing with nothing to do: try the disk now and then, so that the log
-                // (and `/ready`) recovers when space comes back even if no client sends.
-                None if open && unhealthy => match rx.recv_timeout(PROBE_EVERY) {
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.probe();
-                        continue;
+        loop {
+            // Everything queued, in order.
+            while open {
+                match rx.try_recv() {
+                    Ok(Op::Append { bytes, done }) => self.write(&bytes, done),
+                    Ok(Op::Rotate(reply)) => {
+                        self.sync();
+                        let _ = reply.send(self.next_segment());
                     }
-                    other => other,
-                },
-                None if open => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                None => Err(RecvTimeoutError::Disconnected),
-                Some(due) if open => rx.recv_deadline(due),
-                Some(_) => Err(RecvTimeoutError::Timeout),
-            };
-            match next {
-                Ok(Op::Append { bytes, done }) => {
-                    self.write(&bytes, done);
-                    if self.group.due().is_some_and(|due| due > Instant::now()) {
-                        continue;
-                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
                 }
-                Ok(Op::Rotate(reply)) => {
-                    self.sync();
-                    let _ = reply.send(self.next_segment());
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => open = false,
-                Err(RecvTimeoutError::Timeout) => {}
             }
-            self.sync();
-            if self.written >= self.policy.segment_bytes
-                && let Err(e) = self.next_segment()
-            {
-                tracing::error!(error = %e, segment = self.id, "cannot start the next WAL segment: the current one grows on");
+            let now = Instant::now();
+            match self.group.due() {
+                Some(due) if due <= now || !open => {
+                    self.sync();
+                    if self.written >= self.policy.segment_bytes
+                        && let Err(e) = self.next_segment()
+                    {
+                        tracing::error!(error = %e, segment = self.id, "cannot start the next WAL segment: the current one grows on");
+                    }
+                }
+                // Appends meanwhile do not wake the writer, unless they make the group
+                // big enough.
+                Some(due) => std::thread::park_timeout(due - now),
+                None if !open => return,
+                None => {
+                    // Nothing waits: the next append wakes the writer. Idle is set before
+                    // the queue is looked at once more, so an append either is seen here
+                    // or sees idle and wakes it.
+                    self.wake.idle.store(true, Ordering::SeqCst);
+                    if !rx.is_empty() {
+                        self.wake.idle.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                    if self.healthy.load(Ordering::Relaxed) {
+                        std::thread::park();
+                        self.wake.idle.store(false, Ordering::SeqCst);
+                    } else {
+                        // Failing with nothing to do: try the disk now and then, so that
+                        // the log (and `/ready`) recovers when space comes back even if no
+                        // client sends.
+                        std::thread::park_timeout(PROBE_EVERY);
+                        self.wake.idle.store(false, Ordering::SeqCst);
+                        if rx.is_empty() && now.elapsed() >= PROBE_EVERY {
+                            self.probe();
+                        }
+                    }
+                }
             }
         }
     }
@@ -413,6 +479,9 @@ impl Writer {
         for done in self.waiting.drain(..) {
             let _ = done.send(outcome.clone());
         }
+        self.wake
+            .unsynced
+            .fetch_sub(self.group.bytes, Ordering::SeqCst);
         self.group.synced(Instant::now());
     }
 
