@@ -876,6 +876,11 @@ impl Conn {
             if let Err(close) = self.flush_router().await {
                 return Ending::from(close);
             }
+            // Deliveries that became durable together (one WAL group) are acknowledged
+            // in one write.
+            if let Err(ending) = self.take_durable().await {
+                return ending;
+            }
             if self.write.is_empty() {
                 continue;
             }
@@ -1214,6 +1219,17 @@ impl Conn {
                 Err(self.refuse(close, n))
             }
         }
+    }
+
+    /// Takes every delivery that is durable by now, without waiting.
+    async fn take_durable(&mut self) -> Result<(), Ending> {
+        while !self.durable.is_empty() {
+            match futures::poll!(self.durable.next()) {
+                std::task::Poll::Ready(Some(done)) => self.on_durable(done)?,
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every delivery is durable (or the first that cannot be).
