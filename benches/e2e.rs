@@ -28,6 +28,11 @@ use sluice_loadgen::{LoadgenConfig, Progress, Report};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+/// How long the stored count may stand still before what is missing counts as lost: a
+/// checkpoint under overload holds the decoders for up to its cut timeout (5 s), during
+/// which nothing new becomes visible.
+const SETTLE_STALL: Duration = Duration::from_secs(30);
+
 struct Args {
     scenario: String,
     devices: u64,
@@ -152,9 +157,11 @@ impl Sluice {
     }
 
     /// Waits until the stored count reaches `want` or stops moving for 5 s.
+    /// The rows stored once `want` are, or once the count stopped moving for
+    /// [`SETTLE_STALL`] (then the difference is lost).
     fn settle(&self, want: u64) -> u64 {
         let mut last = (self.count(), Instant::now());
-        while last.0 < want && last.1.elapsed() < Duration::from_secs(5) {
+        while last.0 < want && last.1.elapsed() < SETTLE_STALL {
             std::thread::sleep(Duration::from_millis(100));
             let now = self.count();
             if now != last.0 {

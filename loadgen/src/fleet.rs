@@ -35,9 +35,10 @@ struct State {
 
 /// A set of devices with consecutive indices, simulated by one connection.
 pub struct Fleet {
-    seed: u64,
     anomaly_rate: f64,
     indices: Vec<u64>,
+    /// Drawn once per device (a reading would otherwise seed a generator again).
+    traits: Vec<Traits>,
     states: Vec<State>,
     rng: ChaCha8Rng,
 }
@@ -136,9 +137,9 @@ impl Fleet {
             })
             .collect();
         Fleet {
-            seed,
             anomaly_rate: 0.0,
             rng: ChaCha8Rng::seed_from_u64(seed ^ indices.first().copied().unwrap_or(0)),
+            traits: indices.iter().map(|&i| traits(seed, i)).collect(),
             indices,
             states,
         }
@@ -162,7 +163,7 @@ impl Fleet {
     /// The next reading of the `slot`-th device of this fleet, at `unix_seconds`.
     pub fn next_reading(&mut self, slot: usize, unix_seconds: f64) -> Reading {
         let index = self.indices[slot];
-        let traits = traits(self.seed, index);
+        let traits = &self.traits[slot];
         let state = &mut self.states[slot];
         state.temperature_walk =
             (state.temperature_walk + self.rng.random_range(-0.2f32..0.2)).clamp(-4.0, 4.0);

@@ -9,7 +9,7 @@ mod fleet;
 mod mqtt;
 mod schedule;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -289,7 +289,7 @@ pub async fn run(
         let indices = (0..schedule.devices)
             .map(|slot| Schedule::device_index(c, connections, slot))
             .collect();
-        let options = mqtt::Options {
+        let options = Options {
             protocol: config.protocol,
             client_id: format!("{}-{c}", config.client_id_prefix),
             host: host.clone(),
@@ -374,26 +374,43 @@ struct Connection {
     broker: String,
 }
 
-/// State shared by a connection's sender and its event loop.
+/// Where a connection connects, and how.
+struct Options {
+    protocol: Protocol,
+    client_id: String,
+    host: String,
+    port: u16,
+    max_inflight: u16,
+}
+
+/// Bytes of PUBLISH packets written at once at most.
+const WRITE_BYTES: usize = 64 * 1024;
+/// A connection writes at most this often: what became due meanwhile goes in one write,
+/// as a gateway forwarding many devices does (latency is still measured from each
+/// message's scheduled time, so the wait counts against the broker's figures, not for
+/// them). Without it, a broker that answers every write at once has the connection
+/// write a few messages at a time, tens of thousands of times a second.
+const WRITE_EVERY: Duration = Duration::from_millis(1);
+/// How often a waiting connection looks at the stop flag and the end of the run.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How long a lost connection waits before it connects again.
+const RECONNECT_AFTER: Duration = Duration::from_millis(200);
+/// How long a run waits for the acknowledgements still outstanding at its end.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Messages encoded and not yet written, with their packet ids and scheduled times.
 #[derive(Default)]
-struct InFlight {
-    /// Scheduled times of messages handed to the client, not yet written.
-    queued: VecDeque<Instant>,
-    /// Scheduled times of QoS 1 messages written, by packet id, awaiting PUBACK.
-    unacked: HashMap<u16, Instant>,
-    /// The connection failed and has not been accepted again: nothing outstanding will
-    /// be acknowledged, and the client may not take new messages.
-    lost: bool,
+struct Outbox {
+    bytes: bytes::BytesMut,
+    messages: Vec<(u16, Instant)>,
 }
 
 impl Connection {
     async fn run(
         mut self,
-        options: mqtt::Options,
+        options: Options,
         connecting: Arc<tokio::sync::Semaphore>,
     ) -> Result<(), LoadgenError> {
-        let in_flight = Arc::new(Mutex::new(InFlight::default()));
-
         // Connect first, so a broker that is not there is an error, not a silent stall.
         // Only a few connections connect at once (a broker's listen backlog is small),
         // and a refused or timed-out attempt is retried a few times.
@@ -404,34 +421,26 @@ impl Connection {
         let mut attempts = 0;
         let connected = loop {
             attempts += 1;
-            // A fresh client id per attempt: rumqttd 0.20 panics when a client id comes
-            // back after a failed connection setup (see ARCHITECTURE.md).
-            let (client, mut eventloop) = mqtt::client(&mqtt::Options {
-                client_id: match attempts {
-                    1 => options.client_id.clone(),
-                    n => format!("{}-retry{n}", options.client_id),
-                },
-                host: options.host.clone(),
-                ..options
-            });
-            let attempt = tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    if let mqtt::Event::ConnAck = eventloop.poll().await? {
-                        return Ok::<(), String>(());
-                    }
-                }
-            })
+            // A fresh client id per attempt: a broker may still hold the last one.
+            let client_id = match attempts {
+                1 => options.client_id.clone(),
+                n => format!("{}-retry{n}", options.client_id),
+            };
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(10),
+                mqtt::connect(&options.host, options.port, options.protocol, &client_id),
+            )
             .await
             .unwrap_or_else(|_| Err("no CONNACK within 10 s".into()));
             match attempt {
-                Ok(()) => break Ok((client, eventloop)),
+                Ok(connection) => break Ok(connection),
                 Err(detail) if attempts >= CONNECT_ATTEMPTS => break Err(detail),
                 Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempts)).await,
             }
         };
         drop(permit);
-        let (client, eventloop) = match connected {
-            Ok(connection) => connection,
+        let mut link = match connected {
+            Ok(connection) => Some(connection),
             Err(detail) => {
                 return Err(LoadgenError::Connect {
                     broker: self.broker,
@@ -443,173 +452,288 @@ impl Connection {
         // a while, and latency is measured from the schedule.
         self.started = Instant::now();
         self.wall_start = SystemTime::now();
+        let end = self.duration.map(|d| self.started + d);
 
-        let mut events = tokio::spawn(event_loop(
-            eventloop,
-            self.qos1,
-            in_flight.clone(),
-            self.progress.clone(),
-        ));
-
+        let window = |link: &Option<mqtt::Connection>| {
+            let receive_maximum = link.as_ref().map_or(u16::MAX, |l| l.receive_maximum);
+            usize::from(options.max_inflight.min(receive_maximum))
+        };
+        let mut state = Flow {
+            in_flight: HashMap::with_capacity(usize::from(options.max_inflight)),
+            outbox: Outbox::default(),
+            next_pkid: 1,
+            histogram: new_histogram(),
+            merged_at: Instant::now(),
+            last_write: Instant::now(),
+        };
         let mut j: u64 = 0;
+        let mut reconnect_at = Instant::now();
         loop {
-            let due = self.schedule.due(j);
-            if self.duration.is_some_and(|d| due >= d) || self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let room = window(&link);
+            let full = self.qos1 && state.in_flight.len() + state.outbox.messages.len() >= room;
+            // Past the end, what is due is still sent, unless it cannot be.
+            let over = end.is_some_and(|end| now >= end);
+            if self.stop.load(Ordering::Relaxed) || (over && (link.is_none() || full)) {
                 break;
             }
-            let due_at = self.started + due;
-            if due_at > Instant::now() {
-                // Wake at least every 100 ms so a stop is honoured at low rates too.
-                let wake = due_at.min(Instant::now() + Duration::from_millis(100));
-                tokio::time::sleep_until(wake.into()).await;
-                if wake < due_at {
-                    continue;
+            // Everything due by now, as far as the window allows.
+            let mut made = 0;
+            while state.outbox.bytes.len() < WRITE_BYTES
+                && (!self.qos1 || state.in_flight.len() + state.outbox.messages.len() < room)
+            {
+                let due = self.schedule.due(j);
+                if self.duration.is_some_and(|d| due >= d) || self.started + due > now {
+                    break;
                 }
+                self.encode(j, &mut state, options.protocol);
+                j += 1;
+                made += 1;
             }
-            let slot = self.schedule.slot(j) as usize;
-            let wall = self.wall_start + due;
-            let unix = wall
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            let reading = self.fleet.next_reading(slot, unix);
-            let id = device_id(reading.device_index);
-            let timestamp = chrono::DateTime::<chrono::Utc>::from(wall)
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let malformed = self.bad_rate > 0.0 && self.rng.random_range(0.0..1.0) < self.bad_rate;
-            let (topic, payload) = if malformed {
-                let kind = self.progress.bad.fetch_add(1, Ordering::Relaxed) as usize;
-                bad_message(kind, &id, &timestamp)
-            } else {
-                (
-                    format!("devices/{id}/telemetry"),
-                    self.fleet.payload(&reading, &id, &timestamp),
-                )
-            };
-            in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .queued
-                .push_back(due_at);
-            // The client takes a message only while its event loop drains its queue; with
-            // the broker gone it never does, so the wait is bounded by the run's end and
-            // the stop flag.
-            let publish = client.publish(topic, self.qos1, payload);
-            tokio::pin!(publish);
-            let published = loop {
-                tokio::select! {
-                    published = &mut publish => break Some(published),
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {
-                        let over = self.duration.is_some_and(|d| self.started.elapsed() >= d);
-                        if over || self.stop.load(Ordering::Relaxed) {
-                            break None;
+            self.progress.sent.fetch_add(made, Ordering::Relaxed);
+            let schedule_done = self.duration.is_some_and(|d| self.schedule.due(j) >= d);
+            if schedule_done && state.outbox.messages.is_empty() {
+                break;
+            }
+
+            if let Some(connection) = link.as_mut() {
+                let keep_alive = now >= state.last_write + mqtt::KEEP_ALIVE / 2;
+                let ready = state.outbox.bytes.len() >= WRITE_BYTES
+                    || (!state.outbox.bytes.is_empty() && now >= state.last_write + WRITE_EVERY);
+                if ready || keep_alive {
+                    let written = if state.outbox.bytes.is_empty() {
+                        connection.ping().await
+                    } else {
+                        write_until(connection, &state.outbox.bytes, end, &self.stop).await
+                    };
+                    match written {
+                        Ok(()) => state.written(self.qos1, &self.progress),
+                        Err(_) => {
+                            link = None;
+                            self.lost(&mut state);
+                            reconnect_at = Instant::now() + RECONNECT_AFTER;
+                            continue;
                         }
                     }
                 }
-            };
-            match published {
-                Some(Ok(())) => {}
-                // The event loop ended, or the run is over with the broker not taking
-                // messages: this one was never sent, so it awaits nothing.
-                Some(Err(_)) | None => {
-                    in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .queued
-                        .pop_back();
-                    break;
+            }
+
+            // Wait for the next message, an acknowledgement, the keep alive or a stop.
+            let mut wake = Instant::now() + STOP_CHECK;
+            if !state.outbox.messages.is_empty() {
+                wake = wake.min(state.last_write + WRITE_EVERY);
+            } else if !schedule_done && (!self.qos1 || state.in_flight.len() < window(&link)) {
+                wake = wake
+                    .min((self.started + self.schedule.due(j)).max(state.last_write + WRITE_EVERY));
+            }
+            match link.as_mut() {
+                Some(connection) => {
+                    wake = wake.min(state.last_write + mqtt::KEEP_ALIVE / 2);
+                    let read = tokio::select! {
+                        read = connection.read() => Some(read),
+                        () = tokio::time::sleep_until(wake.into()) => None,
+                    };
+                    let alive = match read {
+                        None => true,
+                        Some(Ok(true)) => state.take_events(connection, &self.progress),
+                        Some(Ok(false) | Err(_)) => false,
+                    };
+                    if !alive {
+                        link = None;
+                        self.lost(&mut state);
+                        reconnect_at = Instant::now() + RECONNECT_AFTER;
+                    }
+                }
+                None => {
+                    tokio::time::sleep_until(wake.min(reconnect_at).into()).await;
+                    if Instant::now() >= reconnect_at {
+                        match tokio::time::timeout(
+                            Duration::from_secs(1),
+                            mqtt::connect(
+                                &options.host,
+                                options.port,
+                                options.protocol,
+                                &options.client_id,
+                            ),
+                        )
+                        .await
+                        {
+                            Ok(Ok(connection)) => link = Some(connection),
+                            Ok(Err(_)) | Err(_) => {
+                                self.progress.errors.fetch_add(1, Ordering::Relaxed);
+                                reconnect_at = Instant::now() + RECONNECT_AFTER;
+                            }
+                        }
+                    }
                 }
             }
-            self.progress.sent.fetch_add(1, Ordering::Relaxed);
-            j += 1;
+            state.merge(&self.progress, false);
         }
 
         // Let outstanding QoS 1 messages be acknowledged (unless the connection is lost:
         // then none will be), then leave cleanly.
-        let drain_deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < drain_deadline {
-            let settled = {
-                let state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                state.lost || (state.queued.is_empty() && state.unacked.is_empty())
-            };
-            if settled {
-                break;
+        if let Some(mut connection) = link {
+            let deadline = Instant::now() + DRAIN;
+            let mut alive = true;
+            while alive && !state.in_flight.is_empty() && Instant::now() < deadline {
+                alive = tokio::select! {
+                    read = connection.read() => match read {
+                        Ok(true) => state.take_events(&mut connection, &self.progress),
+                        Ok(false) | Err(_) => false,
+                    },
+                    () = tokio::time::sleep_until(deadline.into()) => true,
+                };
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if alive {
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection.disconnect()).await;
+            }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
-        let lost = in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost;
-        if !lost {
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut events).await;
-        }
-        // A lost connection's event loop keeps trying to reconnect: it ends here.
-        events.abort();
+        state.merge(&self.progress, true);
         Ok(())
+    }
+
+    /// Makes message `j` and puts it into the outbox.
+    fn encode(&mut self, j: u64, state: &mut Flow, protocol: Protocol) {
+        let due = self.schedule.due(j);
+        let slot = self.schedule.slot(j) as usize;
+        let wall = self.wall_start + due;
+        let unix = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let reading = self.fleet.next_reading(slot, unix);
+        let id = device_id(reading.device_index);
+        let timestamp = chrono::DateTime::<chrono::Utc>::from(wall)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let malformed = self.bad_rate > 0.0 && self.rng.random_range(0.0..1.0) < self.bad_rate;
+        let (topic, payload) = if malformed {
+            let kind = self.progress.bad.fetch_add(1, Ordering::Relaxed) as usize;
+            bad_message(kind, &id, &timestamp)
+        } else {
+            (
+                format!("devices/{id}/telemetry"),
+                self.fleet.payload(&reading, &id, &timestamp),
+            )
+        };
+        let pkid = if self.qos1 { state.pkid() } else { 0 };
+        mqtt::encode_publish(
+            protocol,
+            &mut state.outbox.bytes,
+            topic,
+            payload,
+            self.qos1,
+            pkid,
+        );
+        state.outbox.messages.push((pkid, self.started + due));
+    }
+
+    /// The connection broke: what it had written and not seen acknowledged never will
+    /// be; what is encoded waits for the next connection.
+    fn lost(&self, state: &mut Flow) {
+        state.in_flight.clear();
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("loadgen connection lost; reconnecting");
     }
 }
 
-async fn event_loop(
-    mut eventloop: mqtt::EventLoop,
-    qos1: bool,
-    in_flight: Arc<Mutex<InFlight>>,
-    progress: Arc<Progress>,
-) {
-    let mut local = new_histogram();
-    let mut merged_at = Instant::now();
-    loop {
-        let event = eventloop.poll().await;
-        let now = Instant::now();
-        match event {
-            Ok(mqtt::Event::Published(pkid)) => {
-                let mut state = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(due) = state.queued.pop_front() {
-                    if !qos1 {
-                        drop(state);
-                        record(&mut local, now, due);
-                        progress.acked.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        state.unacked.insert(pkid, due);
-                    }
-                }
+/// A connection's messages on their way.
+struct Flow {
+    /// Scheduled times of QoS 1 messages written, by packet id, awaiting PUBACK.
+    in_flight: HashMap<u16, Instant>,
+    outbox: Outbox,
+    next_pkid: u16,
+    histogram: Histogram<u64>,
+    merged_at: Instant,
+    last_write: Instant,
+}
+
+impl Flow {
+    /// A packet id not in flight.
+    fn pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.in_flight.contains_key(&pkid) {
+                return pkid;
             }
-            Ok(mqtt::Event::PubAck(pkid)) => {
-                let due = in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unacked
-                    .remove(&pkid);
-                if let Some(due) = due {
-                    record(&mut local, now, due);
-                    progress.acked.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok(mqtt::Event::Refused(pkid, reason)) => {
-                in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unacked
-                    .remove(&pkid);
-                progress.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%reason, "the broker refused a message");
-            }
-            Ok(mqtt::Event::Disconnected) => break,
-            Ok(mqtt::Event::ConnAck) => {
-                in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost = false;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                in_flight.lock().unwrap_or_else(|p| p.into_inner()).lost = true;
-                progress.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "loadgen connection error; reconnecting");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        if now.duration_since(merged_at) >= Duration::from_millis(200) {
-            merge(&progress, &mut local);
-            merged_at = now;
         }
     }
-    merge(&progress, &mut local);
+
+    /// The outbox was written.
+    fn written(&mut self, qos1: bool, progress: &Progress) {
+        let now = Instant::now();
+        self.last_write = now;
+        self.outbox.bytes.clear();
+        if qos1 {
+            self.in_flight.extend(self.outbox.messages.drain(..));
+        } else {
+            let n = self.outbox.messages.len() as u64;
+            for (_, due) in self.outbox.messages.drain(..) {
+                record(&mut self.histogram, now, due);
+            }
+            progress.acked.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the acknowledgements read; false when the broker broke the connection.
+    fn take_events(&mut self, connection: &mut mqtt::Connection, progress: &Progress) -> bool {
+        let now = Instant::now();
+        let mut acked = 0;
+        let alive = loop {
+            match connection.next_event() {
+                Ok(Some(mqtt::Event::PubAck(pkid))) => {
+                    if let Some(due) = self.in_flight.remove(&pkid) {
+                        record(&mut self.histogram, now, due);
+                        acked += 1;
+                    }
+                }
+                Ok(Some(mqtt::Event::Refused(pkid, reason))) => {
+                    self.in_flight.remove(&pkid);
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%reason, "the broker refused a message");
+                }
+                Ok(Some(mqtt::Event::Other)) => {}
+                Ok(None) => break true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "loadgen connection ended by the broker");
+                    break false;
+                }
+            }
+        };
+        progress.acked.fetch_add(acked, Ordering::Relaxed);
+        alive
+    }
+
+    /// Hands the latencies recorded to the shared histogram now and then.
+    fn merge(&mut self, progress: &Progress, now_anyway: bool) {
+        let now = Instant::now();
+        if now_anyway || now.duration_since(self.merged_at) >= Duration::from_millis(200) {
+            merge(progress, &mut self.histogram);
+            self.merged_at = now;
+        }
+    }
+}
+
+/// Writes `bytes`, giving up when the run ends or is stopped (a broker that stopped
+/// reading would otherwise hold the run).
+async fn write_until(
+    connection: &mut mqtt::Connection,
+    bytes: &[u8],
+    end: Option<Instant>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let write = connection.write(bytes);
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            written = &mut write => return written,
+            () = tokio::time::sleep(STOP_CHECK) => {
+                if end.is_some_and(|end| Instant::now() >= end) || stop.load(Ordering::Relaxed) {
+                    return Err(std::io::Error::other("the run ended while writing"));
+                }
+            }
+        }
+    }
 }
 
 fn record(histogram: &mut Histogram<u64>, now: Instant, due: Instant) {
