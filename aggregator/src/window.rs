@@ -129,13 +129,16 @@ struct Device {
     /// their window closes: a handful of 48-byte readings take far less memory than a
     /// window's accumulators (296 bytes) when devices report every few seconds or less.
     samples: Vec<Sample>,
+    /// The end of the earliest window among `samples` (`i64::MAX` when there are none):
+    /// whether a window closes is one comparison, however many readings are buffered.
+    first_end: i64,
     /// The rollup window being built from closed windows.
     rollup: Option<Box<WindowAcc>>,
 }
 
 /// The open windows of every device.
 ///
-/// Memory per device (x86-64): 56 bytes here, the index entry and two copies of the id
+/// Memory per device (x86-64): 64 bytes here, the index entry and two copies of the id
 /// (~110), 48 bytes per buffered reading and ~310 for the rollup: about 650 bytes for a
 /// device reporting every 30 s with a minute of lateness (up to 5 readings buffered).
 pub struct Windows {
@@ -209,6 +212,7 @@ impl Windows {
                     last_seen: now,
                     watermark: i64::MIN,
                     samples: Vec::new(),
+                    first_end: i64::MAX,
                     rollup: None,
                 });
                 i
@@ -225,15 +229,22 @@ impl Windows {
         // silence must not reopen windows that were closed meanwhile.
         device.advance(now, lateness, idle);
         device.last_seen = now;
-        if floor(r.ts, size).saturating_add(size) <= device.watermark {
+        let end = floor(r.ts, size).saturating_add(size);
+        if end <= device.watermark {
             sink.late(r.device, r.ts, r.received_at);
             return false;
         }
         device.max_event = device.max_event.max(r.ts);
         if device.samples.len() == device.samples.capacity() {
-            device.samples.reserve_exact(2);
+            // By half of what is held (at least 2): few spare slots for a device that
+            // reports every 30 s, amortized growth for one that reports many times a
+            // window.
+            device
+                .samples
+                .reserve_exact((device.samples.len() / 2).max(2));
         }
         device.samples.push(Sample::of(r));
+        device.first_end = device.first_end.min(end);
         self.buffered += 1;
         device.advance(now, lateness, idle);
         self.buffered -= device.close(r.device, size, rollup, sink);
@@ -291,10 +302,17 @@ impl Windows {
             let device = &mut self.devices[i];
             self.buffered -= device.samples.len();
             self.buffered += s.samples.len();
+            let size = self.size;
             *device = Device {
                 max_event: s.max_event,
                 last_seen: now,
                 watermark: s.watermark,
+                first_end: s
+                    .samples
+                    .iter()
+                    .map(|x| floor(x.ts, size).saturating_add(size))
+                    .min()
+                    .unwrap_or(i64::MAX),
                 samples: s.samples,
                 rollup: s.rollup.map(Box::new),
             };
@@ -318,7 +336,7 @@ impl Device {
     fn close(&mut self, name: &str, size: i64, rollup: i64, sink: &mut impl WindowSink) -> usize {
         let closes = |s: &Sample| floor(s.ts, size).saturating_add(size) <= self.watermark;
         let mut used = 0;
-        if self.samples.iter().any(closes) {
+        if self.first_end <= self.watermark {
             // Stable: arrival order is kept within a window (it breaks first/last ties).
             self.samples.sort_by_key(|s| floor(s.ts, size));
             used = self.samples.partition_point(closes);
@@ -352,7 +370,12 @@ impl Device {
                 }
             }
             self.samples.drain(..used);
-            if self.samples.capacity() > self.samples.len() + 4 {
+            // Sorted by window: the first one left is the earliest.
+            self.first_end = self
+                .samples
+                .first()
+                .map_or(i64::MAX, |s| floor(s.ts, size).saturating_add(size));
+            if self.samples.capacity() > 2 * self.samples.len() + 4 {
                 self.samples.shrink_to(self.samples.len() + 2);
             }
         }
