@@ -245,11 +245,17 @@ impl Wal {
 
     /// Appends records in order; never waits. The future resolves when they are durable
     /// (with `sync = off`: when written to the operating system).
-    pub fn append<'a>(
+    pub fn append<'a, I>(
         &self,
-        records: impl IntoIterator<Item = Record<'a>>,
-    ) -> impl std::future::Future<Output = Result<(), AppendError>> + Send + 'static {
-        let mut bytes = Vec::new();
+        records: I,
+    ) -> impl std::future::Future<Output = Result<(), AppendError>> + Send + 'static
+    where
+        I: IntoIterator<Item = Record<'a>>,
+        I::IntoIter: Clone,
+    {
+        let records = records.into_iter();
+        // Sized once: growing it record by record copied the bytes already encoded.
+        let mut bytes = Vec::with_capacity(records.clone().map(|r| record::framed_len(&r)).sum());
         let mut count = 0u64;
         let mut len = 0u64;
         let mut refused = None;
