@@ -9,7 +9,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{Packet, Protocol};
@@ -113,6 +113,14 @@ impl Codec {
     }
 
     /// Appends `packet` to `buf`. Properties are dropped for MQTT 3.1.1, which has none.
+    /// A successful PUBACK: the same four bytes in both versions (MQTT 5 leaves out the
+    /// reason code and properties when it is Success and there are none [MQTT-3.4.2.1]).
+    pub(crate) fn write_puback(&self, pkid: u16, buf: &mut BytesMut) {
+        buf.put_u8(0x40);
+        buf.put_u8(2);
+        buf.put_u16(pkid);
+    }
+
     pub(crate) fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<(), String> {
         let version = self.version;
         let packet = match version {

@@ -31,9 +31,9 @@ use futures::StreamExt;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectProperties, ConnectReturnCode, Disconnect,
     DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet,
-    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    PingResp, PubComp, PubCompReason, PubRec, PubRecReason, PublishProperties, RetainForwardRule,
+    SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    Unsubscribe,
 };
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -697,11 +697,26 @@ impl WritePace {
 
 /// One acknowledgement owed to the client, in the order of the packets it answers.
 struct Slot {
-    packet: Option<Packet>,
+    ack: Ack,
     /// Conditions still to be met: the pipeline took the message, the router answered.
     waiting: u16,
     /// Counted in the QoS 1 messages awaiting their PUBACK.
     qos1: bool,
+}
+
+/// What a slot sends once its conditions are met.
+enum Ack {
+    Nothing,
+    /// A successful PUBACK, the packet nearly every slot holds: kept as its id (a
+    /// `Packet` is a few hundred bytes, moved on every push and pop).
+    PubAck(u16),
+    Packet(Box<Packet>),
+}
+
+impl From<Packet> for Ack {
+    fn from(packet: Packet) -> Ack {
+        Ack::Packet(Box::new(packet))
+    }
 }
 
 /// An answer awaited from the router on this connection's link, in the order the
@@ -949,13 +964,14 @@ impl Conn {
                         PubCompReason::PacketIdentifierNotFound
                     };
                     self.slot(
-                        Some(Packet::PubComp(
+                        Packet::PubComp(
                             PubComp {
                                 pkid: rel.pkid,
                                 reason,
                             },
                             None,
-                        )),
+                        )
+                        .into(),
                         0,
                         false,
                     );
@@ -1089,7 +1105,7 @@ impl Conn {
                 pkid,
                 reason: PubRecReason::Success,
             };
-            self.slot(Some(Packet::PubRec(rec, None)), 0, false);
+            self.slot(Packet::PubRec(rec, None).into(), 0, false);
             return Ok(());
         }
 
@@ -1114,21 +1130,16 @@ impl Conn {
             });
         }
         let ack = match qos {
-            1 => Some(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )),
-            2 => Some(Packet::PubRec(
+            1 => Ack::PubAck(pkid),
+            2 => Packet::PubRec(
                 PubRec {
                     pkid,
                     reason: PubRecReason::Success,
                 },
                 None,
-            )),
-            _ => None,
+            )
+            .into(),
+            _ => Ack::Nothing,
         };
         let seq = self.slot(ack, 1, qos == 1);
         if qos == 1 {
@@ -1416,7 +1427,7 @@ impl Conn {
             pkid: subscribe.pkid,
             return_codes: codes,
         };
-        let at = self.slot(Some(Packet::SubAck(suback, None)), waiting, false);
+        let at = self.slot(Packet::SubAck(suback, None).into(), waiting, false);
         debug_assert_eq!(at, seq);
         self.expect.extend(expects);
         self.to_router.extend(packets);
@@ -1458,7 +1469,7 @@ impl Conn {
             pkid: unsubscribe.pkid,
             reasons,
         };
-        let at = self.slot(Some(Packet::UnsubAck(unsuback, None)), waiting, false);
+        let at = self.slot(Packet::UnsubAck(unsuback, None).into(), waiting, false);
         debug_assert_eq!(at, seq);
         Ok(())
     }
@@ -1561,7 +1572,8 @@ impl Conn {
                     SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified
                 );
                 if let Some(s) = self.slot_mut(slot)
-                    && let Some(Packet::SubAck(ack, _)) = &mut s.packet
+                    && let Ack::Packet(packet) = &mut s.ack
+                    && let Packet::SubAck(ack, _) = &mut **packet
                     && let Some(c) = ack.return_codes.get_mut(index)
                     && failed
                 {
@@ -1596,12 +1608,8 @@ impl Conn {
     }
 
     /// Appends an acknowledgement slot; returns its sequence number.
-    fn slot(&mut self, packet: Option<Packet>, waiting: u16, qos1: bool) -> u64 {
-        self.slots.push_back(Slot {
-            packet,
-            waiting,
-            qos1,
-        });
+    fn slot(&mut self, ack: Ack, waiting: u16, qos1: bool) -> u64 {
+        self.slots.push_back(Slot { ack, waiting, qos1 });
         let seq = self.slot_base + self.slots.len() as u64 - 1;
         self.drain_slots();
         seq
@@ -1630,8 +1638,12 @@ impl Conn {
             if slot.qos1 {
                 self.qos1_unacked = self.qos1_unacked.saturating_sub(1);
             }
-            if let Some(packet) = slot.packet {
-                let _ = self.codec.write(packet, &mut self.write);
+            match slot.ack {
+                Ack::Nothing => {}
+                Ack::PubAck(pkid) => self.codec.write_puback(pkid, &mut self.write),
+                Ack::Packet(packet) => {
+                    let _ = self.codec.write(*packet, &mut self.write);
+                }
             }
         }
     }
