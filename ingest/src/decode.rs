@@ -228,8 +228,22 @@ pub fn decode<'a>(
         extra: Vec::new(),
     };
 
-    let metrics = required(envelope.payload, "payload")?;
-    for (name, raw) in json_object(metrics, "payload")? {
+    let metrics = match envelope.payload {
+        Some(Object::Entries(entries)) => entries,
+        Some(Object::Not(kind)) if kind != NULL => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("`payload` must be an object, got {kind}"),
+            ));
+        }
+        _ => {
+            return Err(Rejection::new(
+                RejectReason::MissingField,
+                "field `payload` is missing",
+            ));
+        }
+    };
+    for (name, raw) in metrics {
         let Some(value) = json_number(raw, "payload", &name)? else {
             continue;
         };
@@ -242,8 +256,18 @@ pub fn decode<'a>(
         }
     }
 
-    if let Some(metadata) = envelope.metadata.filter(|raw| !is_null(raw)) {
-        for (name, raw) in json_object(metadata, "metadata")? {
+    let metadata = match envelope.metadata {
+        Some(Object::Entries(entries)) => entries,
+        Some(Object::Not(kind)) if kind != NULL => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("`metadata` must be an object, got {kind}"),
+            ));
+        }
+        _ => Vec::new(),
+    };
+    {
+        for (name, raw) in metadata {
             match name.as_ref() {
                 "firmwareVersion" if !is_null(raw) => {
                     reading.firmware_version = Some(json_str(raw, "metadata.firmwareVersion")?);
@@ -264,15 +288,87 @@ pub fn decode<'a>(
     Ok(reading)
 }
 
-/// The top-level fields we read, each kept as raw JSON text so that a type error can be
-/// told apart from a syntax error.
+/// The top-level fields we read: the scalars kept as raw JSON text so that a type error
+/// can be told apart from a syntax error, the two objects read into their entries in the
+/// same pass (their values raw).
 #[derive(Default)]
 struct Envelope<'a> {
     device_id: Option<&'a RawValue>,
     timestamp: Option<&'a RawValue>,
     kind: Option<&'a RawValue>,
-    payload: Option<&'a RawValue>,
-    metadata: Option<&'a RawValue>,
+    payload: Option<Object<'a>>,
+    metadata: Option<Object<'a>>,
+}
+
+/// A value where an object is expected.
+enum Object<'a> {
+    /// Its entries, keys unescaped only when they need it.
+    Entries(Vec<(Cow<'a, str>, &'a RawValue)>),
+    /// Not an object: what it is instead, as [`json_kind`] names it.
+    Not(&'static str),
+}
+
+const NULL: &str = "null";
+
+/// Reads an [`Object`]; the field name is for a duplicate-key error.
+struct ObjectSeed<'f>(&'f str);
+
+impl<'de> de::DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = Object<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Object<'de>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = Object<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        entries(map, self.0).map(Object::Entries)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Object::Not("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Object::Not("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Object::Not("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Object::Not("a number"))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Object::Not("a string"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Object::Not(NULL))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Object::Not("an array"))
+    }
+}
+
+/// The entries of the object `map` (`field` names it in a duplicate-key error).
+fn entries<'de, A: MapAccess<'de>>(
+    mut map: A,
+    field: &str,
+) -> Result<Vec<(Cow<'de, str>, &'de RawValue)>, A::Error> {
+    let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+    while let Some(key) = map.next_key::<BorrowedKey<'de>>()? {
+        let value = map.next_value::<&'de RawValue>()?;
+        if entries.iter().any(|(k, _)| *k == key.0) {
+            return Err(de::Error::custom(format_args!(
+                "`{field}`: duplicate key `{}`",
+                key.0
+            )));
+        }
+        entries.push((key.0, value));
+    }
+    Ok(entries)
 }
 
 fn parse_envelope(text: &str) -> Result<Envelope<'_>, Rejection> {
@@ -302,21 +398,26 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut envelope = Envelope::default();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let slot = match key.as_ref() {
-                "deviceId" => &mut envelope.device_id,
-                "timestamp" => &mut envelope.timestamp,
-                "type" => &mut envelope.kind,
-                "payload" => &mut envelope.payload,
-                "metadata" => &mut envelope.metadata,
+            let duplicate = || de::Error::custom(format_args!("duplicate field `{key}`"));
+            let (slot, object) = match key.as_ref() {
+                "deviceId" => (&mut envelope.device_id, None),
+                "timestamp" => (&mut envelope.timestamp, None),
+                "type" => (&mut envelope.kind, None),
+                "payload" => (&mut None, Some((&mut envelope.payload, "payload"))),
+                "metadata" => (&mut None, Some((&mut envelope.metadata, "metadata"))),
                 _ => {
                     map.next_value::<de::IgnoredAny>()?;
                     continue;
                 }
             };
-            if slot.is_some() {
-                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            match object {
+                Some((object, _)) if object.is_some() => return Err(duplicate()),
+                Some((object, field)) => {
+                    *object = Some(map.next_value_seed(ObjectSeed(field))?);
+                }
+                None if slot.is_some() => return Err(duplicate()),
+                None => *slot = Some(map.next_value::<&'de RawValue>()?),
             }
-            *slot = Some(map.next_value::<&'de RawValue>()?);
         }
         Ok(Some(envelope))
     }
@@ -421,30 +522,15 @@ fn json_object<'a>(
     raw: &'a RawValue,
     field: &str,
 ) -> Result<Vec<(Cow<'a, str>, &'a RawValue)>, Rejection> {
-    if !raw.get().starts_with('{') {
-        return Err(wrong_type(field, "an object", raw));
-    }
-    struct Entries;
-    impl<'de> Visitor<'de> for Entries {
-        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
-            while let Some(key) = map.next_key::<BorrowedKey<'de>>()? {
-                let value = map.next_value::<&'de RawValue>()?;
-                if entries.iter().any(|(k, _)| *k == key.0) {
-                    return Err(de::Error::custom(format_args!("duplicate key `{}`", key.0)));
-                }
-                entries.push((key.0, value));
-            }
-            Ok(entries)
-        }
-    }
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    de.deserialize_map(Entries)
-        .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("`{field}`: {e}")))
+    match de.deserialize_any(ObjectSeed(field)) {
+        Ok(Object::Entries(entries)) => Ok(entries),
+        Ok(Object::Not(_)) => Err(wrong_type(field, "an object", raw)),
+        Err(e) => Err(Rejection::new(
+            RejectReason::InvalidJson,
+            format!("invalid JSON: {e}"),
+        )),
+    }
 }
 
 /// A map key that borrows from the input when it has no escapes.
