@@ -697,7 +697,7 @@ impl WritePace {
 
 /// One acknowledgement owed to the client, in the order of the packets it answers.
 struct Slot {
-    ack: Ack,
+    reply: Reply,
     /// Conditions still to be met: the pipeline took the message, the router answered.
     waiting: u16,
     /// Counted in the QoS 1 messages awaiting their PUBACK.
@@ -705,7 +705,7 @@ struct Slot {
 }
 
 /// What a slot sends once its conditions are met.
-enum Ack {
+enum Reply {
     Nothing,
     /// A successful PUBACK, the packet nearly every slot holds: kept as its id (a
     /// `Packet` is a few hundred bytes, moved on every push and pop).
@@ -713,9 +713,9 @@ enum Ack {
     Packet(Box<Packet>),
 }
 
-impl From<Packet> for Ack {
-    fn from(packet: Packet) -> Ack {
-        Ack::Packet(Box::new(packet))
+impl From<Packet> for Reply {
+    fn from(packet: Packet) -> Reply {
+        Reply::Packet(Box::new(packet))
     }
 }
 
@@ -1130,7 +1130,7 @@ impl Conn {
             });
         }
         let ack = match qos {
-            1 => Ack::PubAck(pkid),
+            1 => Reply::PubAck(pkid),
             2 => Packet::PubRec(
                 PubRec {
                     pkid,
@@ -1139,7 +1139,7 @@ impl Conn {
                 None,
             )
             .into(),
-            _ => Ack::Nothing,
+            _ => Reply::Nothing,
         };
         let seq = self.slot(ack, 1, qos == 1);
         if qos == 1 {
@@ -1572,7 +1572,7 @@ impl Conn {
                     SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified
                 );
                 if let Some(s) = self.slot_mut(slot)
-                    && let Ack::Packet(packet) = &mut s.ack
+                    && let Reply::Packet(packet) = &mut s.reply
                     && let Packet::SubAck(ack, _) = &mut **packet
                     && let Some(c) = ack.return_codes.get_mut(index)
                     && failed
@@ -1608,8 +1608,12 @@ impl Conn {
     }
 
     /// Appends an acknowledgement slot; returns its sequence number.
-    fn slot(&mut self, ack: Ack, waiting: u16, qos1: bool) -> u64 {
-        self.slots.push_back(Slot { ack, waiting, qos1 });
+    fn slot(&mut self, reply: Reply, waiting: u16, qos1: bool) -> u64 {
+        self.slots.push_back(Slot {
+            reply,
+            waiting,
+            qos1,
+        });
         let seq = self.slot_base + self.slots.len() as u64 - 1;
         self.drain_slots();
         seq
@@ -1638,10 +1642,10 @@ impl Conn {
             if slot.qos1 {
                 self.qos1_unacked = self.qos1_unacked.saturating_sub(1);
             }
-            match slot.ack {
-                Ack::Nothing => {}
-                Ack::PubAck(pkid) => self.codec.write_puback(pkid, &mut self.write),
-                Ack::Packet(packet) => {
+            match slot.reply {
+                Reply::Nothing => {}
+                Reply::PubAck(pkid) => self.codec.write_puback(pkid, &mut self.write),
+                Reply::Packet(packet) => {
                     let _ = self.codec.write(*packet, &mut self.write);
                 }
             }
