@@ -228,21 +228,8 @@ pub fn decode<'a>(
         extra: Vec::new(),
     };
 
-    let metrics = match envelope.payload {
-        Some(Object::Entries(entries)) => entries,
-        Some(Object::Not(kind)) if kind != NULL => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                format!("`payload` must be an object, got {kind}"),
-            ));
-        }
-        _ => {
-            return Err(Rejection::new(
-                RejectReason::MissingField,
-                "field `payload` is missing",
-            ));
-        }
-    };
+    let metrics = Object::entries(envelope.payload, "payload")?
+        .ok_or_else(|| Rejection::new(RejectReason::MissingField, "field `payload` is missing"))?;
     for (name, raw) in metrics {
         let Some(value) = json_number(raw, "payload", &name)? else {
             continue;
@@ -256,33 +243,21 @@ pub fn decode<'a>(
         }
     }
 
-    let metadata = match envelope.metadata {
-        Some(Object::Entries(entries)) => entries,
-        Some(Object::Not(kind)) if kind != NULL => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                format!("`metadata` must be an object, got {kind}"),
-            ));
-        }
-        _ => Vec::new(),
-    };
-    {
-        for (name, raw) in metadata {
-            match name.as_ref() {
-                "firmwareVersion" if !is_null(raw) => {
-                    reading.firmware_version = Some(json_str(raw, "metadata.firmwareVersion")?);
-                }
-                "location" if !is_null(raw) => {
-                    for (coord, raw) in json_object(raw, "metadata.location")? {
-                        match coord.as_ref() {
-                            "lat" => reading.lat = json_number(raw, "metadata.location", "lat")?,
-                            "lng" => reading.lng = json_number(raw, "metadata.location", "lng")?,
-                            _ => {}
-                        }
+    for (name, raw) in Object::entries(envelope.metadata, "metadata")?.unwrap_or_default() {
+        match name.as_ref() {
+            "firmwareVersion" if !is_null(raw) => {
+                reading.firmware_version = Some(json_str(raw, "metadata.firmwareVersion")?);
+            }
+            "location" if !is_null(raw) => {
+                for (coord, raw) in json_object(raw, "metadata.location")? {
+                    match coord.as_ref() {
+                        "lat" => reading.lat = json_number(raw, "metadata.location", "lat")?,
+                        "lng" => reading.lng = json_number(raw, "metadata.location", "lng")?,
+                        _ => {}
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
     Ok(reading)
@@ -300,15 +275,29 @@ struct Envelope<'a> {
     metadata: Option<Object<'a>>,
 }
 
+/// An object's entries, keys unescaped only when they need it, values raw.
+type Fields<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
 /// A value where an object is expected.
 enum Object<'a> {
     /// Its entries, keys unescaped only when they need it.
-    Entries(Vec<(Cow<'a, str>, &'a RawValue)>),
+    Entries(Fields<'a>),
     /// Not an object: what it is instead, as [`json_kind`] names it.
     Not(&'static str),
 }
 
 const NULL: &str = "null";
+
+impl<'a> Object<'a> {
+    /// The entries of `field`; `None` when it is absent or null.
+    fn entries(object: Option<Object<'a>>, field: &str) -> Result<Option<Fields<'a>>, Rejection> {
+        match object {
+            Some(Object::Entries(entries)) => Ok(Some(entries)),
+            Some(Object::Not(kind)) if kind != NULL => Err(wrong_type(field, "an object", kind)),
+            _ => Ok(None),
+        }
+    }
+}
 
 /// Reads an [`Object`]; the field name is for a duplicate-key error.
 struct ObjectSeed<'f>(&'f str);
@@ -353,10 +342,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
 }
 
 /// The entries of the object `map` (`field` names it in a duplicate-key error).
-fn entries<'de, A: MapAccess<'de>>(
-    mut map: A,
-    field: &str,
-) -> Result<Vec<(Cow<'de, str>, &'de RawValue)>, A::Error> {
+fn entries<'de, A: MapAccess<'de>>(mut map: A, field: &str) -> Result<Fields<'de>, A::Error> {
     let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
     while let Some(key) = map.next_key::<BorrowedKey<'de>>()? {
         let value = map.next_value::<&'de RawValue>()?;
@@ -472,16 +458,17 @@ fn json_kind(raw: &RawValue) -> &'static str {
     }
 }
 
-fn wrong_type(field: &str, expected: &str, raw: &RawValue) -> Rejection {
+/// `kind`: what the value is, as [`json_kind`] names it.
+fn wrong_type(field: &str, expected: &str, kind: &str) -> Rejection {
     Rejection::new(
         RejectReason::WrongType,
-        format!("`{field}` must be {expected}, got {}", json_kind(raw)),
+        format!("`{field}` must be {expected}, got {kind}"),
     )
 }
 
 fn json_str<'a>(raw: &'a RawValue, field: &str) -> Result<Cow<'a, str>, Rejection> {
     if !raw.get().starts_with('"') {
-        return Err(wrong_type(field, "a string", raw));
+        return Err(wrong_type(field, "a string", json_kind(raw)));
     }
     // Borrow when the string has no escapes; otherwise unescape into an owned string.
     if let Ok(s) = serde_json::from_str::<&'a str>(raw.get()) {
@@ -500,7 +487,13 @@ fn json_number(raw: &RawValue, object: &str, name: &str) -> Result<Option<f64>, 
     match text.as_bytes().first() {
         Some(b'-' | b'0'..=b'9') => {}
         Some(b'n') => return Ok(None),
-        _ => return Err(wrong_type(&format!("{object}.{name}"), "a number", raw)),
+        _ => {
+            return Err(wrong_type(
+                &format!("{object}.{name}"),
+                "a number",
+                json_kind(raw),
+            ));
+        }
     }
     let value: f64 = text.parse().map_err(|_| {
         Rejection::new(
@@ -518,14 +511,11 @@ fn json_number(raw: &RawValue, object: &str, name: &str) -> Result<Option<f64>, 
 }
 
 /// The entries of a JSON object, keys unescaped only when they need it.
-fn json_object<'a>(
-    raw: &'a RawValue,
-    field: &str,
-) -> Result<Vec<(Cow<'a, str>, &'a RawValue)>, Rejection> {
+fn json_object<'a>(raw: &'a RawValue, field: &str) -> Result<Fields<'a>, Rejection> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
     match de.deserialize_any(ObjectSeed(field)) {
         Ok(Object::Entries(entries)) => Ok(entries),
-        Ok(Object::Not(_)) => Err(wrong_type(field, "an object", raw)),
+        Ok(Object::Not(kind)) => Err(wrong_type(field, "an object", kind)),
         Err(e) => Err(Rejection::new(
             RejectReason::InvalidJson,
             format!("invalid JSON: {e}"),
