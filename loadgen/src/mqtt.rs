@@ -87,7 +87,7 @@ pub(crate) async fn connect(
                 clean_start: true,
                 properties: Some(v5::ConnectProperties {
                     max_packet_size: Some(MAX_PACKET),
-                    ..empty_connect_properties()
+                    ..v5::ConnectProperties::new()
                 }),
             };
             v5::Packet::Connect(connect, None, None)
@@ -141,20 +141,6 @@ pub(crate) async fn connect(
                 Err(e) => return Err(e.to_string()),
             },
         }
-    }
-}
-
-fn empty_connect_properties() -> v5::ConnectProperties {
-    v5::ConnectProperties {
-        session_expiry_interval: None,
-        receive_maximum: None,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: Vec::new(),
-        authentication_method: None,
-        authentication_data: None,
     }
 }
 
