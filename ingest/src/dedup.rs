@@ -33,7 +33,6 @@ pub(crate) fn key(device_id: &str, ts_ns: i64) -> Key {
 }
 
 /// What one device sent within the window.
-#[derive(Default)]
 struct Seen {
     /// The newest timestamp in `sent` (not lower: it may stay after older ones go).
     newest_ts: i64,
@@ -55,6 +54,19 @@ struct Seen {
 
 /// Timestamps searched one by one; beyond, through the device's index.
 const SCAN: usize = 32;
+
+impl Default for Seen {
+    /// A device that sent nothing yet.
+    fn default() -> Seen {
+        Seen {
+            newest_ts: i64::MIN,
+            last_arrival: i64::MIN,
+            oldest_arrival: i64::MAX,
+            sent: VecDeque::new(),
+            index: None,
+        }
+    }
+}
 
 impl Seen {
     fn seen(&mut self, ts: i64) -> bool {
@@ -94,11 +106,7 @@ impl Dedup {
             self.sweep(arrived_ns);
         }
         let window = self.window_ns;
-        let seen = self.devices.entry(device).or_insert_with(|| Seen {
-            newest_ts: i64::MIN,
-            oldest_arrival: i64::MAX,
-            ..Seen::default()
-        });
+        let seen = self.devices.entry(device).or_default();
         if seen.oldest_arrival.saturating_add(window) <= arrived_ns {
             while let Some(&(t, at)) = seen.sent.front() {
                 if at.saturating_add(window) > arrived_ns {
