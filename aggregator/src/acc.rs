@@ -87,6 +87,24 @@ impl WindowAcc {
         }
     }
 
+    /// Adds one reading at event time `ts`: the known metrics it has, and its others.
+    pub fn add_reading<'a>(
+        &mut self,
+        ts: i64,
+        known: [Option<f64>; 4],
+        extra: impl IntoIterator<Item = (&'a str, f64)>,
+    ) {
+        self.readings += 1;
+        for (acc, value) in self.known.iter_mut().zip(known) {
+            if let Some(value) = value {
+                acc.add(value, ts);
+            }
+        }
+        for (name, value) in extra {
+            self.add_extra(name, value, ts);
+        }
+    }
+
     pub fn add_extra(&mut self, name: &str, value: f64, ts: i64) {
         match self.extra.iter_mut().find(|(n, _)| &**n == name) {
             Some((_, acc)) => acc.add(value, ts),

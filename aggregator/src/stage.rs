@@ -409,15 +409,15 @@ impl WindowSink for Pending {
 /// Open windows and alert state as a checkpoint found them.
 struct Snapshot {
     alerts: crate::alert::SavedAlerts,
-    /// The devices, and the rollup's length (ns).
-    windows: Option<(Vec<crate::window::SavedDevice>, i64)>,
+    /// The devices, and the windows' sizes.
+    windows: Option<(Vec<crate::window::SavedDevice>, WindowConfig)>,
 }
 
 impl Snapshot {
     fn save(&self, store: &dyn crate::StateStore) -> std::io::Result<()> {
         crate::state::save_alerts(store, &self.alerts)?;
-        if let Some((devices, rollup)) = &self.windows {
-            crate::state::save(store, devices, *rollup)?;
+        if let Some((devices, config)) = &self.windows {
+            crate::state::save(store, devices, config)?;
         }
         Ok(())
     }
@@ -530,16 +530,12 @@ impl Stage {
                 }
             }
         }
-        let rollup = self
-            .config
-            .windows
-            .map_or(0, |w| w.rollup.as_nanos() as i64);
-        let Some(windows) = &mut self.windows else {
+        let (Some(windows), Some(config)) = (&mut self.windows, &self.config.windows) else {
             return;
         };
         let saved = store
             .as_ref()
-            .map(|store| crate::state::save(store.as_ref(), &windows.save(), rollup));
+            .map(|store| crate::state::save(store.as_ref(), &windows.save(), config));
         match saved {
             Some(Ok(())) => tracing::info!(devices = windows.devices(), "open windows saved"),
             Some(Err(e)) => {
@@ -556,13 +552,13 @@ impl Stage {
 
     /// A copy of open windows and alert state (a checkpoint; nothing is closed).
     fn snapshot(&self) -> Snapshot {
-        let rollup = self
-            .config
-            .windows
-            .map_or(0, |w| w.rollup.as_nanos() as i64);
         Snapshot {
             alerts: self.alerts.save(),
-            windows: self.windows.as_ref().map(|w| (w.save(), rollup)),
+            windows: self
+                .windows
+                .as_ref()
+                .zip(self.config.windows)
+                .map(|(w, config)| (w.save(), config)),
         }
     }
 

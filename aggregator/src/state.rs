@@ -3,9 +3,10 @@
 //!
 //! The state is Arrow batches, kept by a [`StateStore`] (storage, in the binary: the
 //! aggregator writes no file itself). Windows are the set `windows`: `devices` (device,
-//! latest event time, watermark), `samples` (the readings of open windows, in the
-//! `telemetry` schema) and `rollups` (rollups being built, in the window tables' schema),
-//! `devices` saved last; alerts are the set `alerts`: `last_seen`, then `alerts`. A set is
+//! latest event time, watermark), `samples` (the readings of open windows of devices that
+//! send slowly, in the `telemetry` schema), `open` (the accumulators of open windows of
+//! devices that send fast) and `rollups` (rollups being built), both in the window
+//! tables' schema, `devices` saved last (a set saved before `open` existed has none); alerts are the set `alerts`: `last_seen`, then `alerts`. A set is
 //! removed once taken back, so state is never taken back twice; a set that cannot be read
 //! is moved aside with an error in the log, and the windows or alerts start afresh.
 
@@ -19,11 +20,12 @@ use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
 use crate::alert::{Active, SavedAlert, SavedAlerts};
 use crate::rows::{ClosedWindow, TelemetryColumns, window_batch, windows_from_batch};
-use crate::window::{Sample, SavedDevice};
+use crate::window::{Sample, SavedDevice, WindowConfig};
 
 const DEVICES: &str = "devices.arrow";
 const SAMPLES: &str = "samples.arrow";
 const ROLLUPS: &str = "rollups.arrow";
+const OPEN: &str = "open.arrow";
 
 static DEVICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -48,12 +50,14 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
 const WINDOWS_SET: &str = "windows";
 const ALERTS_SET: &str = "alerts";
 
-/// Writes the state; `rollup` (ns) gives the rollups' ends.
+/// Writes the state of windows of `config`'s sizes.
 pub(crate) fn save(
     store: &dyn StateStore,
     saved: &[SavedDevice],
-    rollup: i64,
+    config: &WindowConfig,
 ) -> std::io::Result<()> {
+    let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    let (size, rollup) = (nanos(config.size), nanos(config.rollup));
     let devices = RecordBatch::try_new(
         DEVICES_SCHEMA.clone(),
         vec![
@@ -101,12 +105,23 @@ pub(crate) fn save(
             })
         })
         .collect();
-    // `devices` last: its presence says the other two are complete.
+    let open: Vec<ClosedWindow> = saved
+        .iter()
+        .flat_map(|d| {
+            d.open.iter().map(|w| ClosedWindow {
+                device: d.device.as_str().into(),
+                end: w.start + size,
+                acc: w.clone(),
+            })
+        })
+        .collect();
+    // `devices` last: its presence says the others are complete.
     store.save(
         WINDOWS_SET,
         &[
             (SAMPLES, samples.finish()),
             (ROLLUPS, window_batch(&rollups)),
+            (OPEN, window_batch(&open)),
             (DEVICES, devices),
         ],
     )
@@ -115,7 +130,7 @@ pub(crate) fn save(
 /// Reads and deletes saved window state; empty if there is none or it is unreadable.
 pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
     let names = [DEVICES, SAMPLES, ROLLUPS];
-    let loaded = take_set(store, WINDOWS_SET, &names, "window", |files| {
+    let loaded = take_set(store, WINDOWS_SET, &names, &[OPEN], "window", |files| {
         let devices: usize = files[0].iter().map(|b| b.num_rows()).sum();
         let mut saved = Vec::with_capacity(devices);
         let mut index = std::collections::HashMap::with_capacity_and_hasher(
@@ -136,6 +151,7 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                     max_event: max_event.value(row),
                     watermark: watermark.value(row),
                     samples: Vec::new(),
+                    open: Vec::new(),
                     rollup: None,
                 });
             }
@@ -181,6 +197,15 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 saved[i].rollup = Some(acc);
             }
         }
+        for batch in files.get(3).into_iter().flatten() {
+            if batch.schema() != crate::window_schema() {
+                return Err(format!("{OPEN} has another schema than this version's"));
+            }
+            for (device, acc) in windows_from_batch(batch) {
+                let i = device_of(&saved, &mut last, &device, OPEN)?;
+                saved[i].open.push(acc);
+            }
+        }
         Ok(saved)
     });
     if let Some(saved) = &loaded {
@@ -189,28 +214,38 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
     loaded.unwrap_or_default()
 }
 
-/// Loads the set `set` and turns it into state with `load`, then removes it; a set that
-/// cannot be read or used is moved aside, with an error in the log.
+/// Loads the set `set` (the files `names`, then those of `optional` that were saved:
+/// none where a file was not) and turns it into state with `load`, then removes it; a set
+/// that cannot be read or used is moved aside, with an error in the log.
 fn take_set<T>(
     store: &dyn StateStore,
     set: &str,
     names: &[&str],
+    optional: &[&str],
     what: &str,
     load: impl FnOnce(&[Vec<RecordBatch>]) -> Result<T, String>,
 ) -> Option<T> {
     let loaded = match store.load(set, names) {
         Ok(None) => return None,
-        Ok(Some(files)) => load(&files),
+        Ok(Some(mut files)) => optional
+            .iter()
+            .try_for_each(|name| {
+                let file = store.load(set, &[name])?;
+                files.push(file.into_iter().flatten().flatten().collect());
+                Ok(())
+            })
+            .and_then(|()| load(&files)),
         Err(e) => Err(e),
     };
+    let all: Vec<&str> = names.iter().chain(optional).copied().collect();
     match loaded {
         Ok(state) => {
-            store.remove(set, names, false);
+            store.remove(set, &all, false);
             Some(state)
         }
         Err(e) => {
             tracing::error!(set, error = %e, "{what} state unreadable: moved aside, starting afresh");
-            store.remove(set, names, true);
+            store.remove(set, &all, true);
             None
         }
     }
@@ -277,46 +312,53 @@ pub(crate) fn save_alerts(store: &dyn StateStore, saved: &SavedAlerts) -> std::i
 
 /// Reads and deletes saved alert state; empty if there is none or it is unreadable.
 pub(crate) fn take_alerts(store: &dyn StateStore) -> SavedAlerts {
-    take_set(store, ALERTS_SET, &[ALERTS, LAST_SEEN], "alert", |files| {
-        let mut saved = SavedAlerts::default();
-        for batch in &files[0] {
-            if batch.schema() != *ALERTS_STATE_SCHEMA {
-                return Err(format!("{ALERTS} has another schema than this version's"));
+    take_set(
+        store,
+        ALERTS_SET,
+        &[ALERTS, LAST_SEEN],
+        &[],
+        "alert",
+        |files| {
+            let mut saved = SavedAlerts::default();
+            for batch in &files[0] {
+                if batch.schema() != *ALERTS_STATE_SCHEMA {
+                    return Err(format!("{ALERTS} has another schema than this version's"));
+                }
+                let rule = batch.column(0).as_string::<i32>();
+                let device = batch.column(1).as_string::<i32>();
+                let firing = batch.column(2).as_boolean();
+                let since = batch.column(3).as_primitive::<Int64Type>();
+                let last = batch.column(4).as_primitive::<Int64Type>();
+                for row in 0..batch.num_rows() {
+                    saved.active.push(SavedAlert {
+                        rule: rule.value(row).into(),
+                        device: device.value(row).into(),
+                        active: Active {
+                            firing: firing.value(row),
+                            since: since.value(row),
+                            last: last.value(row),
+                        },
+                    });
+                }
             }
-            let rule = batch.column(0).as_string::<i32>();
-            let device = batch.column(1).as_string::<i32>();
-            let firing = batch.column(2).as_boolean();
-            let since = batch.column(3).as_primitive::<Int64Type>();
-            let last = batch.column(4).as_primitive::<Int64Type>();
-            for row in 0..batch.num_rows() {
-                saved.active.push(SavedAlert {
-                    rule: rule.value(row).into(),
-                    device: device.value(row).into(),
-                    active: Active {
-                        firing: firing.value(row),
-                        since: since.value(row),
-                        last: last.value(row),
-                    },
-                });
+            for batch in &files[1] {
+                if batch.schema() != *LAST_SEEN_SCHEMA {
+                    return Err(format!(
+                        "{LAST_SEEN} has another schema than this version's"
+                    ));
+                }
+                let device = batch.column(0).as_string::<i32>();
+                let seen = batch.column(1).as_primitive::<Int64Type>();
+                for row in 0..batch.num_rows() {
+                    saved
+                        .last_seen
+                        .push((device.value(row).into(), seen.value(row)));
+                }
             }
-        }
-        for batch in &files[1] {
-            if batch.schema() != *LAST_SEEN_SCHEMA {
-                return Err(format!(
-                    "{LAST_SEEN} has another schema than this version's"
-                ));
-            }
-            let device = batch.column(0).as_string::<i32>();
-            let seen = batch.column(1).as_primitive::<Int64Type>();
-            for row in 0..batch.num_rows() {
-                saved
-                    .last_seen
-                    .push((device.value(row).into(), seen.value(row)));
-            }
-        }
-        tracing::info!(active = saved.active.len(), "alert state taken back");
-        Ok(saved)
-    })
+            tracing::info!(active = saved.active.len(), "alert state taken back");
+            Ok(saved)
+        },
+    )
     .unwrap_or_default()
 }
 
@@ -398,20 +440,70 @@ mod tests {
                         extra: None,
                     },
                 ],
-                rollup: Some(rollup),
+                open: vec![],
+                rollup: Some(rollup.clone()),
             },
             SavedDevice {
                 device: "b".into(),
                 max_event: 7,
                 watermark: 1,
                 samples: vec![],
+                open: vec![],
                 rollup: None,
             },
+            SavedDevice {
+                device: "c".into(),
+                max_event: 130 * SEC,
+                watermark: 70 * SEC,
+                samples: vec![],
+                open: vec![open(60 * SEC, 21.5), open(120 * SEC, -3.0)],
+                rollup: Some(rollup),
+            },
         ];
-        save(&store, &saved, 3600).unwrap();
+        save(&store, &saved, &WindowConfig::default()).unwrap();
         let back = take(&store);
         // NaN != NaN: compare through the debug form.
         assert_eq!(format!("{back:?}"), format!("{saved:?}"));
+        assert!(take(&store).is_empty(), "taken once");
+        assert!(store.aside.lock().unwrap().is_empty());
+    }
+
+    const SEC: i64 = 1_000_000_000;
+
+    /// An open minute window starting at `start` with one reading.
+    fn open(start: i64, temperature: f64) -> WindowAcc {
+        let mut acc = WindowAcc::new(start);
+        acc.add_reading(
+            start + SEC,
+            [Some(temperature), None, Some(80.0), None],
+            [("co2", 415.0)],
+        );
+        acc
+    }
+
+    #[test]
+    fn a_set_saved_before_open_windows_were_kept_comes_back() {
+        let store = Memory::default();
+        let saved = vec![SavedDevice {
+            device: "a".into(),
+            max_event: 100,
+            watermark: 40,
+            samples: vec![Sample {
+                ts: 90,
+                known: [1.0, 2.0, 3.0, 4.0],
+                extra: None,
+            }],
+            open: vec![],
+            rollup: None,
+        }];
+        save(&store, &saved, &WindowConfig::default()).unwrap();
+        // As the previous version wrote it: no `open.arrow`.
+        store
+            .files
+            .lock()
+            .unwrap()
+            .remove(&(WINDOWS_SET.to_owned(), OPEN.to_owned()));
+        assert_eq!(take(&store), saved);
         assert!(take(&store).is_empty(), "taken once");
         assert!(store.aside.lock().unwrap().is_empty());
     }
@@ -422,14 +514,15 @@ mod tests {
             unreadable: true,
             ..Memory::default()
         };
-        save(&store, &[], 3600).unwrap();
+        save(&store, &[], &WindowConfig::default()).unwrap();
         assert!(take(&store).is_empty());
         assert_eq!(
             *store.aside.lock().unwrap(),
             [
                 "windows/devices.arrow",
                 "windows/samples.arrow",
-                "windows/rollups.arrow"
+                "windows/rollups.arrow",
+                "windows/open.arrow"
             ]
         );
         assert!(take(&store).is_empty(), "not taken back later");

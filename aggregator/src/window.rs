@@ -118,6 +118,71 @@ impl Sample {
     }
 }
 
+/// How many readings a device buffers before its open windows become accumulators: a
+/// few 56-byte readings take less memory than a window's accumulators (296 bytes), and a
+/// device reporting every 30 s never buffers more than a handful; one reporting several
+/// times a second would otherwise hold (and a checkpoint copy and save) hundreds.
+const FOLD_AT: usize = 8;
+
+/// A device's open windows.
+#[derive(Debug, Clone, PartialEq)]
+enum Open {
+    /// Their readings, in arrival order, aggregated when their window closes.
+    Readings(Vec<Sample>),
+    /// Their accumulators, by start: readings are added as they arrive. In arrival order
+    /// too, so the result is the same, to the bit, as aggregating the readings.
+    Windows(Vec<WindowAcc>),
+}
+
+impl Open {
+    /// Readings held (the `buffered` figure).
+    fn readings(&self) -> usize {
+        match self {
+            Open::Readings(samples) => samples.len(),
+            Open::Windows(windows) => windows.iter().map(|w| w.readings as usize).sum(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Open::Readings(samples) => samples.is_empty(),
+            Open::Windows(windows) => windows.is_empty(),
+        }
+    }
+
+    /// The end of the earliest open window (`i64::MAX` when there is none).
+    fn first_end(&self, size: i64) -> i64 {
+        match self {
+            Open::Readings(samples) => samples
+                .iter()
+                .map(|s| floor(s.ts, size).saturating_add(size))
+                .min()
+                .unwrap_or(i64::MAX),
+            Open::Windows(windows) => windows
+                .first()
+                .map_or(i64::MAX, |w| w.start.saturating_add(size)),
+        }
+    }
+}
+
+/// Readings in arrival order into their windows' accumulators, ordered by start.
+fn fold(samples: &[Sample], size: i64, windows: &mut Vec<WindowAcc>) {
+    for s in samples {
+        let known = s.known.map(|v| (!v.is_nan()).then_some(v));
+        let extra = s.extra.iter().flatten().map(|(n, v)| (&**n, *v));
+        window_of(windows, floor(s.ts, size)).add_reading(s.ts, known, extra);
+    }
+}
+
+/// The accumulator of the window starting at `start`, added in order if new.
+fn window_of(windows: &mut Vec<WindowAcc>, start: i64) -> &mut WindowAcc {
+    let at = windows.partition_point(|w| w.start < start);
+    if windows.get(at).is_none_or(|w| w.start != start) {
+        windows.insert(at, WindowAcc::new(start));
+    }
+    &mut windows[at]
+}
+
 struct Device {
     /// Latest event time seen.
     max_event: i64,
@@ -125,12 +190,9 @@ struct Device {
     last_seen: i64,
     /// Windows ending at or before this are closed; only rises.
     watermark: i64,
-    /// The readings of the windows still open, in arrival order. They are aggregated when
-    /// their window closes: a handful of 48-byte readings take far less memory than a
-    /// window's accumulators (296 bytes) when devices report every few seconds or less.
-    samples: Vec<Sample>,
-    /// The end of the earliest window among `samples` (`i64::MAX` when there are none):
-    /// whether a window closes is one comparison, however many readings are buffered.
+    open: Open,
+    /// The end of the earliest open window (`i64::MAX` when there is none): whether a
+    /// window closes is one comparison, however many readings are buffered.
     first_end: i64,
     /// The rollup window being built from closed windows.
     rollup: Option<Box<WindowAcc>>,
@@ -139,8 +201,9 @@ struct Device {
 /// The open windows of every device.
 ///
 /// Memory per device (x86-64): 64 bytes here, the index entry and two copies of the id
-/// (~110), 48 bytes per buffered reading and ~310 for the rollup: about 650 bytes for a
-/// device reporting every 30 s with a minute of lateness (up to 5 readings buffered).
+/// (~110), 56 bytes per buffered reading and ~310 for the rollup: about 700 bytes for a
+/// device reporting every 30 s with a minute of lateness (up to 5 readings buffered);
+/// past [`FOLD_AT`] readings, ~300 bytes per open window instead, however fast it sends.
 pub struct Windows {
     size: i64,
     rollup: i64,
@@ -169,8 +232,10 @@ pub struct SavedDevice {
     pub device: SmolStr,
     pub max_event: i64,
     pub watermark: i64,
-    /// Readings of the windows still open.
+    /// Readings of the windows still open (a device sending slowly)…
     pub samples: Vec<Sample>,
+    /// …or their accumulators, by start (a device sending fast).
+    pub open: Vec<WindowAcc>,
     /// The rollup being built.
     pub rollup: Option<WindowAcc>,
 }
@@ -211,7 +276,7 @@ impl Windows {
                     max_event: i64::MIN,
                     last_seen: now,
                     watermark: i64::MIN,
-                    samples: Vec::new(),
+                    open: Open::Readings(Vec::new()),
                     first_end: i64::MAX,
                     rollup: None,
                 });
@@ -235,15 +300,26 @@ impl Windows {
             return false;
         }
         device.max_event = device.max_event.max(r.ts);
-        if device.samples.len() == device.samples.capacity() {
-            // By half of what is held (at least 2): few spare slots for a device that
-            // reports every 30 s, amortized growth for one that reports many times a
-            // window.
-            device
-                .samples
-                .reserve_exact((device.samples.len() / 2).max(2));
+        match &mut device.open {
+            Open::Readings(samples) if samples.len() < FOLD_AT => {
+                if samples.len() == samples.capacity() {
+                    samples.reserve_exact(2);
+                }
+                samples.push(Sample::of(r));
+            }
+            open => {
+                if let Open::Readings(samples) = open {
+                    let mut windows = Vec::with_capacity(2);
+                    fold(samples, size, &mut windows);
+                    *open = Open::Windows(windows);
+                }
+                let Open::Windows(windows) = open else {
+                    unreachable!("folded above")
+                };
+                let extra = r.extra.iter().map(|&(n, v)| (n, v));
+                window_of(windows, end - size).add_reading(r.ts, r.known, extra);
+            }
         }
-        device.samples.push(Sample::of(r));
         device.first_end = device.first_end.min(end);
         self.buffered += 1;
         device.advance(now, lateness, idle);
@@ -257,7 +333,7 @@ impl Windows {
         for (device, name) in self.devices.iter_mut().zip(&self.names) {
             // Only the idle rule moves a watermark between readings.
             if now.saturating_sub(device.last_seen) < idle
-                || (device.samples.is_empty() && device.rollup.is_none())
+                || (device.open.is_empty() && device.rollup.is_none())
             {
                 continue;
             }
@@ -281,12 +357,19 @@ impl Windows {
         self.devices
             .iter()
             .zip(&self.names)
-            .map(|(d, name)| SavedDevice {
-                device: name.clone(),
-                max_event: d.max_event,
-                watermark: d.watermark,
-                samples: d.samples.clone(),
-                rollup: d.rollup.as_deref().cloned(),
+            .map(|(d, name)| {
+                let (samples, open) = match &d.open {
+                    Open::Readings(samples) => (samples.clone(), Vec::new()),
+                    Open::Windows(windows) => (Vec::new(), windows.clone()),
+                };
+                SavedDevice {
+                    device: name.clone(),
+                    max_event: d.max_event,
+                    watermark: d.watermark,
+                    samples,
+                    open,
+                    rollup: d.rollup.as_deref().cloned(),
+                }
             })
             .collect()
     }
@@ -300,20 +383,25 @@ impl Windows {
         for s in saved {
             let i = self.device(&s.device, now);
             let device = &mut self.devices[i];
-            self.buffered -= device.samples.len();
-            self.buffered += s.samples.len();
             let size = self.size;
+            let open = if s.open.is_empty() && s.samples.len() <= FOLD_AT {
+                Open::Readings(s.samples)
+            } else {
+                // Readings saved beside accumulators came after them (a state written by
+                // hand, or by a version that folded at another point).
+                let mut windows = s.open;
+                windows.sort_by_key(|w| w.start);
+                fold(&s.samples, size, &mut windows);
+                Open::Windows(windows)
+            };
+            self.buffered -= device.open.readings();
+            self.buffered += open.readings();
             *device = Device {
                 max_event: s.max_event,
                 last_seen: now,
                 watermark: s.watermark,
-                first_end: s
-                    .samples
-                    .iter()
-                    .map(|x| floor(x.ts, size).saturating_add(size))
-                    .min()
-                    .unwrap_or(i64::MAX),
-                samples: s.samples,
+                first_end: open.first_end(size),
+                open,
                 rollup: s.rollup.map(Box::new),
             };
         }
@@ -334,50 +422,48 @@ impl Device {
     /// Emits the windows the watermark has passed, folding each into the rollup, and the
     /// rollup once the watermark passes its end; returns how many readings were used.
     fn close(&mut self, name: &str, size: i64, rollup: i64, sink: &mut impl WindowSink) -> usize {
-        let closes = |s: &Sample| floor(s.ts, size).saturating_add(size) <= self.watermark;
         let mut used = 0;
         if self.first_end <= self.watermark {
-            // Stable: arrival order is kept within a window (it breaks first/last ties).
-            self.samples.sort_by_key(|s| floor(s.ts, size));
-            used = self.samples.partition_point(closes);
-            for group in
-                self.samples[..used].chunk_by(|a, b| floor(a.ts, size) == floor(b.ts, size))
-            {
-                let mut window = WindowAcc::new(floor(group[0].ts, size));
-                for s in group {
-                    window.readings += 1;
-                    for (acc, &v) in window.known.iter_mut().zip(&s.known) {
-                        if !v.is_nan() {
-                            acc.add(v, s.ts);
-                        }
-                    }
-                    for (name, v) in s.extra.iter().flatten() {
-                        window.add_extra(name, *v, s.ts);
+            let closes = |start: i64| start.saturating_add(size) <= self.watermark;
+            let mut closed = Vec::new();
+            match &mut self.open {
+                Open::Readings(samples) => {
+                    // Stable: arrival order is kept within a window (it breaks first/last
+                    // ties).
+                    samples.sort_by_key(|s| floor(s.ts, size));
+                    let n = samples.partition_point(|s| closes(floor(s.ts, size)));
+                    fold(&samples[..n], size, &mut closed);
+                    samples.drain(..n);
+                    if samples.capacity() > 2 * samples.len() + 4 {
+                        samples.shrink_to(samples.len() + 2);
                     }
                 }
-                sink.window(false, name, window.start + size, &window);
+                Open::Windows(windows) => {
+                    let n = windows.partition_point(|w| closes(w.start));
+                    closed.extend(windows.drain(..n));
+                    if windows.is_empty() {
+                        // Back to readings: the device may have slowed down.
+                        self.open = Open::Readings(Vec::new());
+                    }
+                }
+            }
+            for window in &closed {
+                used += window.readings as usize;
+                sink.window(false, name, window.start + size, window);
                 let hour = floor(window.start, rollup);
                 match &mut self.rollup {
-                    Some(r) if r.start == hour => r.merge(&window),
+                    Some(r) if r.start == hour => r.merge(window),
                     slot => {
                         if let Some(previous) = slot.take() {
                             sink.window(true, name, previous.start + rollup, &previous);
                         }
                         let mut r = Box::new(WindowAcc::new(hour));
-                        r.merge(&window);
+                        r.merge(window);
                         *slot = Some(r);
                     }
                 }
             }
-            self.samples.drain(..used);
-            // Sorted by window: the first one left is the earliest.
-            self.first_end = self
-                .samples
-                .first()
-                .map_or(i64::MAX, |s| floor(s.ts, size).saturating_add(size));
-            if self.samples.capacity() > 2 * self.samples.len() + 4 {
-                self.samples.shrink_to(self.samples.len() + 2);
-            }
+            self.first_end = self.open.first_end(size);
         }
         if let Some(r) = &self.rollup
             && r.start.saturating_add(rollup) <= self.watermark
@@ -517,6 +603,118 @@ mod tests {
             (t.first_ts, t.last_ts),
             (T0 + 30 * SEC, T0 + 59 * MIN + 30 * SEC)
         );
+    }
+
+    /// A stream of readings: a device every 30 s, one twice a second with arrivals up to
+    /// 100 s out of order (some late) and an extra metric now and then, one in between; values from a
+    /// fixed pseudo-random sequence. `(device, ts, arrival, temperature, co2)`.
+    fn mixed_stream() -> Vec<(&'static str, i64, i64, f64, Option<f64>)> {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut stream = Vec::new();
+        for step in 0..1200 {
+            let now = T0 + step * SEC / 2;
+            let value = (next() % 10_000) as f64 / 7.0 - 500.0;
+            let back = (next() % 100) as i64 * SEC;
+            let co2 = (step % 3 == 0).then_some(value * 2.0);
+            stream.push(("fast", now - back, now, value, co2));
+            if step % 60 == 0 {
+                stream.push(("slow", now, now, value, None));
+            }
+            if step % 7 == 0 {
+                stream.push(("medium", now - SEC, now, -value, co2));
+            }
+        }
+        stream
+    }
+
+    fn observe_all(
+        w: &mut Windows,
+        out: &mut Collect,
+        stream: &[(&'static str, i64, i64, f64, Option<f64>)],
+    ) -> Vec<bool> {
+        stream
+            .iter()
+            .map(|&(device, ts, now, t, co2)| {
+                let extra: Vec<(&str, f64)> = co2.map(|v| ("co2", v)).into_iter().collect();
+                let r = Observation {
+                    device,
+                    ts,
+                    received_at: now,
+                    known: [Some(t), None, Some(t / 3.0), None],
+                    extra: &extra,
+                };
+                w.observe(&r, now, out)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_window_is_its_readings_aggregated_in_arrival_order_however_fast_its_device_sends() {
+        let stream = mixed_stream();
+        let mut w = Windows::new(WindowConfig::default());
+        let mut out = Collect::default();
+        let counted = observe_all(&mut w, &mut out, &stream);
+        w.close_all(&mut out);
+        assert_eq!(w.buffered(), 0);
+        let mut minutes = 0;
+        for (window, acc) in out.windows.iter().zip(&out.accs) {
+            let (rollup, device, start, _, _) = window;
+            if *rollup {
+                continue;
+            }
+            minutes += 1;
+            // The model: the window's readings that were not late, in arrival order.
+            let mut expected = WindowAcc::new(*start);
+            for (&(d, ts, _, t, co2), _) in stream.iter().zip(&counted).filter(|(_, c)| **c) {
+                if d == device && floor(ts, MIN) == *start {
+                    expected.add_reading(
+                        ts,
+                        [Some(t), None, Some(t / 3.0), None],
+                        co2.map(|v| ("co2", v)),
+                    );
+                }
+            }
+            assert_eq!(acc, &expected, "{device} at {start}");
+        }
+        let used: u64 = out.windows.iter().filter(|x| !x.0).map(|x| x.4).sum();
+        assert_eq!(used as usize, counted.iter().filter(|c| **c).count());
+        assert!(
+            minutes > 20 && out.late.len() > 10,
+            "{minutes} windows, {} late",
+            out.late.len()
+        );
+    }
+
+    #[test]
+    fn saved_and_restored_windows_carry_on_as_if_never_stopped() {
+        let stream = mixed_stream();
+        let mut whole = Windows::new(WindowConfig::default());
+        let mut expected = Collect::default();
+        observe_all(&mut whole, &mut expected, &stream);
+        whole.close_all(&mut expected);
+        for cut in [101, stream.len() / 2, stream.len() - 3] {
+            let mut first = Windows::new(WindowConfig::default());
+            let mut out = Collect::default();
+            observe_all(&mut first, &mut out, &stream[..cut]);
+            let saved = first.save();
+            assert!(
+                saved.iter().any(|d| !d.open.is_empty()),
+                "the fast device keeps accumulators"
+            );
+            let mut second = Windows::new(WindowConfig::default());
+            second.restore(saved, stream[cut].2);
+            assert_eq!(second.buffered(), first.buffered());
+            observe_all(&mut second, &mut out, &stream[cut..]);
+            second.close_all(&mut out);
+            assert_eq!(out.windows, expected.windows, "cut at {cut}");
+            assert_eq!(out.accs, expected.accs, "cut at {cut}");
+        }
     }
 
     #[test]
