@@ -4,9 +4,10 @@
 //! ```text
 //! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
 //!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
-//!                                       [--subscribers N]
+//!                                       [--subscribers N] [--wal-sync always|off]
 //! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
 //!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
+//!                                       [--wal-sync always|off]
 //! cargo bench --bench e2e -- mosquitto [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- idle      [--connections K]
@@ -49,6 +50,9 @@ struct Args {
     anomaly_rate: f64,
     /// MQTT clients subscribed to every device's telemetry while the reference runs.
     subscribers: usize,
+    /// `[wal] sync` (default: sluice's own, `always`): `off` measures the front door
+    /// without the fdatasync a PUBACK waits for.
+    wal_sync: Option<String>,
 }
 
 /// Ten alert rules of the kinds an operator writes, for `--rules N`.
@@ -78,6 +82,7 @@ fn args() -> Args {
         rules: 0,
         anomaly_rate: 0.0,
         subscribers: 0,
+        wal_sync: None,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
@@ -98,6 +103,7 @@ fn args() -> Args {
             "--rules" => args.rules = (value() as usize).min(RULES.len()),
             "--anomaly-rate" => args.anomaly_rate = value(),
             "--subscribers" => args.subscribers = value() as usize,
+            "--wal-sync" => args.wal_sync = it.next(),
             name if !name.starts_with('-') => args.scenario = name.to_owned(),
             other => panic!("unknown option {other}"),
         }
@@ -191,6 +197,9 @@ fn write_config(dir: &std::path::Path, args: &Args) -> std::path::PathBuf {
     let mut text = format!("[mqtt]\nmax_connections = {max_connections}\n");
     if let Some(windows) = args.windows {
         text.push_str(&format!("[windows]\nenabled = {windows}\n"));
+    }
+    if let Some(sync) = &args.wal_sync {
+        text.push_str(&format!("[wal]\nsync = {sync:?}\n"));
     }
     for rule in &RULES[..args.rules] {
         text.push_str(&format!("[[alert]]\n{rule}\n"));
