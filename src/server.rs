@@ -208,7 +208,9 @@ impl Server {
         .context("starting the ingest workers")?;
 
         // Before any client connects: the keys of recent readings (redeliveries after a
-        // restart are still duplicates), then what the WAL holds past the checkpoint.
+        // restart are still duplicates), then what the WAL holds past the checkpoint,
+        // flushed with the first checkpoint after it (not while it runs).
+        let replaying = storage.hold_flushes();
         let handle = pipeline.handle();
         let remembering = std::time::Instant::now();
         let remembered = durable::remember_stored(&storage, &handle, config.ingest.dedup_window)?;
@@ -242,6 +244,7 @@ impl Server {
             last: std::sync::Mutex::new(None),
         });
         storage.set_checkpoints(checkpointer.clone());
+        drop(replaying);
 
         let broker = bound
             .start(Arc::new(ToPipeline { handle }), Arc::new(AllowAll))

@@ -16,6 +16,7 @@ pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,20 @@ struct Inner {
     /// One flush (checkpoint) at a time: the flusher's and `/flush`'s. Holds when the
     /// last checkpoint was taken.
     flushing: std::sync::Mutex<Instant>,
+    /// Set by [`Storage::hold_flushes`].
+    held: AtomicBool,
+}
+
+/// While it lives, the hot store fills further before a flush (see
+/// [`Storage::hold_flushes`]); dropping it asks for a flush.
+#[must_use = "flushes are held only while the guard lives"]
+pub struct FlushHold(Storage);
+
+impl Drop for FlushHold {
+    fn drop(&mut self) {
+        self.0.inner.held.store(false, Ordering::Relaxed);
+        self.0.want_flush();
+    }
 }
 
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
@@ -262,6 +277,7 @@ impl Storage {
                 queries: QueryRuntime::start()?,
                 checkpoints: std::sync::Mutex::new(None),
                 flushing: std::sync::Mutex::new(Instant::now()),
+                held: AtomicBool::new(false),
             }),
         })
     }
@@ -300,10 +316,28 @@ impl Storage {
         self.inner
             .metrics
             .set_table(&table.spec.name, &table.stats());
-        if hot_rows >= config.flush_rows || self.hot_bytes() >= config.flush_bytes {
+        let (flush_rows, flush_bytes) = if self.inner.held.load(Ordering::Relaxed) {
+            (
+                config.flush_rows.max(config.max_hot_rows / 4 * 3),
+                config.flush_bytes.saturating_mul(2),
+            )
+        } else {
+            (config.flush_rows, config.flush_bytes)
+        };
+        if hot_rows >= flush_rows || self.hot_bytes() >= flush_bytes {
             self.want_flush();
         }
         Ok(())
+    }
+
+    /// Until the guard is dropped, a table is flushed at three quarters of `max_hot_rows`
+    /// (not `flush_rows`) and the hot store at twice `flush_bytes`. For the replay at
+    /// start: a minute of the reference load replays in a few seconds, and a flush
+    /// meanwhile would take a core from it; its rows are flushed after it, into files of
+    /// the first checkpoint that follows.
+    pub fn hold_flushes(&self) -> FlushHold {
+        self.inner.held.store(true, Ordering::Relaxed);
+        FlushHold(self.clone())
     }
 
     /// Memory held by the hot batches of every table.

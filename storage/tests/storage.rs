@@ -338,6 +338,51 @@ fn the_hot_store_is_flushed_when_its_memory_reaches_flush_bytes() {
     }
 }
 
+#[test]
+fn held_flushes_wait_for_three_quarters_of_the_cap_and_go_when_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StorageConfig::new(dir.path());
+    config.flush_interval = Duration::from_secs(3600);
+    config.flush_rows = 2;
+    config.max_hot_rows = 8;
+    let (storage, _flusher) =
+        Storage::open(config, vec![spec()], StorageMetrics::unregistered()).unwrap();
+    let two = batch(&[("a", T0, 1.0), ("b", T0, 2.0)]);
+    let held = storage.hold_flushes();
+    for _ in 0..2 {
+        storage.append("readings", two.clone()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = storage.stats("readings").unwrap();
+    assert_eq!(
+        (stats.hot_rows, stats.cold_rows),
+        (4, 0),
+        "past flush_rows, under 3/4 of the cap"
+    );
+    drop(held);
+    let started = std::time::Instant::now();
+    while storage.stats("readings").unwrap().cold_rows < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no flush on release"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Held again: three quarters of the cap (6 rows) still flushes.
+    let _held = storage.hold_flushes();
+    for _ in 0..3 {
+        storage.append("readings", two.clone()).unwrap();
+    }
+    let started = std::time::Instant::now();
+    while storage.stats("readings").unwrap().cold_rows < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no flush at 3/4 of the cap"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Counts the checkpoints a storage takes; every cut covers every hot row.
 #[derive(Default)]
 struct Counting {
