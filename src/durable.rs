@@ -88,7 +88,7 @@ impl StateFiles {
 }
 
 impl sluice_aggregator::StateStore for StateFiles {
-    fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()> {
+    fn save(&self, set: &str, files: Vec<sluice_aggregator::StateFile<'_>>) -> std::io::Result<()> {
         self.dir.save(set, files)
     }
     fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String> {

@@ -31,7 +31,7 @@ pub use stage::{
     ALERTS_TABLE, Aggregator, AggregatorConfig, AggregatorMetrics, AlertOutput, Checkpointing,
     LATE_TABLE, MINUTE_TABLE, Paused, ROLLUP_TABLE, Saving, StoreThenAggregate,
 };
-pub use state::StateStore;
+pub use state::{StateFile, StateStore};
 pub use window::{Extra, Observation, Sample, SavedDevice, WindowConfig, WindowSink, Windows};
 
 use sluice_ingest::TableLayout;

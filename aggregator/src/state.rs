@@ -35,11 +35,19 @@ static DEVICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// One file of a state set: its name, its schema and its batches, made as they are
+/// written.
+pub type StateFile<'a> = (
+    &'a str,
+    SchemaRef,
+    Box<dyn Iterator<Item = RecordBatch> + 'a>,
+);
+
 /// Where state is kept across a restart: named sets of named Arrow batches.
 pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Saves `files` as the set `set`, each whole or not at all, in order (the last one
     /// marks the set complete).
-    fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()>;
+    fn save(&self, set: &str, files: Vec<StateFile<'_>>) -> std::io::Result<()>;
     /// The batches of each of `names` (in that order); `None` if the set was not saved
     /// (its marker, the first of `names`, is absent); an error if it cannot be read.
     fn load(&self, set: &str, names: &[&str]) -> Result<Option<Vec<Vec<RecordBatch>>>, String>;
@@ -50,6 +58,10 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
 const WINDOWS_SET: &str = "windows";
 const ALERTS_SET: &str = "alerts";
 
+/// Devices per batch of a saved state file: a million devices' state is built and
+/// written a slice at a time, never whole beside the snapshot it comes from.
+const SAVE_CHUNK: usize = 65_536;
+
 /// Writes the state of windows of `config`'s sizes.
 pub(crate) fn save(
     store: &dyn StateStore,
@@ -58,7 +70,61 @@ pub(crate) fn save(
 ) -> std::io::Result<()> {
     let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
     let (size, rollup) = (nanos(config.size), nanos(config.rollup));
-    let devices = RecordBatch::try_new(
+    let chunks = move || saved.chunks(SAVE_CHUNK);
+    // `devices` last: its presence says the others are complete.
+    store.save(
+        WINDOWS_SET,
+        vec![
+            (
+                SAMPLES,
+                sluice_ingest::telemetry_schema(),
+                Box::new(chunks().map(samples_batch)),
+            ),
+            (
+                ROLLUPS,
+                crate::window_schema(),
+                Box::new(chunks().map(move |chunk| {
+                    let rollups: Vec<ClosedWindow> = chunk
+                        .iter()
+                        .filter_map(|d| {
+                            d.rollup.as_ref().map(|r| ClosedWindow {
+                                device: d.device.as_str().into(),
+                                end: r.start + rollup,
+                                acc: r.clone(),
+                            })
+                        })
+                        .collect();
+                    window_batch(&rollups)
+                })),
+            ),
+            (
+                OPEN,
+                crate::window_schema(),
+                Box::new(chunks().map(move |chunk| {
+                    let open: Vec<ClosedWindow> = chunk
+                        .iter()
+                        .flat_map(|d| {
+                            d.open.iter().map(|w| ClosedWindow {
+                                device: d.device.as_str().into(),
+                                end: w.start + size,
+                                acc: w.clone(),
+                            })
+                        })
+                        .collect();
+                    window_batch(&open)
+                })),
+            ),
+            (
+                DEVICES,
+                DEVICES_SCHEMA.clone(),
+                Box::new(chunks().map(devices_batch)),
+            ),
+        ],
+    )
+}
+
+fn devices_batch(saved: &[SavedDevice]) -> RecordBatch {
+    RecordBatch::try_new(
         DEVICES_SCHEMA.clone(),
         vec![
             Arc::new(StringArray::from_iter_values(
@@ -72,7 +138,11 @@ pub(crate) fn save(
             )),
         ],
     )
-    .map_err(std::io::Error::other)?;
+    .expect("columns follow the schema")
+}
+
+/// The buffered readings of `saved`, in the `telemetry` schema.
+fn samples_batch(saved: &[SavedDevice]) -> RecordBatch {
     let mut samples = TelemetryBuilder::default();
     for d in saved {
         for sample in &d.samples {
@@ -95,36 +165,7 @@ pub(crate) fn save(
             );
         }
     }
-    let rollups: Vec<ClosedWindow> = saved
-        .iter()
-        .filter_map(|d| {
-            d.rollup.as_ref().map(|r| ClosedWindow {
-                device: d.device.as_str().into(),
-                end: r.start + rollup,
-                acc: r.clone(),
-            })
-        })
-        .collect();
-    let open: Vec<ClosedWindow> = saved
-        .iter()
-        .flat_map(|d| {
-            d.open.iter().map(|w| ClosedWindow {
-                device: d.device.as_str().into(),
-                end: w.start + size,
-                acc: w.clone(),
-            })
-        })
-        .collect();
-    // `devices` last: its presence says the others are complete.
-    store.save(
-        WINDOWS_SET,
-        &[
-            (SAMPLES, samples.finish()),
-            (ROLLUPS, window_batch(&rollups)),
-            (OPEN, window_batch(&open)),
-            (DEVICES, devices),
-        ],
-    )
+    samples.finish()
 }
 
 /// Reads and deletes saved window state; empty if there is none or it is unreadable.
@@ -307,7 +348,13 @@ pub(crate) fn save_alerts(store: &dyn StateStore, saved: &SavedAlerts) -> std::i
         ],
     )
     .map_err(std::io::Error::other)?;
-    store.save(ALERTS_SET, &[(LAST_SEEN, last_seen), (ALERTS, alerts)])
+    let file = |name, batch: RecordBatch| -> StateFile<'_> {
+        (name, batch.schema(), Box::new(std::iter::once(batch)))
+    };
+    store.save(
+        ALERTS_SET,
+        vec![file(LAST_SEEN, last_seen), file(ALERTS, alerts)],
+    )
 }
 
 /// Reads and deletes saved alert state; empty if there is none or it is unreadable.
@@ -373,16 +420,16 @@ mod tests {
     /// Sets in memory; `unreadable` makes every load fail.
     #[derive(Debug, Default)]
     struct Memory {
-        files: Mutex<HashMap<(String, String), RecordBatch>>,
+        files: Mutex<HashMap<(String, String), Vec<RecordBatch>>>,
         aside: Mutex<Vec<String>>,
         unreadable: bool,
     }
 
     impl StateStore for Memory {
-        fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> std::io::Result<()> {
+        fn save(&self, set: &str, files: Vec<StateFile<'_>>) -> std::io::Result<()> {
             let mut held = self.files.lock().unwrap();
-            for (name, batch) in files {
-                held.insert((set.into(), (*name).into()), batch.clone());
+            for (name, _, batches) in files {
+                held.insert((set.into(), name.into()), batches.collect());
             }
             Ok(())
         }
@@ -400,8 +447,7 @@ mod tests {
                     .map(|n| {
                         held.get(&(set.into(), (*n).into()))
                             .cloned()
-                            .into_iter()
-                            .collect()
+                            .unwrap_or_default()
                     })
                     .collect(),
             ))
@@ -482,6 +528,43 @@ mod tests {
     }
 
     #[test]
+    fn state_larger_than_a_chunk_is_written_in_batches_and_comes_back_whole() {
+        let store = Memory::default();
+        let saved: Vec<SavedDevice> = (0..SAVE_CHUNK + 10)
+            .map(|i| SavedDevice {
+                device: format!("device-{i}").into(),
+                max_event: i as i64,
+                watermark: 0,
+                samples: (i % 3 == 0)
+                    .then_some(Sample {
+                        ts: 90 * SEC,
+                        known: [i as f64, f64::NAN, 3.0, f64::NAN],
+                        extra: None,
+                    })
+                    .into_iter()
+                    .collect(),
+                open: if i % 3 == 1 {
+                    vec![open(60 * SEC, i as f64)]
+                } else {
+                    vec![]
+                },
+                rollup: (i % 5 == 0).then(|| open(0, -(i as f64))),
+            })
+            .collect();
+        save(&store, &saved, &WindowConfig::default()).unwrap();
+        let batches = |name: &str| {
+            store.files.lock().unwrap()[&(WINDOWS_SET.to_owned(), name.to_owned())].len()
+        };
+        for name in [DEVICES, SAMPLES, ROLLUPS, OPEN] {
+            assert_eq!(batches(name), 2, "{name}");
+        }
+        let back = take(&store);
+        assert_eq!(back.len(), saved.len());
+        // NaN != NaN: compare through the debug form.
+        assert_eq!(format!("{back:?}"), format!("{saved:?}"));
+    }
+
+    #[test]
     fn a_set_saved_before_open_windows_were_kept_comes_back() {
         let store = Memory::default();
         let saved = vec![SavedDevice {
@@ -534,14 +617,17 @@ mod tests {
         save_alerts(&store, &SavedAlerts::default()).unwrap();
         // Alert state where window state should be: readable, but not this version's.
         let alerts = store.files.lock().unwrap()[&("alerts".to_owned(), ALERTS.to_owned())].clone();
+        let file = |name| -> StateFile<'_> {
+            (
+                name,
+                alerts[0].schema(),
+                Box::new(alerts.clone().into_iter()),
+            )
+        };
         store
             .save(
                 WINDOWS_SET,
-                &[
-                    (SAMPLES, alerts.clone()),
-                    (ROLLUPS, alerts.clone()),
-                    (DEVICES, alerts),
-                ],
+                vec![file(SAMPLES), file(ROLLUPS), file(DEVICES)],
             )
             .unwrap();
         assert!(take(&store).is_empty());

@@ -31,7 +31,7 @@ pub use metrics::StorageMetrics;
 pub use options::{StorageOptions, WalOptions, WalSync};
 pub use parquet_files::WriteOptions;
 pub use read_only::{READ_ONLY, Sessions, refusal, refusal_df};
-pub use state::StateDir;
+pub use state::{StateDir, StateFile};
 pub use table::{FlushReport, TableSpec, TableStats};
 
 use crate::table::Table;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 
@@ -87,7 +88,10 @@ impl StateDir {
     /// routine: either every file is in place or none (a crash in between leaves a
     /// prefix of the set, without its marker, which is never taken back). Temporary files
     /// a crash left are removed first.
-    pub fn save(&self, set: &str, files: &[(&str, RecordBatch)]) -> io::Result<()> {
+    ///
+    /// Each file is its name, schema and batches, written as the iterator makes them (a
+    /// set for a million devices need never be whole in memory).
+    pub fn save(&self, set: &str, files: Vec<StateFile<'_>>) -> io::Result<()> {
         let dir = self.dir(set);
         fs::create_dir_all(&dir)?;
         for entry in fs::read_dir(&dir)?.flatten() {
@@ -97,9 +101,13 @@ impl StateDir {
         }
         let staged: Vec<(PathBuf, PathBuf)> = files
             .iter()
-            .map(|(name, _)| (dir.join(format!("{TMP_PREFIX}{name}")), dir.join(name)))
+            .map(|(name, ..)| (dir.join(format!("{TMP_PREFIX}{name}")), dir.join(name)))
             .collect();
-        publish(&staged, |i, tmp| write_ipc(tmp, &files[i].1))
+        let mut files = files;
+        publish(&staged, |i, tmp| {
+            let (_, schema, batches) = &mut files[i];
+            write_ipc(tmp, schema, batches)
+        })
     }
 
     /// The batches of every file of `set`, in the order of `names`; `None` if the first
@@ -145,15 +153,28 @@ impl StateDir {
     }
 }
 
-fn write_ipc(path: &Path, batch: &RecordBatch) -> io::Result<()> {
+/// One file of a state set: name, schema, and its batches as they are made.
+pub type StateFile<'a> = (
+    &'a str,
+    SchemaRef,
+    Box<dyn Iterator<Item = RecordBatch> + 'a>,
+);
+
+fn write_ipc(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: &mut dyn Iterator<Item = RecordBatch>,
+) -> io::Result<()> {
     let file = File::create(path)?;
     let paced = Paced {
         file: &file,
         unsynced: 0,
         step: Instant::now(),
     };
-    let mut writer = FileWriter::try_new(paced, &batch.schema()).map_err(io::Error::other)?;
-    writer.write(batch).map_err(io::Error::other)?;
+    let mut writer = FileWriter::try_new(paced, schema).map_err(io::Error::other)?;
+    for batch in batches {
+        writer.write(&batch).map_err(io::Error::other)?;
+    }
     writer.finish().map_err(io::Error::other)?;
     file.sync_all()
 }
@@ -219,13 +240,32 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
     }
 
+    /// Files of one batch each, or of the batches listed.
+    fn files<'a>(files: &[(&'a str, Vec<RecordBatch>)]) -> Vec<StateFile<'a>> {
+        files
+            .iter()
+            .map(|(name, batches)| {
+                let schema = batch(&[]).schema();
+                let batches: Box<dyn Iterator<Item = RecordBatch>> =
+                    Box::new(batches.clone().into_iter());
+                (*name, schema, batches)
+            })
+            .collect()
+    }
+
     #[test]
     fn a_set_comes_back_in_order_and_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         assert_eq!(state.load("w", &["m", "a"]), Ok(None));
         state
-            .save("w", &[("a", batch(&[1, 2])), ("m", batch(&[3]))])
+            .save(
+                "w",
+                files(&[
+                    ("a", vec![batch(&[1, 2]), batch(&[4])]),
+                    ("m", vec![batch(&[3])]),
+                ]),
+            )
             .unwrap();
         let names: Vec<_> = fs::read_dir(dir.path().join("w"))
             .unwrap()
@@ -236,7 +276,11 @@ mod tests {
             "{names:?}"
         );
         let back = state.load("w", &["m", "a"]).unwrap().unwrap();
-        assert_eq!(back, vec![vec![batch(&[3])], vec![batch(&[1, 2])]]);
+        assert_eq!(
+            back,
+            vec![vec![batch(&[3])], vec![batch(&[1, 2]), batch(&[4])]],
+            "each file's batches, as written"
+        );
         state.remove("w", &["m", "a"], false);
         assert_eq!(state.load("w", &["m", "a"]), Ok(None));
     }
@@ -245,7 +289,7 @@ mod tests {
     fn a_set_without_its_marker_is_not_taken_back() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        state.save("w", &[("a", batch(&[1]))]).unwrap();
+        state.save("w", files(&[("a", vec![batch(&[1])])])).unwrap();
         assert_eq!(state.load("w", &["m", "a"]), Ok(None));
     }
 
@@ -271,7 +315,10 @@ mod tests {
         fs::create_dir_all(dir.path().join("w/a/x")).unwrap();
         assert!(
             state
-                .save("w", &[("b", batch(&[2])), ("a", batch(&[1]))])
+                .save(
+                    "w",
+                    files(&[("b", vec![batch(&[2])]), ("a", vec![batch(&[1])])])
+                )
                 .is_err()
         );
         let names: Vec<_> = fs::read_dir(dir.path().join("w"))
