@@ -300,24 +300,23 @@ impl Windows {
             return false;
         }
         device.max_event = device.max_event.max(r.ts);
+        if let Open::Readings(samples) = &device.open
+            && samples.len() >= FOLD_AT
+        {
+            let mut windows = Vec::with_capacity(2);
+            fold(samples, size, &mut windows);
+            device.open = Open::Windows(windows);
+        }
         match &mut device.open {
-            Open::Readings(samples) if samples.len() < FOLD_AT => {
+            Open::Readings(samples) => {
                 if samples.len() == samples.capacity() {
                     samples.reserve_exact(2);
                 }
                 samples.push(Sample::of(r));
             }
-            open => {
-                if let Open::Readings(samples) = open {
-                    let mut windows = Vec::with_capacity(2);
-                    fold(samples, size, &mut windows);
-                    *open = Open::Windows(windows);
-                }
-                let Open::Windows(windows) = open else {
-                    unreachable!("folded above")
-                };
+            Open::Windows(windows) => {
                 let extra = r.extra.iter().map(|&(n, v)| (n, v));
-                window_of(windows, end - size).add_reading(r.ts, r.known, extra);
+                window_of(windows, floor(r.ts, size)).add_reading(r.ts, r.known, extra);
             }
         }
         device.first_end = device.first_end.min(end);
