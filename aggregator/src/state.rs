@@ -6,8 +6,9 @@
 //! latest event time, watermark), `samples` (the readings of open windows of devices that
 //! send slowly, in the `telemetry` schema), `open` (the accumulators of open windows of
 //! devices that send fast) and `rollups` (rollups being built), both in the window
-//! tables' schema, `devices` saved last (a set saved before `open` existed has none); alerts are the set `alerts`: `last_seen`, then `alerts`. A set is
-//! removed once taken back, so state is never taken back twice; a set that cannot be read
+//! tables' schema, `devices` saved last (a set saved before `open` existed has none);
+//! alerts are the set `alerts`: `last_seen`, then `alerts`. A set is removed once taken
+//! back, so state is never taken back twice; a set that cannot be read
 //! is moved aside with an error in the log, and the windows or alerts start afresh.
 
 use std::sync::{Arc, LazyLock};
@@ -18,9 +19,10 @@ use arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use sluice_ingest::{Reading, RowBuilder, TelemetryBuilder};
 
+use crate::WindowAcc;
 use crate::alert::{Active, SavedAlert, SavedAlerts};
 use crate::rows::{ClosedWindow, TelemetryColumns, window_batch, windows_from_batch};
-use crate::window::{Sample, SavedDevice, WindowConfig};
+use crate::window::{Sample, SavedDevice, WindowConfig, nanos};
 
 const DEVICES: &str = "devices.arrow";
 const SAMPLES: &str = "samples.arrow";
@@ -68,7 +70,6 @@ pub(crate) fn save(
     saved: &[SavedDevice],
     config: &WindowConfig,
 ) -> std::io::Result<()> {
-    let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
     let (size, rollup) = (nanos(config.size), nanos(config.rollup));
     let chunks = move || saved.chunks(SAVE_CHUNK);
     // `devices` last: its presence says the others are complete.
@@ -83,36 +84,15 @@ pub(crate) fn save(
             (
                 ROLLUPS,
                 crate::window_schema(),
-                Box::new(chunks().map(move |chunk| {
-                    let rollups: Vec<ClosedWindow> = chunk
-                        .iter()
-                        .filter_map(|d| {
-                            d.rollup.as_ref().map(|r| ClosedWindow {
-                                device: d.device.as_str().into(),
-                                end: r.start + rollup,
-                                acc: r.clone(),
-                            })
-                        })
-                        .collect();
-                    window_batch(&rollups)
-                })),
+                Box::new(
+                    chunks()
+                        .map(move |chunk| windows_batch(chunk, rollup, |d| d.rollup.as_slice())),
+                ),
             ),
             (
                 OPEN,
                 crate::window_schema(),
-                Box::new(chunks().map(move |chunk| {
-                    let open: Vec<ClosedWindow> = chunk
-                        .iter()
-                        .flat_map(|d| {
-                            d.open.iter().map(|w| ClosedWindow {
-                                device: d.device.as_str().into(),
-                                end: w.start + size,
-                                acc: w.clone(),
-                            })
-                        })
-                        .collect();
-                    window_batch(&open)
-                })),
+                Box::new(chunks().map(move |chunk| windows_batch(chunk, size, |d| &d.open))),
             ),
             (
                 DEVICES,
@@ -121,6 +101,26 @@ pub(crate) fn save(
             ),
         ],
     )
+}
+
+/// The windows `of` each device of `saved` gives, each `length` ns long, as rows of the
+/// window tables.
+fn windows_batch(
+    saved: &[SavedDevice],
+    length: i64,
+    of: impl Fn(&SavedDevice) -> &[WindowAcc],
+) -> RecordBatch {
+    let rows: Vec<ClosedWindow> = saved
+        .iter()
+        .flat_map(|d| {
+            of(d).iter().map(|w| ClosedWindow {
+                device: d.device.as_str().into(),
+                end: w.start + length,
+                acc: w.clone(),
+            })
+        })
+        .collect();
+    window_batch(&rows)
 }
 
 fn devices_batch(saved: &[SavedDevice]) -> RecordBatch {
@@ -229,23 +229,14 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 saved[i].samples.push(Sample::of(&observation));
             }
         }
-        for batch in &files[2] {
-            if batch.schema() != crate::window_schema() {
-                return Err(format!("{ROLLUPS} has another schema than this version's"));
-            }
-            for (device, acc) in windows_from_batch(batch) {
-                let i = device_of(&saved, &mut last, &device, ROLLUPS)?;
-                saved[i].rollup = Some(acc);
-            }
+        for (device, acc) in windows_of(&files[2], ROLLUPS)? {
+            let i = device_of(&saved, &mut last, &device, ROLLUPS)?;
+            saved[i].rollup = Some(acc);
         }
-        for batch in files.get(3).into_iter().flatten() {
-            if batch.schema() != crate::window_schema() {
-                return Err(format!("{OPEN} has another schema than this version's"));
-            }
-            for (device, acc) in windows_from_batch(batch) {
-                let i = device_of(&saved, &mut last, &device, OPEN)?;
-                saved[i].open.push(acc);
-            }
+        let open = files.get(3).map_or(&[][..], Vec::as_slice);
+        for (device, acc) in windows_of(open, OPEN)? {
+            let i = device_of(&saved, &mut last, &device, OPEN)?;
+            saved[i].open.push(acc);
         }
         Ok(saved)
     });
@@ -253,6 +244,17 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
         tracing::info!(devices = saved.len(), "window state taken back");
     }
     loaded.unwrap_or_default()
+}
+
+/// The rows of the state file `file` (in the window tables' schema) as windows.
+fn windows_of(
+    batches: &[RecordBatch],
+    file: &str,
+) -> Result<impl Iterator<Item = (Box<str>, WindowAcc)>, String> {
+    if batches.iter().any(|b| b.schema() != crate::window_schema()) {
+        return Err(format!("{file} has another schema than this version's"));
+    }
+    Ok(batches.iter().flat_map(windows_from_batch))
 }
 
 /// Loads the set `set` (the files `names`, then those of `optional` that were saved:
@@ -415,7 +417,6 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::WindowAcc;
 
     /// Sets in memory; `unreadable` makes every load fail.
     #[derive(Debug, Default)]

@@ -218,7 +218,7 @@ pub struct Windows {
     buffered: usize,
 }
 
-fn nanos(d: Duration) -> i64 {
+pub(crate) fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
@@ -605,8 +605,9 @@ mod tests {
     }
 
     /// A stream of readings: a device every 30 s, one twice a second with arrivals up to
-    /// 100 s out of order (some late) and an extra metric now and then, one in between; values from a
-    /// fixed pseudo-random sequence. `(device, ts, arrival, temperature, co2)`.
+    /// 100 s out of order (some late) and an extra metric now and then, one in between;
+    /// values from a fixed pseudo-random sequence. `(device, ts, arrival, temperature,
+    /// co2)`.
     fn mixed_stream() -> Vec<(&'static str, i64, i64, f64, Option<f64>)> {
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
