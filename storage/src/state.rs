@@ -91,7 +91,7 @@ impl StateDir {
     ///
     /// Each file is its name, schema and batches, written as the iterator makes them (a
     /// set for a million devices need never be whole in memory).
-    pub fn save(&self, set: &str, files: Vec<StateFile<'_>>) -> io::Result<()> {
+    pub fn save(&self, set: &str, mut files: Vec<StateFile<'_>>) -> io::Result<()> {
         let dir = self.dir(set);
         fs::create_dir_all(&dir)?;
         for entry in fs::read_dir(&dir)?.flatten() {
@@ -103,7 +103,6 @@ impl StateDir {
             .iter()
             .map(|(name, ..)| (dir.join(format!("{TMP_PREFIX}{name}")), dir.join(name)))
             .collect();
-        let mut files = files;
         publish(&staged, |i, tmp| {
             let (_, schema, batches) = &mut files[i];
             write_ipc(tmp, schema, batches)
@@ -240,7 +239,7 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
     }
 
-    /// Files of one batch each, or of the batches listed.
+    /// Files of the batches listed.
     fn files<'a>(files: &[(&'a str, Vec<RecordBatch>)]) -> Vec<StateFile<'a>> {
         files
             .iter()

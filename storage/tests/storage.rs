@@ -331,9 +331,14 @@ fn the_hot_store_is_flushed_when_its_memory_reaches_flush_bytes() {
         "under the limit"
     );
     storage.append("readings", one_batch).unwrap();
+    wait_for_cold_rows(&storage, 6, "no flush");
+}
+
+/// Waits up to 10 s for `readings` to hold `rows` rows in files; fails with `why`.
+fn wait_for_cold_rows(storage: &Storage, rows: u64, why: &str) {
     let started = std::time::Instant::now();
-    while storage.stats("readings").unwrap().cold_rows < 6 {
-        assert!(started.elapsed() < Duration::from_secs(10), "no flush");
+    while storage.stats("readings").unwrap().cold_rows < rows {
+        assert!(started.elapsed() < Duration::from_secs(10), "{why}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -360,27 +365,13 @@ fn held_flushes_wait_for_three_quarters_of_the_cap_and_go_when_released() {
         "past flush_rows, under 3/4 of the cap"
     );
     drop(held);
-    let started = std::time::Instant::now();
-    while storage.stats("readings").unwrap().cold_rows < 4 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no flush on release"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_cold_rows(&storage, 4, "no flush on release");
     // Held again: three quarters of the cap (6 rows) still flushes.
     let _held = storage.hold_flushes();
     for _ in 0..3 {
         storage.append("readings", two.clone()).unwrap();
     }
-    let started = std::time::Instant::now();
-    while storage.stats("readings").unwrap().cold_rows < 10 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no flush at 3/4 of the cap"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_cold_rows(&storage, 10, "no flush at 3/4 of the cap");
 }
 
 /// Counts the checkpoints a storage takes; every cut covers every hot row.
@@ -422,11 +413,7 @@ fn flushes_for_room_between_checkpoints_write_files_of_the_next_checkpoint() {
     // since the last checkpoint, so none is taken.
     for i in 0..3 {
         storage.append("readings", one_batch.clone()).unwrap();
-        let started = std::time::Instant::now();
-        while storage.stats("readings").unwrap().cold_rows < 2 * (i + 1) {
-            assert!(started.elapsed() < Duration::from_secs(10), "no flush");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_cold_rows(&storage, 2 * (i + 1), "no flush");
     }
     assert_eq!(checkpoints.cuts.load(Ordering::SeqCst), 0);
     let files = parquet_files(dir.path());
