@@ -195,7 +195,7 @@ fn wal_recovery(c: &mut Criterion) {
     group.bench_function(format!("recover_{}MiB_segment", data.len() >> 20), |b| {
         b.iter(|| {
             let mut bytes = 0;
-            let recovered = segments::recover(dir.path(), 0, |_, r| bytes += r.payload.len())
+            let recovered = segments::recover(dir.path(), 0, |_, r, _| bytes += r.payload.len())
                 .expect("recovery");
             black_box((recovered.records, bytes))
         })

@@ -20,7 +20,6 @@ use std::time::Duration;
 use anyhow::Context;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::TimestampNanosecondType;
-use bytes::Bytes;
 use sluice_aggregator::Aggregator;
 use sluice_ingest::{IngestHandle, Journal, Logged, Message, Stored};
 use sluice_storage::wal::{Record, Replayed, Wal};
@@ -249,10 +248,10 @@ pub(crate) fn open_and_replay(
             closed = true;
         }
     };
-    let (wal, replayed) = Wal::open(data_dir, config, metrics, |record| {
+    let (wal, replayed) = Wal::open(data_dir, config, metrics, |record, segment| {
         chunk.push(Message {
-            topic: Bytes::copy_from_slice(record.topic),
-            payload: Bytes::copy_from_slice(record.payload),
+            topic: segment.slice_ref(record.topic),
+            payload: segment.slice_ref(record.payload),
             received_at_ns: record.received_at_ns,
         });
         if chunk.len() >= REPLAY_CHUNK {

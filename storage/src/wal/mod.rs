@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
 use crate::parquet_files::{TMP_PREFIX, publish};
@@ -195,18 +196,21 @@ pub struct Replayed {
 
 impl Wal {
     /// Recovers the log of `data_dir`: segments covered by the committed checkpoint are
-    /// deleted, every record of the others goes to `replay` in log order, damage is
-    /// handled as [`segments::recover`] says; then a new segment is started for appends.
+    /// deleted, every record of the others goes to `replay` in log order (with the bytes
+    /// of its segment, which its slices are of), damage is handled as
+    /// [`segments::recover`] says; then a new segment is started for appends.
     pub fn open(
         data_dir: &Path,
         config: WalConfig,
         metrics: WalMetrics,
-        mut replay: impl FnMut(Record<'_>),
+        mut replay: impl FnMut(Record<'_>, &Bytes),
     ) -> io::Result<(Wal, Replayed)> {
         let started = Instant::now();
         let path = dir(data_dir);
         let checkpoint = committed(data_dir)?;
-        let recovered = segments::recover(&path, checkpoint, |_, record| replay(record))?;
+        let recovered = segments::recover(&path, checkpoint, |_, record, segment| {
+            replay(record, segment)
+        })?;
         let took = started.elapsed();
         metrics.replayed.inc_by(recovered.records);
         metrics.replay_seconds.set(took.as_millis() as i64);

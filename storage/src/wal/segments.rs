@@ -10,6 +10,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use crate::parquet_files::{TMP_PREFIX, publish};
 use crate::wal::record::{Found, Record, Scan, framed_len};
 
@@ -70,12 +72,13 @@ pub fn create(dir: &Path, id: u64) -> io::Result<File> {
 }
 
 /// Recovers every segment of `dir` (created if missing) from segment `from` on, handing
-/// each intact record to `replay` in log order with its segment id. Segments before
-/// `from` are covered by a checkpoint: they are deleted unread.
+/// each intact record to `replay` in log order with its segment id and the segment's
+/// bytes, which the record's slices are of (`Bytes::slice_ref` keeps a part without a
+/// copy). Segments before `from` are covered by a checkpoint: they are deleted unread.
 pub fn recover(
     dir: &Path,
     from: u64,
-    mut replay: impl FnMut(u64, Record<'_>),
+    mut replay: impl FnMut(u64, Record<'_>, &Bytes),
 ) -> io::Result<Recovered> {
     fs::create_dir_all(dir)?;
     let mut recovered = Recovered::default();
@@ -91,7 +94,7 @@ pub fn recover(
         recovered.segments += 1;
         let path = segment_path(dir, id);
         let data = match fs::read(&path) {
-            Ok(data) => data,
+            Ok(data) => Bytes::from(data),
             Err(e) => {
                 tracing::error!(segment = %path.display(), error = %e, "WAL segment unreadable: moved into corrupt/");
                 set_aside_whole(dir, id)?;
@@ -111,7 +114,7 @@ pub fn recover(
                         Some(last) if last.end == offset => last.end = end,
                         _ => good.push(offset..end),
                     }
-                    replay(id, record);
+                    replay(id, record, &data);
                 }
                 // Only the segment being written when the process died can end in a cut
                 // write; a bad end of an older (fully synced) one is damage.
@@ -192,7 +195,7 @@ mod tests {
 
     fn replayed(dir: &Path) -> (Vec<(u64, i64)>, Recovered) {
         let mut seen = Vec::new();
-        let recovered = recover(dir, 0, |id, r| seen.push((id, r.received_at_ns))).unwrap();
+        let recovered = recover(dir, 0, |id, r, _| seen.push((id, r.received_at_ns))).unwrap();
         (seen, recovered)
     }
 
@@ -285,12 +288,13 @@ mod tests {
         write_segment(dir.path(), 1, 0, 2);
         write_segment(dir.path(), 2, 2, 2);
         let mut seen = Vec::new();
-        let recovered = recover(dir.path(), 2, |id, r| seen.push((id, r.received_at_ns))).unwrap();
+        let recovered =
+            recover(dir.path(), 2, |id, r, _| seen.push((id, r.received_at_ns))).unwrap();
         assert_eq!(seen, [(2, 2), (2, 3)]);
         assert_eq!(list(dir.path()).unwrap(), [2]);
         assert_eq!(recovered.next_id, 3);
         fs::remove_file(segment_path(dir.path(), 2)).unwrap();
-        let recovered = recover(dir.path(), 9, |_, _| panic!("nothing to replay")).unwrap();
+        let recovered = recover(dir.path(), 9, |_, _, _| panic!("nothing to replay")).unwrap();
         assert_eq!(recovered.next_id, 9, "not an id the checkpoint covers");
     }
 }
