@@ -187,11 +187,15 @@ pub fn decode<'a>(
         ));
     }
     let topic_device = device_id_from_topic(topic)?;
-    let text = std::str::from_utf8(payload).map_err(|e| {
-        Rejection::new(
-            RejectReason::InvalidUtf8,
-            format!("payload is not UTF-8: {e}"),
-        )
+    // simdutf8 checks a valid payload several times faster; std says where a bad one
+    // goes wrong.
+    let text = simdutf8::basic::from_utf8(payload).or_else(|_| {
+        std::str::from_utf8(payload).map_err(|e| {
+            Rejection::new(
+                RejectReason::InvalidUtf8,
+                format!("payload is not UTF-8: {e}"),
+            )
+        })
     })?;
     let envelope = parse_envelope(text)?;
 
