@@ -64,6 +64,10 @@ const ALERTS_SET: &str = "alerts";
 /// written a slice at a time, never whole beside the snapshot it comes from.
 const SAVE_CHUNK: usize = 65_536;
 
+/// Devices a state file's row is looked for after the one of the row before, before a
+/// lookup in an index of every device.
+const LOOK_AHEAD: usize = 64;
+
 /// Writes the state of windows of `config`'s sizes.
 pub(crate) fn save(
     store: &dyn StateStore,
@@ -174,10 +178,6 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
     let loaded = take_set(store, WINDOWS_SET, &names, &[OPEN], "window", |files| {
         let devices: usize = files[0].iter().map(|b| b.num_rows()).sum();
         let mut saved = Vec::with_capacity(devices);
-        let mut index = std::collections::HashMap::with_capacity_and_hasher(
-            devices,
-            foldhash::fast::RandomState::default(),
-        );
         for batch in &files[0] {
             if batch.schema() != *DEVICES_SCHEMA {
                 return Err(format!("{DEVICES} has another schema than this version's"));
@@ -186,7 +186,6 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
             let max_event = batch.column(1).as_primitive::<Int64Type>();
             let watermark = batch.column(2).as_primitive::<Int64Type>();
             for row in 0..batch.num_rows() {
-                index.insert(names.value(row), saved.len());
                 saved.push(SavedDevice {
                     device: names.value(row).into(),
                     max_event: max_event.value(row),
@@ -197,26 +196,40 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 });
             }
         }
-        // Samples and rollups were saved device by device: a row of the device before
-        // (the one `last` points at) needs no lookup.
-        let mut last: Option<usize> = None;
-        let device_of = |saved: &[SavedDevice],
-                         last: &mut Option<usize>,
-                         name: &str,
-                         file: &str|
-         -> Result<usize, String> {
-            if let Some(i) = *last
-                && saved[i].device.as_str() == name
-            {
-                return Ok(i);
-            }
-            let i = index
-                .get(name)
-                .copied()
-                .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))?;
-            *last = Some(i);
-            Ok(i)
-        };
+        // Samples and rollups were saved device by device, in the order of `DEVICES`: a
+        // row's device is the one of the row before or a few after it (devices without
+        // rows in the file are skipped). A set written in another order is looked up.
+        let mut index: Option<std::collections::HashMap<&str, usize, _>> = None;
+        let (mut last, mut in_file) = (0, "");
+        let mut device_of =
+            |saved: &[SavedDevice], name: &str, file: &'static str| -> Result<usize, String> {
+                if file != in_file {
+                    (last, in_file) = (0, file);
+                }
+                let ahead = (last..saved.len()).take(LOOK_AHEAD);
+                if let Some(i) = ahead
+                    .into_iter()
+                    .find(|&i| saved[i].device.as_str() == name)
+                {
+                    last = i;
+                    return Ok(i);
+                }
+                let index = index.get_or_insert_with(|| {
+                    let mut index = std::collections::HashMap::with_capacity_and_hasher(
+                        devices,
+                        foldhash::fast::RandomState::default(),
+                    );
+                    let names = files[0].iter().flat_map(|b| b.column(0).as_string::<i32>());
+                    index.extend(names.flatten().enumerate().map(|(i, name)| (name, i)));
+                    index
+                });
+                let i = index
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| format!("{file}: device {name} is not in {DEVICES}"))?;
+                last = i;
+                Ok(i)
+            };
         for batch in &files[1] {
             if batch.schema() != sluice_ingest::telemetry_schema() {
                 return Err(format!("{SAMPLES} has another schema than this version's"));
@@ -225,17 +238,17 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
             let mut extras = Vec::new();
             for row in 0..batch.num_rows() {
                 let observation = columns.observation(row, &mut extras);
-                let i = device_of(&saved, &mut last, observation.device, SAMPLES)?;
+                let i = device_of(&saved, observation.device, SAMPLES)?;
                 saved[i].samples.push(Sample::of(&observation));
             }
         }
         for (device, acc) in windows_of(&files[2], ROLLUPS)? {
-            let i = device_of(&saved, &mut last, &device, ROLLUPS)?;
+            let i = device_of(&saved, &device, ROLLUPS)?;
             saved[i].rollup = Some(acc);
         }
         let open = files.get(3).map_or(&[][..], Vec::as_slice);
         for (device, acc) in windows_of(open, OPEN)? {
-            let i = device_of(&saved, &mut last, &device, OPEN)?;
+            let i = device_of(&saved, &device, OPEN)?;
             saved[i].open.push(acc);
         }
         Ok(saved)
@@ -563,6 +576,40 @@ mod tests {
         assert_eq!(back.len(), saved.len());
         // NaN != NaN: compare through the debug form.
         assert_eq!(format!("{back:?}"), format!("{saved:?}"));
+    }
+
+    #[test]
+    fn a_set_whose_rows_are_in_another_order_than_its_devices_comes_back_whole() {
+        let store = Memory::default();
+        let saved: Vec<SavedDevice> = (0..SAVE_CHUNK + 100)
+            .map(|i| SavedDevice {
+                device: format!("device-{i}").into(),
+                max_event: i as i64,
+                watermark: 0,
+                samples: vec![Sample {
+                    ts: i as i64,
+                    known: [1.0, 2.0, 3.0, 4.0],
+                    extra: None,
+                }],
+                open: vec![],
+                rollup: (i % 2 == 0).then(|| open(0, i as f64)),
+            })
+            .collect();
+        save(&store, &saved, &WindowConfig::default()).unwrap();
+        // The devices' two batches swapped: every row of the other files is then far
+        // from where its device is (beyond the look-ahead), found through the index.
+        store
+            .files
+            .lock()
+            .unwrap()
+            .get_mut(&(WINDOWS_SET.to_owned(), DEVICES.to_owned()))
+            .unwrap()
+            .reverse();
+        let mut back = take(&store);
+        assert_eq!(back[0].device, format!("device-{SAVE_CHUNK}"));
+        back.sort_by_key(|d| d.max_event);
+        assert_eq!(back, saved);
+        assert!(store.aside.lock().unwrap().is_empty());
     }
 
     #[test]
