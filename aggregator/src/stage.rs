@@ -47,6 +47,9 @@ pub struct AggregatorConfig {
     /// …or when the oldest has waited this long.
     pub batch_age: Duration,
     /// Telemetry batches queued in front of the aggregator (ingestion waits beyond).
+    /// They cost little memory: the hot store holds the same batches (shared, not
+    /// copied) until they are flushed. Deep enough that the replay at start goes on
+    /// decoding while the aggregator takes a million devices' state back (~1 s).
     pub queue_batches: usize,
 }
 
@@ -58,7 +61,7 @@ impl Default for AggregatorConfig {
             state: None,
             batch_rows: 8192,
             batch_age: Duration::from_secs(1),
-            queue_batches: 64,
+            queue_batches: 256,
         }
     }
 }
