@@ -7,6 +7,7 @@
 
 mod metrics;
 mod options;
+mod paced;
 mod parquet_files;
 mod provider;
 mod read_only;

@@ -10,13 +10,13 @@
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 
+use crate::paced::Paced;
 use crate::parquet_files::{TMP_PREFIX, publish};
 
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
@@ -164,58 +164,20 @@ fn write_ipc(
     schema: &SchemaRef,
     batches: &mut dyn Iterator<Item = RecordBatch>,
 ) -> io::Result<()> {
-    let file = File::create(path)?;
-    let paced = Paced {
-        file: &file,
-        unsynced: 0,
-        step: Instant::now(),
-    };
+    let paced = Paced::new(File::create(path)?, Some(BYTES_PER_SECOND));
     let mut writer = FileWriter::try_new(paced, schema).map_err(io::Error::other)?;
     for batch in batches {
         writer.write(&batch).map_err(io::Error::other)?;
     }
     writer.finish().map_err(io::Error::other)?;
-    file.sync_all()
+    let paced = writer.into_inner().map_err(io::Error::other)?;
+    paced.into_inner().sync_all()
 }
 
-/// Bytes of a state file written before they are synced.
-const SYNC_EVERY: usize = 2 << 20;
-/// How fast a state file is written at most.
+/// How fast a state file is written at most: a set (~220 MB for a million devices,
+/// saved at every checkpoint, on its own thread) takes ~3.5 s and leaves the disk idle
+/// between its steps.
 const BYTES_PER_SECOND: usize = 64 << 20;
-
-/// Writes to a file in synced steps of [`SYNC_EVERY`] bytes, at most
-/// [`BYTES_PER_SECOND`]: a state set (~220 MB for a million devices, saved at every
-/// checkpoint) never has more than a step waiting for the disk, and leaves it idle
-/// between steps, so the WAL's fdatasync on the same disk (PUBACKs wait for it) does not
-/// queue behind it. Such a set takes ~3.5 s to write, on its own thread.
-struct Paced<'a> {
-    file: &'a File,
-    unsynced: usize,
-    /// When the current step began.
-    step: Instant,
-}
-
-impl io::Write for Paced<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = SYNC_EVERY - self.unsynced;
-        let n = io::Write::write(&mut &*self.file, &buf[..buf.len().min(room)])?;
-        self.unsynced += n;
-        if self.unsynced >= SYNC_EVERY {
-            self.file.sync_data()?;
-            self.unsynced = 0;
-            let step = Duration::from_secs_f64(SYNC_EVERY as f64 / BYTES_PER_SECOND as f64);
-            if let Some(rest) = step.checked_sub(self.step.elapsed()) {
-                std::thread::sleep(rest);
-            }
-            self.step = Instant::now();
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn read_ipc(path: &Path) -> Result<Vec<RecordBatch>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
