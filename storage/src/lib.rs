@@ -26,7 +26,8 @@ use arrow::datatypes::SchemaRef;
 use crossbeam_channel::Sender;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
-use datafusion::prelude::SessionConfig;
+use datafusion::prelude::{DataFrame, SessionConfig};
+use futures::StreamExt;
 
 pub use metrics::StorageMetrics;
 pub use options::{StorageOptions, WalOptions, WalSync};
@@ -129,6 +130,10 @@ impl StorageConfig {
         }
     }
 }
+
+/// Batches of [`Storage::sql_each`] made ahead of the caller (DataFusion's are 8,192
+/// rows by default).
+const STREAM_AHEAD: usize = 4;
 
 /// The result of a query.
 #[derive(Debug, Clone)]
@@ -519,6 +524,13 @@ impl Storage {
     }
 
     async fn run_sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
+        let frame = self.plan_sql(sql).await?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await?;
+        Ok(QueryOutput { schema, batches })
+    }
+
+    async fn plan_sql(&self, sql: &str) -> Result<DataFrame, StorageError> {
         let state = self.inner.ctx.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state.sql_to_statement(sql, &dialect)?;
@@ -527,10 +539,57 @@ impl Storage {
             return Err(DataFusionError::Plan(why).into());
         }
         let plan = state.statement_to_plan(statement).await?;
-        let frame = self.inner.ctx.execute_logical_plan(plan).await?;
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame.collect().await?;
-        Ok(QueryOutput { schema, batches })
+        Ok(self.inner.ctx.execute_logical_plan(plan).await?)
+    }
+
+    /// Runs one read-only SQL statement and hands its batches to `each` as the query
+    /// makes them, on the calling thread, with at most a few batches made and not yet
+    /// taken: a result of tens of millions of rows is never held whole (the
+    /// start's dedup keys). Blocks: call it from outside an async runtime. Returns the
+    /// rows handed on; stops at the first error, the query's or `each`'s.
+    pub fn sql_each(
+        &self,
+        sql: &str,
+        mut each: impl FnMut(&RecordBatch) -> Result<(), String>,
+    ) -> Result<usize, StorageError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+        let (storage, text) = (self.clone(), sql.to_owned());
+        let query = self.query_runtime().spawn(async move {
+            let stream = async {
+                let mut stream = storage.plan_sql(&text).await?.execute_stream().await?;
+                while let Some(batch) = stream.next().await {
+                    if tx.send(Ok(batch?)).await.is_err() {
+                        break; // `each` failed: the caller stopped reading
+                    }
+                }
+                Ok::<_, StorageError>(())
+            };
+            if let Err(e) = stream.await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        let mut rows = 0;
+        let outcome = loop {
+            match rx.blocking_recv() {
+                None => break Ok(rows),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(batch)) => {
+                    rows += batch.num_rows();
+                    if let Err(why) = each(&batch) {
+                        break Err(StorageError::internal(why));
+                    }
+                }
+            }
+        };
+        drop(rx);
+        if outcome.is_ok() {
+            // Ended by the query itself: a panic in it is an error, not an empty result.
+            futures::executor::block_on(query)
+                .map_err(|e| StorageError::internal(format!("the query failed: {e}")))?;
+        } else {
+            query.abort();
+        }
+        outcome
     }
 
     /// The DataFusion context (for front ends that plan queries themselves).

@@ -311,6 +311,61 @@ async fn bad_sql_is_a_user_error_and_writes_are_refused() {
 }
 
 #[test]
+fn a_result_streamed_batch_by_batch_holds_every_row_and_stops_at_an_error() {
+    fn as_refs(rows: &[(String, i64, f64)]) -> Vec<(&str, i64, f64)> {
+        rows.iter().map(|r| (r.0.as_str(), r.1, r.2)).collect()
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (storage, _flusher) = open(dir.path());
+    // Many more rows than a batch (8,192), half cold and half hot.
+    let rows: Vec<(String, i64, f64)> = (0..50_000)
+        .map(|i| (format!("d{}", i % 97), T0 + i, i as f64))
+        .collect();
+    storage
+        .append("readings", batch(&as_refs(&rows[..25_000])))
+        .unwrap();
+    storage.flush().unwrap();
+    storage
+        .append("readings", batch(&as_refs(&rows[25_000..])))
+        .unwrap();
+
+    let (mut batches, mut sum) = (0, 0.0);
+    let streamed = storage
+        .sql_each("SELECT value FROM readings", |b| {
+            batches += 1;
+            sum += arrow::compute::sum(b.column(0).as_primitive::<Float64Type>()).unwrap_or(0.0);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(streamed, 50_000);
+    assert!(
+        batches > 4,
+        "handed on as made, not as one result: {batches}"
+    );
+    assert_eq!(sum, rows.iter().map(|r| r.2).sum::<f64>());
+
+    // The caller stops: the query stops with it, and the caller's reason comes back.
+    let mut taken = 0;
+    let error = storage
+        .sql_each("SELECT * FROM readings", |_| {
+            taken += 1;
+            Err("enough".into())
+        })
+        .unwrap_err();
+    assert_eq!(taken, 1);
+    assert!(error.to_string().contains("enough"), "{error}");
+
+    // Bad SQL and forbidden statements: the same user errors as `sql`.
+    for sql in [
+        "SELECT nope FROM readings",
+        "INSERT INTO readings VALUES ('a', now(), 1.0)",
+    ] {
+        let error = storage.sql_each(sql, |_| Ok(())).unwrap_err();
+        assert!(error.is_user_error(), "{sql}: {error}");
+    }
+}
+
+#[test]
 fn the_hot_store_is_flushed_when_its_memory_reaches_flush_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StorageConfig::new(dir.path());
