@@ -206,9 +206,8 @@ pub(crate) fn take(store: &dyn StateStore) -> Vec<SavedDevice> {
                 if file != in_file {
                     (last, in_file) = (0, file);
                 }
-                let ahead = (last..saved.len()).take(LOOK_AHEAD);
-                if let Some(i) = ahead
-                    .into_iter()
+                if let Some(i) = (last..saved.len())
+                    .take(LOOK_AHEAD)
                     .find(|&i| saved[i].device.as_str() == name)
                 {
                     last = i;

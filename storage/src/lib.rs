@@ -507,15 +507,20 @@ impl Storage {
         let result = (&mut task.0)
             .await
             .unwrap_or_else(|e| Err(StorageError::internal(format!("the query failed: {e}"))));
+        self.count_query(&result, started);
+        result
+    }
+
+    /// Counts a query in the metrics, by how it ended.
+    fn count_query<T>(&self, result: &Result<T, StorageError>, started: Instant) {
         self.inner.metrics.queried(
-            match &result {
+            match result {
                 Ok(_) => metrics::outcome::OK,
                 Err(e) if e.is_user_error() => metrics::outcome::USER_ERROR,
                 Err(_) => metrics::outcome::ERROR,
             },
             started.elapsed(),
         );
-        result
     }
 
     /// The runtime queries run on; the PostgreSQL endpoint serves its clients there.
@@ -552,10 +557,11 @@ impl Storage {
         sql: &str,
         mut each: impl FnMut(&RecordBatch) -> Result<(), String>,
     ) -> Result<usize, StorageError> {
+        let started = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
         let (storage, text) = (self.clone(), sql.to_owned());
         let query = self.query_runtime().spawn(async move {
-            let stream = async {
+            let run = async {
                 let mut stream = storage.plan_sql(&text).await?.execute_stream().await?;
                 while let Some(batch) = stream.next().await {
                     if tx.send(Ok(batch?)).await.is_err() {
@@ -564,7 +570,7 @@ impl Storage {
                 }
                 Ok::<_, StorageError>(())
             };
-            if let Err(e) = stream.await {
+            if let Err(e) = run.await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -582,13 +588,17 @@ impl Storage {
             }
         };
         drop(rx);
-        if outcome.is_ok() {
+        let outcome = match outcome {
             // Ended by the query itself: a panic in it is an error, not an empty result.
-            futures::executor::block_on(query)
-                .map_err(|e| StorageError::internal(format!("the query failed: {e}")))?;
-        } else {
-            query.abort();
-        }
+            Ok(rows) => futures::executor::block_on(query)
+                .map(|()| rows)
+                .map_err(|e| StorageError::internal(format!("the query failed: {e}"))),
+            Err(e) => {
+                query.abort();
+                Err(e)
+            }
+        };
+        self.count_query(&outcome, started);
         outcome
     }
 

@@ -9,7 +9,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 /// Bytes written before they are synced.
-pub(crate) const SYNC_EVERY: usize = 2 << 20;
+const SYNC_EVERY: usize = 2 << 20;
 
 /// A file written in synced steps of [`SYNC_EVERY`] bytes, at most `bytes_per_second`
 /// if set (the disk is then left idle between steps).
