@@ -185,6 +185,7 @@ fn wal_recovery(c: &mut Criterion) {
                 received_at_ns: T0 * 1_000_000_000 + (i * MESSAGES + n) as i64,
                 topic,
                 payload,
+                denied: false,
             };
             record::encode(&r, &mut data).expect("a message fits a record");
         }

@@ -101,6 +101,7 @@ fn group_commit(dir: &std::path::Path, interval_ms: u64, secs: u64) {
                         received_at_ns: n as i64,
                         topic: topic.as_bytes(),
                         payload: &payload,
+                        denied: false,
                     };
                     encode(&record, &mut bytes).expect("fits");
                     let appended = Instant::now();

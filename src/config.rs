@@ -34,8 +34,55 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct HttpConfig {
-    /// HTTP address for `/ready`, `/metrics`, `/query` and `/flush`.
+    /// HTTP address for `/ready`, `/metrics`, `/query`, `/flush` and `/reload`.
     pub addr: SocketAddr,
+    /// When set, `/query`, `/flush` and `/reload` need `Authorization: Bearer TOKEN`
+    /// (`SLUICE_TOKEN` sets it too, the variable `sluice sql --server` reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file whose first line is the token (instead of `token`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// `/metrics` needs the token too (Prometheus: `authorization: {credentials: …}`).
+    /// `/ready` never does.
+    pub protect_metrics: bool,
+}
+
+impl HttpConfig {
+    /// The token, from `token` or `token_file`; an error if both are set, the file
+    /// cannot be read, or the token is empty.
+    pub(crate) fn token(&self) -> anyhow::Result<Option<String>> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("invalid configuration: set http.token or http.token_file, not both")
+            }
+            (Some(token), None) => token.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "invalid configuration: http.token_file {}: {e}",
+                        file.display()
+                    )
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                if self.protect_metrics {
+                    anyhow::bail!(
+                        "invalid configuration: http.protect_metrics needs http.token or http.token_file"
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        if token.trim().is_empty() {
+            anyhow::bail!("invalid configuration: the HTTP token is empty");
+        }
+        Ok(Some(token))
+    }
 }
 
 /// The PostgreSQL wire-protocol endpoint (psql, Grafana, JDBC, psycopg).
@@ -80,6 +127,9 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            token_file: None,
+            protect_metrics: false,
         }
     }
 }
@@ -124,6 +174,8 @@ impl Config {
                 "SLUICE_MQTT_ADDR" => "mqtt.addr".to_owned(),
                 "SLUICE_HTTP_ADDR" => "http.addr".to_owned(),
                 "SLUICE_PG_ADDR" => "pg.addr".to_owned(),
+                // What `sluice sql --server` sends, the server expects.
+                "SLUICE_TOKEN" => "http.token".to_owned(),
                 _ => key["SLUICE_".len()..]
                     .to_ascii_lowercase()
                     .replace("__", "."),
@@ -175,7 +227,26 @@ impl Config {
         }
         self.aggregator()?;
         self.webhooks()?;
+        self.http.token()?;
         Ok(())
+    }
+
+    /// `[mqtt.auth]`'s access control (its files read), or `None` when it sets nothing.
+    /// Without an ACL file, a device may publish and subscribe under
+    /// `devices/{its user name}/` only; no client may publish to sluice's alerts.
+    pub(crate) fn access(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<sluice_broker::AccessControl>>> {
+        let config = self.mqtt.access_config(
+            "devices/{identity}/#",
+            &[sluice_notify::ALERTS_TOPIC_FILTER],
+        );
+        if !config.is_on() {
+            return Ok(None);
+        }
+        let access = sluice_broker::AccessControl::load(config)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: mqtt.auth: {e}"))?;
+        Ok(Some(std::sync::Arc::new(access)))
     }
 
     /// The broker's settings; `direct_filter` is the telemetry topic filter.
@@ -354,5 +425,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("/no/such/file.toml"), "{error}");
+    }
+
+    #[test]
+    fn the_http_token_comes_from_one_place_and_is_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\nsecond line\n").unwrap();
+        let load = |toml: &str, vars: &[(&str, &str)]| {
+            let config = dir.path().join("sluice.toml");
+            std::fs::write(&config, toml).unwrap();
+            Config::load(Some(&config), env(vars), &Overrides::default())
+                .and_then(|c| c.http.token())
+        };
+        let file_toml = format!("[http]\ntoken_file = {:?}\n", file.to_str().unwrap());
+        assert_eq!(load(&file_toml, &[]).unwrap().as_deref(), Some("from-file"));
+        assert_eq!(
+            load("", &[("SLUICE_TOKEN", "from-env")])
+                .unwrap()
+                .as_deref(),
+            Some("from-env"),
+            "the variable sluice sql reads"
+        );
+        assert_eq!(load("", &[]).unwrap(), None);
+        for (toml, vars, want) in [
+            (file_toml.as_str(), &[("SLUICE_TOKEN", "x")][..], "not both"),
+            (
+                "[http]\ntoken = \" \"\n",
+                &[][..],
+                "the HTTP token is empty",
+            ),
+            (
+                "[http]\ntoken_file = \"/no/such/token\"\n",
+                &[][..],
+                "/no/such/token",
+            ),
+            (
+                "[http]\nprotect_metrics = true\n",
+                &[][..],
+                "needs http.token",
+            ),
+        ] {
+            let error = load(toml, vars).unwrap_err().to_string();
+            assert!(error.contains(want), "{toml}: {error}");
+        }
     }
 }

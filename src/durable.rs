@@ -42,6 +42,7 @@ impl Journal for Log {
             received_at_ns: m.received_at_ns,
             topic: &m.topic,
             payload: &m.payload,
+            denied: m.denied,
         });
         let durable = self.0.append(records);
         Box::pin(async move { durable.await.map_err(|e| e.to_string()) })
@@ -251,6 +252,7 @@ pub(crate) fn open_and_replay(
             topic: segment.slice_ref(record.topic),
             payload: segment.slice_ref(record.payload),
             received_at_ns: record.received_at_ns,
+            denied: record.denied,
         });
         if chunk.len() >= REPLAY_CHUNK {
             send(&mut chunk);

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -27,6 +28,10 @@ pub(crate) struct AppState {
     /// `/ready` is unready while the WAL cannot store appends (a full disk).
     pub wal: Option<sluice_storage::wal::Wal>,
     pub reload: Reload,
+    /// `Authorization: Bearer` this, for `/query`, `/flush`, `/reload` (and `/metrics`
+    /// with `protect_metrics`).
+    pub token: Option<Arc<str>>,
+    pub protect_metrics: bool,
 }
 
 pub(crate) struct HttpServer {
@@ -49,12 +54,18 @@ impl HttpServer {
             let _entered = runtime.enter();
             tokio::net::TcpListener::from_std(listener)?
         };
-        let app = Router::new()
-            .route("/ready", get(ready))
-            .route("/metrics", get(metrics))
+        let protected = Router::new()
             .route("/query", get(query_get).post(query_post))
             .route("/flush", post(flush))
-            .route("/reload", post(reload))
+            .route("/reload", post(reload));
+        let (protected, open) = if state.protect_metrics {
+            (protected.route("/metrics", get(metrics)), Router::new())
+        } else {
+            (protected, Router::new().route("/metrics", get(metrics)))
+        };
+        let app = protected
+            .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+            .merge(open.route("/ready", get(ready)))
             .with_state(state);
         let (stop, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, stopped) = std::sync::mpsc::channel();
@@ -177,6 +188,38 @@ async fn reload(State(state): State<AppState>) -> Response {
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Lets a request through if no token is set or it carries the token
+/// (`Authorization: Bearer TOKEN`, compared in constant time); 401 otherwise.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim());
+    let allowed = given.is_some_and(|given| {
+        subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into()
+    });
+    if allowed {
+        return next.run(request).await;
+    }
+    let message = if given.is_some() {
+        "the bearer token is wrong"
+    } else {
+        "this endpoint needs Authorization: Bearer <token> (http.token; sluice sql --token or SLUICE_TOKEN)"
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"sluice\"")],
+        axum::Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: String) -> Response {

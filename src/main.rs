@@ -111,6 +111,9 @@ struct SqlArgs {
     /// A running sluice server, e.g. http://127.0.0.1:8080.
     #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
     server: Option<String>,
+    /// The server's `http.token`, sent as `Authorization: Bearer`.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Query the Parquet files of a data directory (no server needed).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -370,7 +373,7 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
 fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
     let backend = match (&args.server, &args.data_dir) {
-        (Some(url), _) => sql::Backend::server(url)?,
+        (Some(url), _) => sql::Backend::server(url, args.token.clone())?,
         (None, Some(dir)) => sql::Backend::offline(dir.clone())?,
         (None, None) => anyhow::bail!("give --server URL (a running sluice) or --data-dir DIR"),
     };

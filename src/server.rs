@@ -13,7 +13,10 @@ use anyhow::Context;
 use arrow::array::RecordBatch;
 use prometheus::Registry;
 use sluice_aggregator::{Aggregator, AggregatorMetrics, StoreThenAggregate, TableSink};
-use sluice_broker::{AllowAll, BoxFuture, Broker, Durable, Inbound, MqttMeters, NotTaken};
+use sluice_broker::{
+    AccessControl, AllowAll, Authenticator, BoxFuture, Broker, Durable, Inbound, MqttMeters,
+    NotTaken,
+};
 use sluice_ingest::{
     IngestHandle, IngestMetrics, IntoTables, Message, Pipeline, Refused, TELEMETRY_TOPIC_FILTER,
 };
@@ -100,6 +103,7 @@ impl sluice_broker::Pipeline for ToPipeline {
                 topic: m.topic,
                 payload: m.payload,
                 received_at_ns: m.received_at_ns,
+                denied: m.denied,
             })
             .collect();
         let handle = self.handle.clone();
@@ -190,9 +194,14 @@ impl Server {
             )
             .context("starting the aggregator")?,
         );
+        let access = config.access()?;
+        if let Some(access) = &access {
+            tracing::info!("MQTT access control: {}", access.describe());
+        }
         let alerting = Arc::new(Alerting {
             aggregator: aggregator.clone(),
             notifier,
+            access: access.clone(),
             load,
             current: std::sync::Mutex::new(config.clone()),
         });
@@ -247,7 +256,13 @@ impl Server {
         drop(replaying);
 
         let broker = bound
-            .start(Arc::new(ToPipeline { handle }), Arc::new(AllowAll))
+            .start(
+                Arc::new(ToPipeline { handle }),
+                access.map_or_else(
+                    || Arc::new(AllowAll) as Arc<dyn Authenticator>,
+                    |a| a as Arc<dyn Authenticator>,
+                ),
+            )
             .context("starting the MQTT broker")?;
         broker.meters().register(&registry)?;
 
@@ -265,6 +280,8 @@ impl Server {
                 ready: ready.clone(),
                 wal: Some(wal.clone()),
                 reload: reload.clone(),
+                token: config.http.token()?.map(Arc::from),
+                protect_metrics: config.http.protect_metrics,
             },
         )
         .with_context(|| format!("starting the HTTP server on {}", config.http.addr))?;
@@ -344,17 +361,27 @@ impl Server {
 struct Alerting {
     aggregator: Arc<Aggregator>,
     notifier: Arc<Notifier>,
+    /// `[mqtt.auth]`'s files, read again with the rules.
+    access: Option<Arc<AccessControl>>,
     load: LoadConfig,
     current: std::sync::Mutex<Config>,
 }
 
 impl Alerting {
-    /// Reads the configuration again and applies its `[[alert]]` and `[[webhook]]` sets.
-    /// An invalid configuration is refused as a whole and the running rules stay.
+    /// Reads the configuration again and applies its `[[alert]]` and `[[webhook]]` sets,
+    /// and the password and ACL files of `[mqtt.auth]`. An invalid configuration or
+    /// file is refused as a whole and the running rules stay.
     fn reload(&self) -> anyhow::Result<String> {
         let new = (self.load)().context("reload refused, the running rules stay")?;
         let rules = new.rules()?;
         let webhooks = new.webhooks()?;
+        let mut access_summary = String::new();
+        if let Some(access) = &self.access {
+            access
+                .reload()
+                .context("reload refused, the running rules stay")?;
+            access_summary = format!("; MQTT access: {}", access.describe());
+        }
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let others_changed = Config {
             alerts: current.alerts.clone(),
@@ -367,7 +394,7 @@ impl Alerting {
             );
         }
         let summary = format!(
-            "{} alert rules and {} webhooks in effect",
+            "{} alert rules and {} webhooks in effect{access_summary}",
             rules.len(),
             webhooks.len()
         );

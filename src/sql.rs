@@ -15,6 +15,8 @@ pub(crate) enum Backend {
     Server {
         url: String,
         client: reqwest::blocking::Client,
+        /// Sent as `Authorization: Bearer` (the server's `http.token`).
+        token: Option<String>,
     },
     Offline {
         storage: Storage,
@@ -23,7 +25,7 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    pub(crate) fn server(url: &str) -> anyhow::Result<Backend> {
+    pub(crate) fn server(url: &str, token: Option<String>) -> anyhow::Result<Backend> {
         let url = url.trim_end_matches('/').to_owned();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bail!("--server must be an http:// URL, got {url:?}");
@@ -32,7 +34,7 @@ impl Backend {
             .timeout(None)
             .build()
             .context("creating the HTTP client")?;
-        Ok(Backend::Server { url, client })
+        Ok(Backend::Server { url, client, token })
     }
 
     pub(crate) fn offline(data_dir: PathBuf) -> anyhow::Result<Backend> {
@@ -50,11 +52,15 @@ impl Backend {
 
     pub(crate) fn query(&self, sql: &str) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
         match self {
-            Backend::Server { url, client } => {
-                let response = client
+            Backend::Server { url, client, token } => {
+                let mut request = client
                     .post(format!("{url}/query?format=arrow"))
                     .header("content-type", "text/plain; charset=utf-8")
-                    .body(sql.to_owned())
+                    .body(sql.to_owned());
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                let response = request
                     .send()
                     .with_context(|| format!("cannot reach the sluice server at {url}"))?;
                 let status = response.status();

@@ -803,3 +803,92 @@ fn mqtt_meters_count_connections_messages_by_qos_and_bytes_per_listener() {
         131_072.0
     );
 }
+
+/// With `http.token`, `/query`, `/flush` and `/reload` answer 401 without
+/// `Authorization: Bearer TOKEN` (and with a wrong one); `/ready` and `/metrics` stay
+/// open; `sluice sql --server` sends the token from `--token` or `SLUICE_TOKEN`.
+#[test]
+fn an_http_token_guards_queries_flushes_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!("[http]\ntoken_file = {:?}\n", token_file.to_str().unwrap()),
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let client = reqwest::blocking::Client::new();
+    let send = |method: reqwest::Method, path: &str, auth: Option<&str>| {
+        let mut request = client.request(method, format!("{}{path}", sluice.http));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.body("SELECT 1").send().unwrap();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (response.status().as_u16(), challenge)
+    };
+    use reqwest::Method;
+    for (method, path) in [
+        (Method::POST, "/query"),
+        (Method::GET, "/query?sql=SELECT%201"),
+        (Method::POST, "/flush"),
+        (Method::POST, "/reload"),
+    ] {
+        for auth in [None, Some("Bearer wrong"), Some("Basic czNjcmV0LXRva2Vu")] {
+            let (status, challenge) = send(method.clone(), path, auth);
+            assert_eq!(status, 401, "{method} {path} {auth:?}");
+            assert_eq!(challenge.as_deref(), Some("Bearer realm=\"sluice\""));
+        }
+        for auth in ["Bearer s3cret-token", "bearer s3cret-token"] {
+            assert_eq!(
+                send(method.clone(), path, Some(auth)).0,
+                200,
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(send(Method::GET, "/ready", None).0, 200);
+    assert_eq!(send(Method::GET, "/metrics", None).0, 200);
+
+    let (ok, _, stderr) = cli(&["sql", "--server", &sluice.http, "SELECT 41 + 1 AS n"]);
+    assert!(!ok);
+    assert!(stderr.contains("Authorization: Bearer"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&[
+        "sql",
+        "--server",
+        &sluice.http,
+        "--token",
+        "s3cret-token",
+        "--format",
+        "csv",
+        "SELECT 41 + 1 AS n",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "n\n42");
+    let out = common::sluice_command()
+        .env("SLUICE_TOKEN", "s3cret-token")
+        .args([
+            "sql",
+            "--server",
+            &sluice.http,
+            "--format",
+            "csv",
+            "SELECT 7 AS n",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "n\n7");
+}

@@ -941,3 +941,372 @@ fn a_device_refused_at_the_connection_limit_retries_with_its_own_client_id() {
         Some(2.0)
     );
 }
+
+/// Whether `mosquitto_passwd` (Debian: mosquitto) is installed; `.ci/run` installs it.
+fn have_mosquitto_passwd() -> bool {
+    let have = Command::new("mosquitto_passwd").output().is_ok();
+    if !have {
+        assert!(
+            std::env::var_os("CI_REQUIRE_MOSQUITTO").is_none(),
+            "CI_REQUIRE_MOSQUITTO is set but mosquitto_passwd is missing"
+        );
+        eprintln!("skipped: mosquitto_passwd is not installed (Debian: mosquitto)");
+    }
+    have
+}
+
+fn mosquitto_passwd(args: &[&str]) {
+    let status = Command::new("mosquitto_passwd")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mosquitto_passwd {args:?}: {status}");
+}
+
+/// What a rumqttc client (3.1.1 or 5) gets for its CONNECT: `accepted` or the code of
+/// the refusal, as rumqttc names it.
+fn rumqttc_connect(
+    addr: SocketAddr,
+    v5: bool,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+) -> String {
+    let (host, port) = (addr.ip().to_string(), addr.port());
+    if v5 {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, mut connection) = Client::new(options, 10);
+        let outcome = match connection.iter().next() {
+            Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => "accepted".to_owned(),
+            Some(Err(ConnectionError::ConnectionRefused(code))) => format!("{code:?}"),
+            other => format!("unexpected: {other:?}"),
+        };
+        let _ = client.disconnect();
+        outcome
+    } else {
+        use rumqttc::{Client, ConnectionError, Event, MqttOptions, Packet};
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::ZERO);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, mut connection) = Client::new(options, 10);
+        let outcome = match connection.iter().next() {
+            Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => "accepted".to_owned(),
+            Some(Err(ConnectionError::ConnectionRefused(code))) => format!("{code:?}"),
+            other => format!("unexpected: {other:?}"),
+        };
+        let _ = client.disconnect();
+        outcome
+    }
+}
+
+/// paho (`clients.py`) as `user`, or anonymously: its exit status and its lines.
+fn paho_as(user: Option<(&str, &str)>, args: &[&str]) -> (bool, Vec<String>) {
+    let mut command = paho(args);
+    if let Some((name, password)) = user {
+        command
+            .env("MQTT_USERNAME", name)
+            .env("MQTT_PASSWORD", password);
+    }
+    Peer::spawn(&mut command).finish(Duration::from_secs(20))
+}
+
+/// The first line of `lines` starting with `prefix`.
+fn line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:?}"))
+}
+
+/// A Mosquitto user brings the files `mosquitto_passwd` made and an ACL with `user` and
+/// `pattern` sections: clients of both versions (paho, rumqttc, mosquitto_pub) are
+/// refused with the right CONNACK codes or let in; a device publishing as another is
+/// acknowledged (MQTT 5: 0x87), not stored, kept in `rejects` (also after a kill -9, from
+/// the WAL); subscriptions outside the ACL are refused; a user added to the file gets in
+/// after a reload; a repeated wrong password is answered later and later.
+#[test]
+fn mosquitto_password_and_acl_files_decide_who_connects_publishes_and_subscribes() {
+    if !have_mosquitto() || !have_paho() || !have_mosquitto_passwd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let pw = passwd.to_str().unwrap();
+    mosquitto_passwd(&["-c", "-b", pw, "device-1", "pw-1"]);
+    mosquitto_passwd(&["-b", pw, "device-2", "pw-2"]);
+    // The older salted SHA-512 ($6$) of Mosquitto 1.6.
+    mosquitto_passwd(&["-H", "sha512", "-b", pw, "ops", "ops-pw"]);
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "# as Mosquitto reads it\nuser ops\ntopic read devices/#\ntopic readwrite alerts/#\n\n\
+         pattern readwrite devices/%u/#\n",
+    )
+    .unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt.auth]\npassword_file = {pw:?}\nacl_file = {:?}\n",
+            acl.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = ["--config", config.to_str().unwrap()];
+    let sluice = Sluice::start(&data, &args);
+    let addr = sluice.mqtt;
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let device_1 = Some(("device-1", "pw-1"));
+
+    // Let in with the right password, each version, each client.
+    for (version, ts) in [
+        ("3.1.1", "2024-01-15T10:30:00Z"),
+        ("5", "2024-01-15T10:30:30Z"),
+    ] {
+        let (topic, payload) = telemetry("device-1", ts, 1.0, 80.0);
+        let payload = String::from_utf8(payload).unwrap();
+        let (ok, lines) = paho_as(
+            device_1,
+            &["pub", &host, &port, version, &topic, &payload, "1"],
+        );
+        assert!(ok, "{version}: {lines:?}");
+        assert_eq!(line(&lines, "puback"), "puback 0");
+    }
+    for v5 in [false, true] {
+        assert_eq!(rumqttc_connect(addr, v5, "r-ok", device_1), "accepted");
+    }
+    let (topic, payload) = reading("ops", 3.0);
+    let out = mosquitto(
+        "mosquitto_pub",
+        addr,
+        &["-u", "ops", "-P", "ops-pw", "-q", "1"],
+    )
+    .args(["-t", &topic, "-m", &payload])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Refused: no user name (3.1.1: 5, MQTT 5: 0x87), a wrong password (4, 0x86).
+    let wrong = Some(("device-2", "not-it"));
+    // (rumqttc names 3.1.1's 5 and 4 and MQTT 5's 0x87 and 0x86 alike.)
+    for v5 in [false, true] {
+        assert_eq!(rumqttc_connect(addr, v5, "r-anon", None), "NotAuthorized");
+        assert_eq!(
+            rumqttc_connect(addr, v5, "r-wrong", wrong),
+            "BadUserNamePassword"
+        );
+        assert_eq!(
+            rumqttc_connect(addr, v5, "r-unknown", Some(("nobody", "pw-1"))),
+            "BadUserNamePassword"
+        );
+    }
+    for version in ["3.1.1", "5"] {
+        let (ok, lines) = paho_as(
+            None,
+            &[
+                "pub",
+                &host,
+                &port,
+                version,
+                "devices/x/telemetry",
+                "{}",
+                "1",
+            ],
+        );
+        assert!(!ok);
+        // paho reports a 3.1.1 return code as its MQTT 5 counterpart.
+        assert_eq!(line(&lines, "refused"), "refused 135 Not authorized");
+    }
+    let out = mosquitto("mosquitto_pub", addr, &["-u", "device-2", "-P", "nope"])
+        .args(["-t", "devices/device-2/telemetry", "-m", "{}"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad user name or password"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Failures of one user from one address slow that user's next attempts.
+    let started = Instant::now();
+    assert_eq!(
+        rumqttc_connect(addr, false, "r-wrong", wrong),
+        "BadUserNamePassword"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "a repeated wrong password is answered at once: {:?}",
+        started.elapsed()
+    );
+
+    // device-1 publishing as device-2: acknowledged (0x87 in MQTT 5), not stored.
+    let (topic, payload) = reading("device-2", 9.0);
+    for (version, code) in [("3.1.1", "puback 0"), ("5", "puback 135")] {
+        let (ok, lines) = paho_as(
+            device_1,
+            &["pub", &host, &port, version, &topic, &payload, "1"],
+        );
+        assert!(ok, "{version}: {lines:?}");
+        assert_eq!(line(&lines, "puback"), code, "{version}");
+    }
+    // Only sluice publishes alerts, whatever the ACL grants.
+    let (ok, lines) = paho_as(
+        Some(("ops", "ops-pw")),
+        &["pub", &host, &port, "5", "alerts/d1/overheat", "{}", "1"],
+    );
+    assert!(ok, "{lines:?}");
+    assert_eq!(line(&lines, "puback"), "puback 135");
+
+    // Subscriptions: inside the ACL granted, outside refused (0x80 / 0x87).
+    for (user, filter, version, want) in [
+        (device_1, "devices/#", "3.1.1", "suback 128"),
+        (device_1, "devices/#", "5", "suback 135"),
+        (device_1, "alerts/#", "5", "suback 135"),
+        (device_1, "devices/device-2/telemetry", "5", "suback 135"),
+        (device_1, "devices/device-1/#", "5", "suback 1"),
+        (Some(("ops", "ops-pw")), "devices/#", "3.1.1", "suback 1"),
+        (Some(("ops", "ops-pw")), "alerts/#", "5", "suback 1"),
+    ] {
+        let (_, lines) = paho_as(user, &["sub", &host, &port, version, filter, "1", "0.5"]);
+        assert_eq!(line(&lines, "suback"), want, "{user:?} {filter} {version}");
+    }
+
+    let metrics = sluice.get("/metrics").1;
+    let attempts = |reason: &str| {
+        metric_value(
+            &metrics,
+            &format!(
+                "sluice_mqtt_connection_attempts_total{{listener=\"mqtt\",outcome=\"refused\",reason=\"{reason}\"}}"
+            ),
+        )
+        .unwrap()
+    };
+    assert!(attempts("bad_credentials") >= 6.0, "{metrics}");
+    assert!(attempts("not_authorized") >= 4.0, "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "sluice_mqtt_acl_denied_total{packet=\"publish\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_mqtt_acl_denied_total{packet=\"subscribe\"}"
+        ),
+        Some(4.0)
+    );
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 3, Duration::from_secs(10));
+    sluice.expect_scalar(
+        "SELECT count(*) FROM rejects WHERE reason = 'not_authorized'",
+        3,
+        Duration::from_secs(10),
+    );
+
+    // A user added to the file gets in once the files are read again.
+    mosquitto_passwd(&["-b", pw, "device-3", "pw-3"]);
+    let device_3 = Some(("device-3", "pw-3"));
+    assert_eq!(
+        rumqttc_connect(addr, true, "r-3", device_3),
+        "BadUserNamePassword"
+    );
+    let (status, body) = sluice.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rumqttc_connect(addr, true, "r-3", device_3), "accepted");
+
+    // The refused publishes are rejects again after a crash: the WAL says so.
+    sluice.kill();
+    let sluice = Sluice::start(&data, &args);
+    sluice.expect_scalar(
+        "SELECT count(*) FROM rejects WHERE reason = 'not_authorized'",
+        3,
+        Duration::from_secs(10),
+    );
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry WHERE device_id = 'device-2'",
+        0,
+        Duration::from_secs(1),
+    );
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 3, Duration::from_secs(1));
+}
+
+/// With a password file and no ACL file, a device may publish and subscribe under its
+/// own `devices/{user name}/` only; a malformed password file stops the start with its
+/// line named.
+#[test]
+fn without_an_acl_a_device_keeps_to_its_own_topics() {
+    if !have_paho() || !have_mosquitto_passwd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let pw = passwd.to_str().unwrap();
+    mosquitto_passwd(&["-c", "-b", pw, "device-1", "pw-1"]);
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, format!("[mqtt.auth]\npassword_file = {pw:?}\n")).unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let (host, port) = (sluice.mqtt.ip().to_string(), sluice.mqtt.port().to_string());
+    let me = Some(("device-1", "pw-1"));
+    for (device, want) in [("device-1", "puback 0"), ("device-2", "puback 135")] {
+        let (topic, payload) = reading(device, 1.0);
+        let (ok, lines) = paho_as(me, &["pub", &host, &port, "5", &topic, &payload, "1"]);
+        assert!(ok, "{lines:?}");
+        assert_eq!(line(&lines, "puback"), want, "{device}");
+    }
+    for (filter, want) in [
+        ("devices/device-1/#", "suback 1"),
+        ("devices/device-1/commands", "suback 1"),
+        ("devices/+/telemetry", "suback 135"),
+        ("alerts/#", "suback 135"),
+        ("#", "suback 135"),
+    ] {
+        let (_, lines) = paho_as(me, &["sub", &host, &port, "5", filter, "1", "0.5"]);
+        assert_eq!(line(&lines, "suback"), want, "{filter}");
+    }
+    sluice.expect_scalar("SELECT count(*) FROM telemetry", 1, Duration::from_secs(10));
+    sluice.expect_scalar(
+        "SELECT count(*) FROM rejects WHERE reason = 'not_authorized'",
+        1,
+        Duration::from_secs(10),
+    );
+    drop(sluice);
+
+    std::fs::write(&passwd, "device-1:$7$101$AAAA$AAAA\ndevice-2:secret\n").unwrap();
+    let out = common::sluice_command()
+        .args([
+            "serve",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--pg-addr",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("device-2") && stderr.contains(pw),
+        "{stderr}"
+    );
+}

@@ -31,9 +31,9 @@ use futures::StreamExt;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectProperties, ConnectReturnCode, Disconnect,
     DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet,
-    PingResp, PubComp, PubCompReason, PubRec, PubRecReason, PublishProperties, RetainForwardRule,
-    SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
-    Unsubscribe,
+    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -46,7 +46,7 @@ use crate::meters::{Attempt, Close, ListenerMeters, MqttMeters, Refused};
 use crate::router::{self, Link, Routed, Router};
 use crate::session::{Control, Expired, SessionState, Sessions, Stored, Sub, Will};
 use crate::transport::{Listener, Transport};
-use crate::{AuthOutcome, Authenticator, ConnectInfo, Inbound, NotTaken, Pipeline};
+use crate::{AuthOutcome, Authenticator, ConnectInfo, Identity, Inbound, NotTaken, Pipeline};
 
 /// Connection limits and protocol settings.
 #[derive(Debug, Clone)]
@@ -381,6 +381,22 @@ impl Handshake<'_> {
                     .await);
             }
         }
+        let identity = Identity {
+            client_id: client_id.clone(),
+            username: login.as_ref().map(|l| l.username.as_str().into()),
+        };
+        // A will is a publish the client makes by leaving: refused where its publishes
+        // would be (as Mosquitto does).
+        if let Some(will) = &will
+            && !self.shared.auth.may_publish(
+                &identity,
+                std::str::from_utf8(&will.topic).unwrap_or_default(),
+            )
+        {
+            return Err(self
+                .refuse(version, Rc::NotAuthorized, Attempt::NotAuthorized)
+                .await);
+        }
         if *self.shared.shutdown.borrow() {
             let code = if v5 {
                 Rc::ServerUnavailable
@@ -542,6 +558,7 @@ impl Handshake<'_> {
             codec,
             version,
             client_id,
+            identity,
             conn_id,
             key,
             control,
@@ -777,6 +794,8 @@ pub(crate) struct Conn {
     codec: Codec,
     version: Version,
     client_id: Arc<str>,
+    /// Who the access checks see.
+    identity: Identity,
     conn_id: u64,
     /// rumqttd's session key for this client id.
     key: String,
@@ -1109,15 +1128,20 @@ impl Conn {
             return Ok(());
         }
 
+        let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+        let denied = !self.shared.auth.may_publish(&self.identity, topic);
         self.pending.push(Inbound {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
             received_at_ns,
             qos,
+            denied,
         });
-        // A copy for the router, when someone may want it.
-        let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
-        if self.shared.router.visibility.wanted(topic, retain) {
+        if denied {
+            self.shared.meters.denied("publish");
+        }
+        // A copy for the router, when someone may want it (never of a refused one).
+        if !denied && self.shared.router.visibility.wanted(topic, retain) {
             let origin = self.session.has_no_local().then_some(self.session.origin);
             self.shared
                 .router
@@ -1129,12 +1153,31 @@ impl Conn {
                 pkid,
             });
         }
+        // A refused publish is acknowledged like any other (3.1.1 has no code for it:
+        // the client would only send it again), with 0x87 in MQTT 5.
+        let refused = denied && v5;
+        if refused && qos == 2 {
+            // No PUBREL follows a PUBREC that reports an error [MQTT-4.3.3].
+            self.session.qos2_in.remove(&pkid);
+        }
         let ack = match qos {
+            1 if refused => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::NotAuthorized,
+                },
+                None,
+            )
+            .into(),
             1 => Reply::PubAck(pkid),
             2 => Packet::PubRec(
                 PubRec {
                     pkid,
-                    reason: PubRecReason::Success,
+                    reason: if refused {
+                        PubRecReason::NotAuthorized
+                    } else {
+                        PubRecReason::Success
+                    },
                 },
                 None,
             )
@@ -1336,6 +1379,15 @@ impl Conn {
             }
             if self.shared.limits.deny_subscribe.iter().any(|d| d == path) {
                 codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            if !self.shared.auth.may_subscribe(&self.identity, path) {
+                self.shared.meters.denied("subscribe");
+                codes.push(if v5 {
+                    SubscribeReasonCode::NotAuthorized
+                } else {
+                    SubscribeReasonCode::Failure
+                });
                 continue;
             }
             let qos = filter.qos as u8;
@@ -1866,6 +1918,8 @@ pub(crate) async fn publish_will(shared: &Shared, will: &Will) {
             payload: message.clone(),
             received_at_ns: now_ns(),
             qos,
+            // Checked when the client connected.
+            denied: false,
         }])
         .await;
     if delivered.is_err() {

@@ -278,9 +278,59 @@ pub(crate) fn filters_overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether every topic name that matches `inner` also matches `outer` (an ACL's filter
+/// granting a whole subscription). `$` topics are matched by a wildcard at the start of
+/// neither, so one is covered only by a filter that names its first level.
+pub(crate) fn filter_covers(outer: &str, inner: &str) -> bool {
+    let outer = shared_filter(outer).map_or(outer, |(_, f)| f);
+    let inner = shared_filter(inner).map_or(inner, |(_, f)| f);
+    let (mut o, mut i) = (outer.split('/'), inner.split('/'));
+    let mut first = true;
+    loop {
+        match (o.next(), i.next()) {
+            // `#` covers the rest, the parent level included.
+            (Some("#"), Some(level)) => return !(first && level.starts_with('$')),
+            (Some("#"), None) => return true,
+            (None, None) => return true,
+            // An inner wildcard is covered by an outer wildcard only.
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(level)) if !(first && level.starts_with('$')) => {}
+            (Some(p), Some(q)) if p == q && p != "+" => {}
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_covers_another_only_if_every_topic_of_the_other_matches_it() {
+        for (outer, inner, covered) in [
+            ("a/#", "a/#", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b/+/c", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a/+/c", true),
+            ("a/+/c", "a/#", false),
+            ("a/b", "a/+", false),
+            ("a/b", "a/b/c", false),
+            ("a/+", "a", false),
+            ("a/b/#", "a/#", false),
+            ("#", "x/y", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+        ] {
+            assert_eq!(
+                filter_covers(outer, inner),
+                covered,
+                "{outer} covers {inner}"
+            );
+        }
+    }
 
     #[test]
     fn a_header_is_read_before_its_body_arrives_and_refused_if_too_large() {

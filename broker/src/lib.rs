@@ -16,6 +16,7 @@
 //! order its connection received it; topics matching [`BrokerConfig::direct_filter`]
 //! reach the router only while an MQTT subscription can see them.
 
+mod access;
 mod codec;
 mod connection;
 mod egress;
@@ -27,8 +28,9 @@ mod router;
 mod session;
 mod transport;
 
+pub use access::{AccessConfig, AccessControl, AccessError};
 pub use meters::MqttMeters;
-pub use options::{MqttOptions, MqttTlsOptions, MqttWsOptions};
+pub use options::{MqttAuthOptions, MqttOptions, MqttTlsOptions, MqttWsOptions};
 pub use router::{PublishError, Publisher};
 
 use std::collections::HashMap;
@@ -60,6 +62,9 @@ pub struct Inbound {
     pub received_at_ns: i64,
     /// Its QoS: 0 is never acknowledged, so nothing waits for it to be durable.
     pub qos: u8,
+    /// The client may not publish to its topic ([`Authenticator::may_publish`]): it is
+    /// not routed to subscribers, and the pipeline keeps it as a refusal, not as data.
+    pub denied: bool,
 }
 
 /// Why the pipeline did not take messages: none of them is acknowledged, and the
@@ -113,9 +118,29 @@ pub enum AuthOutcome {
     NotAuthorized,
 }
 
-/// Decides who may connect.
+/// A connected client, as its connection's later checks see it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client_id: Arc<str>,
+    /// The user name of its CONNECT (verified, when a password file is used).
+    pub username: Option<Arc<str>>,
+}
+
+/// Decides who may connect, and what a connected client may do.
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, info: &ConnectInfo<'_>) -> BoxFuture<AuthOutcome>;
+
+    /// Whether the client may publish to `topic` (its will included, checked at
+    /// CONNECT). A refused PUBLISH is handed to the pipeline marked
+    /// [`Inbound::denied`], acknowledged (MQTT 5: PUBACK 0x87) and routed nowhere.
+    fn may_publish(&self, _identity: &Identity, _topic: &str) -> bool {
+        true
+    }
+
+    /// Whether the client may subscribe to `filter` (refused: SUBACK 0x80 / 0x87).
+    fn may_subscribe(&self, _identity: &Identity, _filter: &str) -> bool {
+        true
+    }
 }
 
 /// Lets every client connect.

@@ -203,6 +203,7 @@ pub struct MqttMeters {
     pub(crate) forwarded: IntCounter,
     dropped: IntCounterVec,
     pub(crate) skipped: IntCounter,
+    denied: IntCounterVec,
     pub(crate) router_links: IntGauge,
     pub(crate) sessions_stored: IntGauge,
 }
@@ -279,6 +280,13 @@ impl MqttMeters {
                  (MQTT 5 message expiry) first",
             )
             .expect("valid metric"),
+            denied: counter_vec(
+                "sluice_mqtt_acl_denied_total",
+                "What [mqtt.auth]'s ACL refused, by packet: a PUBLISH (handed to the pipeline, \
+                 which keeps it as a not_authorized reject; routed nowhere) or a SUBSCRIBE's \
+                 topic filter (SUBACK 0x80 / 0x87)",
+                &["packet"],
+            ),
             router_links: IntGauge::new(
                 "sluice_mqtt_router_links",
                 "Connections registered with the router (clients that subscribe or keep a persistent session)",
@@ -315,7 +323,15 @@ impl MqttMeters {
         for source in ["publish", "will"] {
             meters.pipeline.with_label_values(&[source]);
         }
+        for packet in ["publish", "subscribe"] {
+            meters.denied.with_label_values(&[packet]);
+        }
         meters
+    }
+
+    /// A PUBLISH (`publish`) or a subscription (`subscribe`) the ACL refused.
+    pub(crate) fn denied(&self, packet: &'static str) {
+        self.denied.with_label_values(&[packet]).inc();
     }
 
     /// Exports the meters through `registry`.
@@ -332,6 +348,7 @@ impl MqttMeters {
         registry.register(Box::new(self.forwarded.clone()))?;
         registry.register(Box::new(self.dropped.clone()))?;
         registry.register(Box::new(self.skipped.clone()))?;
+        registry.register(Box::new(self.denied.clone()))?;
         registry.register(Box::new(self.router_links.clone()))?;
         registry.register(Box::new(self.sessions_stored.clone()))
     }

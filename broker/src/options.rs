@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BrokerConfig, TlsConfig};
+use crate::{AccessConfig, BrokerConfig, TlsConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +50,25 @@ pub struct MqttOptions {
     /// MQTT over WebSocket (subprotocol `mqtt`), for browser clients.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws: Option<MqttWsOptions>,
+    /// Who may connect, publish and subscribe.
+    pub auth: MqttAuthOptions,
+}
+
+/// `[mqtt.auth]`: Mosquitto's files. With none of them every client may connect and do
+/// anything (keep the listeners on 127.0.0.1 then).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttAuthOptions {
+    /// A password file made by `mosquitto_passwd`: clients must give a user name and
+    /// its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// An ACL file in Mosquitto's format. Without one (and with a password file), a
+    /// client may publish and subscribe only under its own device's topics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl_file: Option<PathBuf>,
+    /// Lets clients without a user name connect while a password file is set.
+    pub allow_anonymous: bool,
 }
 
 /// `[mqtt.tls]`: present, it turns the TLS listener on.
@@ -102,6 +121,7 @@ impl Default for MqttOptions {
             deny_subscribe: broker.deny_subscribe,
             tls: None,
             ws: None,
+            auth: MqttAuthOptions::default(),
         }
     }
 }
@@ -120,6 +140,18 @@ impl MqttOptions {
             }
         }
         Ok(())
+    }
+
+    /// The access control of [`MqttAuthOptions`]; `own_topics` the default policy's filter
+    /// (`{identity}` for the client's), `reserved` the filters no client may publish to.
+    pub fn access_config(&self, own_topics: &str, reserved: &[&str]) -> AccessConfig {
+        AccessConfig {
+            password_file: self.auth.password_file.clone(),
+            acl_file: self.auth.acl_file.clone(),
+            allow_anonymous: self.auth.allow_anonymous,
+            own_topics: own_topics.to_owned(),
+            reserved: reserved.iter().map(|r| (*r).to_owned()).collect(),
+        }
     }
 
     /// The broker's settings; `direct_filter`: the topics that go to the pipeline only

@@ -36,11 +36,13 @@ pub enum RejectReason {
     NonFinite,
     /// The payload is larger than the configured limit.
     TooLarge,
+    /// The client may not publish to this topic (the broker's ACL).
+    NotAuthorized,
 }
 
 impl RejectReason {
-    /// Every reason, in a fixed order (for metrics and docs).
-    pub const ALL: [RejectReason; 9] = [
+    /// The reasons a message's own bytes can earn (all but `not_authorized`).
+    pub const OF_CONTENT: [RejectReason; 9] = [
         RejectReason::InvalidUtf8,
         RejectReason::InvalidJson,
         RejectReason::MissingField,
@@ -50,6 +52,20 @@ impl RejectReason {
         RejectReason::InvalidTimestamp,
         RejectReason::NonFinite,
         RejectReason::TooLarge,
+    ];
+
+    /// Every reason, in a fixed order (for metrics and docs).
+    pub const ALL: [RejectReason; 10] = [
+        RejectReason::InvalidUtf8,
+        RejectReason::InvalidJson,
+        RejectReason::MissingField,
+        RejectReason::WrongType,
+        RejectReason::TopicMismatch,
+        RejectReason::InvalidTopic,
+        RejectReason::InvalidTimestamp,
+        RejectReason::NonFinite,
+        RejectReason::TooLarge,
+        RejectReason::NotAuthorized,
     ];
 
     /// The name stored in `rejects.reason`.
@@ -64,6 +80,7 @@ impl RejectReason {
             RejectReason::InvalidTimestamp => "invalid_timestamp",
             RejectReason::NonFinite => "non_finite",
             RejectReason::TooLarge => "too_large",
+            RejectReason::NotAuthorized => "not_authorized",
         }
     }
 }
@@ -102,6 +119,14 @@ impl Rejection {
             ));
         }
         Ok(())
+    }
+
+    /// A message its client was not allowed to publish to its topic.
+    pub fn not_authorized() -> Self {
+        Rejection::new(
+            RejectReason::NotAuthorized,
+            "the client may not publish to this topic (mqtt.auth)",
+        )
     }
 
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
@@ -815,7 +840,8 @@ mod tests {
                 "invalid_topic",
                 "invalid_timestamp",
                 "non_finite",
-                "too_large"
+                "too_large",
+                "not_authorized"
             ]
         );
     }

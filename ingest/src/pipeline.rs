@@ -52,6 +52,9 @@ pub struct Message {
     pub payload: Bytes,
     /// When sluice read the message, ns since the epoch (UTC).
     pub received_at_ns: i64,
+    /// Its client was not allowed to publish it: a reject (`not_authorized`), whatever
+    /// it holds.
+    pub denied: bool,
 }
 
 /// A sink did not store a batch. Its rows are counted where it was refused
@@ -749,9 +752,14 @@ impl Worker {
         let mut rows = 0;
         let mut duplicates = 0;
         for message in chunk {
-            let decoded = decode(&message.topic, &message.payload, &self.limits).and_then(|r| {
-                Rejection::check_clock_skew(&r, message.received_at_ns, &self.limits).map(|()| r)
-            });
+            let decoded = if message.denied {
+                Err(Rejection::not_authorized())
+            } else {
+                decode(&message.topic, &message.payload, &self.limits).and_then(|r| {
+                    Rejection::check_clock_skew(&r, message.received_at_ns, &self.limits)
+                        .map(|()| r)
+                })
+            };
             match decoded {
                 Ok(reading)
                     if !self.dedup.first(
@@ -925,6 +933,7 @@ mod tests {
             payload: Bytes::from(payload),
             // 2024-01-15T10:31:00Z, just after the readings' event time.
             received_at_ns: 1_705_314_660_000_000_000,
+            denied: false,
         }
     }
 

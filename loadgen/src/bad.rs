@@ -3,8 +3,9 @@
 
 use sluice_ingest::RejectReason;
 
-/// The kinds, in the order they are cycled through: every reason sluice records.
-pub const BAD_KINDS: [RejectReason; RejectReason::ALL.len()] = RejectReason::ALL;
+/// The kinds, in the order they are cycled through: every reason a message's content
+/// can earn (`not_authorized` is the broker's, for the topic).
+pub const BAD_KINDS: [RejectReason; RejectReason::OF_CONTENT.len()] = RejectReason::OF_CONTENT;
 
 /// Bytes of the `too_large` payload: over sluice's default 64 KiB message limit, under
 /// its 2 MiB packet limit.
@@ -40,6 +41,7 @@ pub fn bad_message(kind: usize, device_id: &str, timestamp: &str) -> (String, Ve
             bytes.extend_from_slice(br#""}"#);
             bytes
         }
+        RejectReason::NotAuthorized => unreachable!("not a kind of content"),
     };
     (topic, payload)
 }

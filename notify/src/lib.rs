@@ -70,6 +70,10 @@ pub fn notification_json(event: &AlertEvent) -> String {
     .to_string()
 }
 
+/// Every notification's topic: only sluice publishes there (with access control on,
+/// no client may).
+pub const ALERTS_TOPIC_FILTER: &str = "alerts/#";
+
 /// The MQTT topic of a notification.
 pub fn notification_topic(event: &AlertEvent) -> String {
     format!("alerts/{}/{}", event.device, event.rule)

@@ -7,7 +7,10 @@ publisher for sluice's end-to-end tests.
     clients.py pub HOST PORT VERSION TOPIC PAYLOAD QOS [tcp|websockets|tls CAFILE]
         exits 0 once the message is acknowledged (QoS 1) or written (QoS 0).
 
-VERSION is 3.1.1 or 5. Both connect with keep alive 0 (no keep-alive timeout), except
+VERSION is 3.1.1 or 5. MQTT_USERNAME and MQTT_PASSWORD (environment), when set, are the
+credentials. A refused CONNECT prints "refused CODE NAME" and exits 1; the SUBACK's codes
+are printed as "suback CODE..." before "subscribed", the PUBACK's as "puback CODE".
+Both connect with keep alive 0 (no keep-alive timeout), except
 over WebSocket: paho uses the keep alive as its socket timeout there, and 0 would make
 the handshake non-blocking (browser clients use 60 s too).
 """
@@ -31,6 +34,8 @@ def client(version, transport, cafile):
         c.ws_set_options(path="/mqtt")
     if transport == "tls":
         c.tls_set(ca_certs=cafile)
+    if os.environ.get("MQTT_USERNAME") is not None:
+        c.username_pw_set(os.environ["MQTT_USERNAME"], os.environ.get("MQTT_PASSWORD"))
     return c
 
 
@@ -47,11 +52,14 @@ def main():
     c = client(version, transport, cafile)
     connected = threading.Event()
     done = threading.Event()
+    refused = threading.Event()
     received = []
 
     def on_connect(c, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            print(f"refused {reason_code}", flush=True)
+            print(f"refused {reason_code.value} {reason_code}", flush=True)
+            refused.set()
+            connected.set()
             done.set()
             return
         connected.set()
@@ -59,7 +67,11 @@ def main():
             c.subscribe(topic, qos=1)
 
     def on_subscribe(c, userdata, mid, reason_codes, properties):
+        print("suback " + " ".join(str(rc.value) for rc in reason_codes), flush=True)
         print("subscribed", flush=True)
+
+    def on_publish(c, userdata, mid, reason_code, properties):
+        print(f"puback {reason_code.value}", flush=True)
 
     def on_message(c, userdata, message):
         received.append(message.topic)
@@ -70,19 +82,20 @@ def main():
     c.on_connect = on_connect
     c.on_subscribe = on_subscribe
     c.on_message = on_message
+    c.on_publish = on_publish
     c.connect(host, port, keepalive=60 if transport == "websockets" else 0)
     c.loop_start()
     if mode == "sub":
         ok = done.wait(timeout) and len(received) >= count
     else:
         ok = connected.wait(10)
-        if ok:
+        if ok and not refused.is_set():
             info = c.publish(topic, payload, qos=qos)
             info.wait_for_publish(10)
             ok = info.is_published()
     c.disconnect()
     c.loop_stop()
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if ok and not refused.is_set() else 1)
 
 
 if __name__ == "__main__":

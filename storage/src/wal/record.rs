@@ -3,12 +3,20 @@
 //!
 //! A record is `[len: u32 LE][crc: u32 LE][body: len bytes]`, `crc` the CRC32C of the
 //! body. The body holds what rebuilds a row or a reject through the same decoder:
-//! `[received_at_ns: i64 LE][topic_len: u16 LE][topic][payload]`.
+//! `[received_at_ns: i64 LE][topic_len: u16 LE][topic][payload]`. A `topic_len` of 0
+//! says flags follow, then the topic's length:
+//! `[received_at_ns][0u16][flags: u8][topic_len: u16 LE][topic][payload]` (flag 1: the
+//! message was [`denied`](Record::denied)); a record with flags or an empty topic (which
+//! MQTT never sends) takes that form. Every other record keeps the first, so a log
+//! written before flags existed reads the same.
 
 /// The largest body a record may declare; a longer one is damage, not a record.
 pub const MAX_BODY: usize = 16 << 20;
 const HEADER: usize = 8;
 const BODY_FIXED: usize = 10;
+/// The flags and the real topic length of a record with flags.
+const FLAGS_FIXED: usize = 3;
+const FLAG_DENIED: u8 = 1;
 
 /// One message as the log keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +24,8 @@ pub struct Record<'a> {
     pub received_at_ns: i64,
     pub topic: &'a [u8],
     pub payload: &'a [u8],
+    /// The client was not allowed to publish to `topic`: it is replayed as a reject.
+    pub denied: bool,
 }
 
 /// Why a record cannot be written.
@@ -29,14 +39,26 @@ pub enum EncodeError {
 
 /// How many bytes `record` takes in a segment, framing included.
 pub fn framed_len(record: &Record<'_>) -> usize {
-    HEADER + BODY_FIXED + record.topic.len() + record.payload.len()
+    HEADER + body_fixed(record) + record.topic.len() + record.payload.len()
+}
+
+fn body_fixed(record: &Record<'_>) -> usize {
+    if with_flags(record) {
+        BODY_FIXED + FLAGS_FIXED
+    } else {
+        BODY_FIXED
+    }
+}
+
+fn with_flags(record: &Record<'_>) -> bool {
+    record.denied || record.topic.is_empty()
 }
 
 /// Appends `record`, framed, to `out`.
 pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let topic_len =
         u16::try_from(record.topic.len()).map_err(|_| EncodeError::Topic(record.topic.len()))?;
-    let body_len = BODY_FIXED + record.topic.len() + record.payload.len();
+    let body_len = body_fixed(record) + record.topic.len() + record.payload.len();
     if body_len > MAX_BODY {
         return Err(EncodeError::TooLarge(body_len));
     }
@@ -45,6 +67,9 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError>
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&record.received_at_ns.to_le_bytes());
+    if with_flags(record) {
+        out.extend_from_slice(&[0, 0, if record.denied { FLAG_DENIED } else { 0 }]);
+    }
     out.extend_from_slice(&topic_len.to_le_bytes());
     out.extend_from_slice(record.topic);
     out.extend_from_slice(record.payload);
@@ -97,13 +122,26 @@ impl<'a> Scan<'a> {
             return None;
         }
         let received_at_ns = i64::from_le_bytes(body[..8].try_into().ok()?);
-        let topic_len = u16::from_le_bytes([body[8], body[9]]) as usize;
-        let topic = body.get(BODY_FIXED..BODY_FIXED + topic_len)?;
-        let payload = &body[BODY_FIXED + topic_len..];
+        let mut topic_len = u16::from_le_bytes([body[8], body[9]]) as usize;
+        let mut fixed = BODY_FIXED;
+        let mut flags = 0;
+        if topic_len == 0 {
+            let more = body.get(BODY_FIXED..BODY_FIXED + FLAGS_FIXED)?;
+            flags = more[0];
+            topic_len = u16::from_le_bytes([more[1], more[2]]) as usize;
+            fixed += FLAGS_FIXED;
+            if flags & !FLAG_DENIED != 0 {
+                // Written by a later version, or damage the CRC did not catch.
+                return None;
+            }
+        }
+        let topic = body.get(fixed..fixed + topic_len)?;
+        let payload = &body[fixed + topic_len..];
         let record = Record {
             received_at_ns,
             topic,
             payload,
+            denied: flags & FLAG_DENIED != 0,
         };
         Some((record, at + HEADER + len))
     }
@@ -167,6 +205,7 @@ mod tests {
                     received_at_ns: *at,
                     topic,
                     payload,
+                    denied: *at % 3 == 0,
                 },
                 &mut out,
             )
@@ -199,7 +238,8 @@ mod tests {
                     record: Record {
                         received_at_ns: *at,
                         topic,
-                        payload
+                        payload,
+                        denied: *at % 3 == 0,
                     }
                 }
             );
@@ -208,10 +248,18 @@ mod tests {
             received_at_ns: 0,
             topic: b"",
             payload: b"",
+            denied: false,
         };
         let mut out = Vec::new();
         encode(&empty, &mut out).unwrap();
-        assert_eq!(Scan::new(&out).collect::<Vec<_>>().len(), 1);
+        let found: Vec<_> = Scan::new(&out).collect();
+        assert_eq!(
+            found,
+            [Found::Record {
+                offset: 0,
+                record: empty
+            }]
+        );
     }
 
     #[test]
@@ -267,12 +315,14 @@ mod tests {
             received_at_ns: 0,
             topic: &long,
             payload: b"",
+            denied: false,
         };
         assert_eq!(encode(&topic, &mut out), Err(EncodeError::Topic(70_000)));
         let large = Record {
             received_at_ns: 0,
             topic: b"t",
             payload: &big,
+            denied: false,
         };
         assert!(matches!(
             encode(&large, &mut out),

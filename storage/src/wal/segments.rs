@@ -182,6 +182,7 @@ mod tests {
                     received_at_ns: i,
                     topic: topic.as_bytes(),
                     payload: b"{\"x\":1}",
+                    denied: false,
                 },
                 &mut data,
             )

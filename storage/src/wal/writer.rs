@@ -584,6 +584,7 @@ mod tests {
             received_at_ns: i as i64,
             topic: topic.as_bytes(),
             payload: b"{}",
+            denied: false,
         };
         encode(&record, &mut out).unwrap();
         out
