@@ -2,7 +2,7 @@
 //! driven by the load generator over real MQTT on loopback, measured from outside.
 //!
 //! ```text
-//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K]
+//! cargo bench --bench e2e -- reference [--devices N] [--rate R] [--secs S] [--connections K] [--hostile]
 //!                                       [--windows | --no-windows] [--rules N] [--anomaly-rate F]
 //!                                       [--subscribers N] [--wal-sync always|off]
 //! cargo bench --bench e2e -- max       [--from R] [--step R] [--secs S]
@@ -53,7 +53,20 @@ struct Args {
     /// `[wal] sync` (default: sluice's own, `always`): `off` measures the front door
     /// without the fdatasync a PUBACK waits for.
     wal_sync: Option<String>,
+    /// A client sends [`HOSTILE`] queries one after another over HTTP while the load
+    /// runs: ingestion must keep its rate and PUBACK latency.
+    hostile: bool,
 }
+
+/// Queries that took the node down before `[query]`'s limits (issue #15), each ending
+/// in an error now: a value over the memory, two over the timeout, one over the result
+/// cap.
+const HOSTILE: [&str; 4] = [
+    "SELECT length(repeat('x', 2000000000))",
+    "SELECT count(*) FROM generate_series(1, 20000000000)",
+    "SELECT count(*) FROM telemetry a, telemetry b WHERE a.temperature < b.temperature",
+    "SELECT a.device_id, b.device_id FROM telemetry a, telemetry b",
+];
 
 /// Ten alert rules of the kinds an operator writes, for `--rules N`.
 const RULES: [&str; 10] = [
@@ -83,6 +96,7 @@ fn args() -> Args {
         anomaly_rate: 0.0,
         subscribers: 0,
         wal_sync: None,
+        hostile: false,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
@@ -104,6 +118,7 @@ fn args() -> Args {
             "--anomaly-rate" => args.anomaly_rate = value(),
             "--subscribers" => args.subscribers = value() as usize,
             "--wal-sync" => args.wal_sync = it.next(),
+            "--hostile" => args.hostile = true,
             name if !name.starts_with('-') => args.scenario = name.to_owned(),
             other => panic!("unknown option {other}"),
         }
@@ -383,6 +398,24 @@ fn reference(args: &Args) {
     let watchers = (0..args.subscribers)
         .map(|i| watch_telemetry(&sluice.mqtt, i))
         .collect::<Vec<_>>();
+    let hostile = args.hostile.then(|| {
+        let (done, http) = (done.clone(), sluice.server.http.clone());
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+            while !done.load(Ordering::SeqCst) {
+                for sql in HOSTILE {
+                    let status = client
+                        .post(format!("{http}/query"))
+                        .body(sql)
+                        .send()
+                        .map_or_else(|e| e.to_string(), |r| r.status().to_string());
+                    *outcomes.entry(format!("{status} {sql}")).or_default() += 1;
+                }
+            }
+            outcomes
+        })
+    });
     let report = run_loadgen_with(
         &sluice.mqtt,
         args.devices,
@@ -405,6 +438,11 @@ fn reference(args: &Args) {
     let cpu = cpu_seconds(pid) - cpu0;
     done.store(true, Ordering::SeqCst);
     let rss = sampler.join().unwrap();
+    if let Some(hostile) = hostile {
+        for (outcome, n) in hostile.join().unwrap() {
+            println!("hostile query: {n} × {outcome}");
+        }
+    }
     let after = sluice.metrics();
     let peak_rss = status_kib(pid, "VmHWM:");
     let skipped = after.value("sluice_broker_skipped_messages_total");

@@ -22,6 +22,8 @@ pub(crate) struct Config {
     pub storage: sluice_storage::StorageOptions,
     /// The write-ahead log every message goes through before its PUBACK.
     pub wal: sluice_storage::WalOptions,
+    /// What one query of the SQL endpoints may take.
+    pub query: sluice_storage::QueryOptions,
     pub windows: sluice_aggregator::WindowsOptions,
     /// `[[alert]]` rules (README: "Alerts"); reloaded on SIGHUP and `POST /reload`.
     #[serde(rename = "alert", skip_serializing_if = "Vec::is_empty")]
@@ -95,6 +97,18 @@ pub(crate) struct PgConfig {
     /// authentication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// How the password is checked: `scram-sha-256` (the password never crosses the
+    /// wire; PostgreSQL's default since 14) or `cleartext` (for old clients).
+    pub password_auth: PgPasswordAuth,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub(crate) enum PgPasswordAuth {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "cleartext")]
+    Cleartext,
 }
 
 impl Default for PgConfig {
@@ -102,6 +116,7 @@ impl Default for PgConfig {
         PgConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
             password: None,
+            password_auth: PgPasswordAuth::default(),
         }
     }
 }
@@ -116,6 +131,7 @@ impl Default for Config {
             ingest: Default::default(),
             storage: Default::default(),
             wal: Default::default(),
+            query: Default::default(),
             windows: Default::default(),
             alerts: Vec::new(),
             webhooks: Vec::new(),
@@ -214,6 +230,7 @@ impl Config {
             ("ingest", self.ingest.validate()),
             ("storage", self.storage.validate()),
             ("wal", self.wal.validate()),
+            ("query", self.query.validate()),
         ];
         for (section, checked) in sections {
             checked.map_err(|e| anyhow::anyhow!("invalid configuration: {section}.{e}"))?;
@@ -286,7 +303,9 @@ impl Config {
     }
 
     pub(crate) fn storage(&self) -> sluice_storage::StorageConfig {
-        self.storage.storage_config(&self.data_dir)
+        let mut storage = self.storage.storage_config(&self.data_dir);
+        storage.query = self.query.limits();
+        storage
     }
 }
 

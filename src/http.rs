@@ -162,7 +162,17 @@ async fn run_query(state: &AppState, sql: &str, format: Option<Format>) -> Respo
                 format!("encoding the result: {e}"),
             ),
         },
-        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) if e.is_busy() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            axum::Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+        // Over a limit of [query] (memory, time, result size): the query as written
+        // cannot run here.
+        Err(e) if e.is_user_error() || e.is_limit() => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

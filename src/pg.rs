@@ -22,17 +22,28 @@ use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire::api::auth::cleartext::CleartextPasswordAuthStartupHandler;
 use datafusion_postgres::pgwire::api::auth::noop::NoopStartupHandler;
+use datafusion_postgres::pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use datafusion_postgres::pgwire::api::auth::sasl::scram::{ScramAuth, gen_salted_password};
 use datafusion_postgres::pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
+use datafusion_postgres::pgwire::api::portal::Portal;
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::results::Response;
-use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::results::{
+    DescribePortalResponse, DescribeStatementResponse, Response,
+};
+use datafusion_postgres::pgwire::api::stmt::StoredStatement;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, ErrorHandler, PgWireServerHandlers,
+};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::{DfSessionService, QueryHook};
 use futures::Sink;
-use sluice_storage::Storage;
+use sluice_storage::{LimitExceeded, Storage, Ticket};
+
+use crate::config::PgPasswordAuth;
 
 mod compat;
 
@@ -46,12 +57,13 @@ pub(crate) struct PgServer {
 
 impl PgServer {
     /// Binds `addr` (port 0 allowed) and serves on `runtime`. With `password`, clients
-    /// must send it (cleartext password authentication, any user name).
+    /// must give it (any user name), by SCRAM-SHA-256 or in clear text as `auth` says.
     pub(crate) fn start(
         runtime: &tokio::runtime::Handle,
         addr: SocketAddr,
         storage: &Storage,
         password: Option<String>,
+        auth: PgPasswordAuth,
     ) -> anyhow::Result<PgServer> {
         let ctx = Arc::new(storage.session().clone());
         setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider)
@@ -65,16 +77,22 @@ impl PgServer {
             Arc::new(TransactionStatementHook),
         ];
         let handlers = Arc::new(Handlers {
-            service: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
-            startup: Arc::new(match password {
-                Some(password) => {
-                    Startup::Password(Box::new(CleartextPasswordAuthStartupHandler::new(
+            service: Arc::new(Limited {
+                service: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+                storage: storage.clone(),
+            }),
+            login: match (password, auth) {
+                (Some(password), PgPasswordAuth::ScramSha256) => {
+                    Login::Scram(Arc::new(Salted::new(&password)))
+                }
+                (Some(password), PgPasswordAuth::Cleartext) => {
+                    Login::Cleartext(Arc::new(CleartextPasswordAuthStartupHandler::new(
                         Secret(password),
                         DefaultServerParameterProvider::default(),
                     )))
                 }
-                None => Startup::Open(Open),
-            }),
+                (None, _) => Login::Open,
+            },
         });
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("binding the PostgreSQL listener {addr}"))?;
@@ -121,8 +139,16 @@ impl PgServer {
 }
 
 struct Handlers {
-    service: Arc<DfSessionService>,
-    startup: Arc<Startup>,
+    service: Arc<Limited>,
+    login: Login,
+}
+
+/// How clients log in.
+enum Login {
+    Open,
+    Cleartext(Arc<CleartextPasswordAuthStartupHandler<Secret, DefaultServerParameterProvider>>),
+    /// A SCRAM exchange has state of its own: a handler per connection.
+    Scram(Arc<Salted>),
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -134,8 +160,189 @@ impl PgWireServerHandlers for Handlers {
         self.service.clone()
     }
 
+    /// Called once per connection.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        self.startup.clone()
+        Arc::new(match &self.login {
+            Login::Open => Startup::Open(Open),
+            Login::Cleartext(handler) => Startup::Cleartext(handler.clone()),
+            Login::Scram(salted) => {
+                let mut scram = ScramAuth::new(salted.clone());
+                scram.set_iterations(SCRAM_ITERATIONS);
+                Startup::Scram(Box::new(
+                    SASLAuthStartupHandler::new(
+                        Arc::new(DefaultServerParameterProvider::default()),
+                    )
+                    .with_scram(scram),
+                ))
+            }
+        })
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LimitCodes)
+    }
+}
+
+/// DataFusion's handlers within `[query]`'s limits, as `/query` is: each statement (or
+/// simple-query string) waits for a place among the running queries, is planned within
+/// its time, and its rows are streamed within its time and `max_result_bytes` (of the
+/// encoded rows); the place is given back when its rows are sent or its portal closed.
+struct Limited {
+    service: Arc<DfSessionService>,
+    storage: Storage,
+}
+
+/// A limit as PostgreSQL says it: 53300 too_many_connections (no place in time), 57014
+/// query_canceled (time), 54000 program_limit_exceeded (result size).
+fn limit_error(limit: LimitExceeded) -> PgWireError {
+    let code = match limit {
+        LimitExceeded::Busy(_) => "53300",
+        LimitExceeded::Timeout(_) => "57014",
+        LimitExceeded::ResultTooLarge(_) => "54000",
+    };
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        code.into(),
+        limit.to_string(),
+    )))
+}
+
+/// `response`'s rows within `ticket`'s limits.
+fn guarded(ticket: &Arc<Ticket>, response: Response) -> Response {
+    match response {
+        Response::Query(mut query) => {
+            let rows = std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
+            query.data_rows = Box::pin(ticket.clone().guard_shared(
+                rows,
+                |row: &datafusion_postgres::pgwire::messages::data::DataRow| row.data.len(),
+                limit_error,
+            ));
+            Response::Query(query)
+        }
+        other => other,
+    }
+}
+
+impl Limited {
+    async fn admit(&self) -> PgWireResult<Arc<Ticket>> {
+        let ticket = self
+            .storage
+            .admission()
+            .admit()
+            .await
+            .map_err(limit_error)?;
+        Ok(Arc::new(ticket))
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Limited {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let ticket = self.admit().await?;
+        let responses = ticket
+            .within(
+                SimpleQueryHandler::do_query(&*self.service, client, query),
+                limit_error,
+            )
+            .await?;
+        Ok(responses.into_iter().map(|r| guarded(&ticket, r)).collect())
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Limited {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.service.query_parser()
+    }
+
+    async fn do_describe_statement<C>(
+        &self,
+        client: &mut C,
+        target: &StoredStatement<Self::Statement>,
+    ) -> PgWireResult<DescribeStatementResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.service.do_describe_statement(client, target).await
+    }
+
+    async fn do_describe_portal<C>(
+        &self,
+        client: &mut C,
+        target: &Portal<Self::Statement>,
+    ) -> PgWireResult<DescribePortalResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.service.do_describe_portal(client, target).await
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let ticket = self.admit().await?;
+        let response = ticket
+            .within(
+                ExtendedQueryHandler::do_query(&*self.service, client, portal, max_rows),
+                limit_error,
+            )
+            .await?;
+        Ok(guarded(&ticket, response))
+    }
+}
+
+/// DataFusion's memory pool refusing a query becomes SQLSTATE 53200 (out_of_memory)
+/// instead of an internal error.
+struct LimitCodes;
+
+impl ErrorHandler for LimitCodes {
+    fn on_error<C>(&self, _client: &C, error: &mut PgWireError)
+    where
+        C: ClientInfo,
+    {
+        let exhausted = match &*error {
+            PgWireError::ApiError(e) => e
+                .downcast_ref::<datafusion::error::DataFusionError>()
+                .and_then(|e| match e.find_root() {
+                    datafusion::error::DataFusionError::ResourcesExhausted(why) => {
+                        Some(why.clone())
+                    }
+                    _ => None,
+                }),
+            _ => None,
+        };
+        if let Some(why) = exhausted {
+            *error = PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                "53200".into(),
+                format!("the query went over its memory (query.max_memory_bytes): {why}"),
+            )));
+        }
+        tracing::debug!(%error, "PostgreSQL error sent");
     }
 }
 
@@ -155,9 +362,36 @@ impl AuthSource for Secret {
     }
 }
 
+/// SCRAM's iterations of PBKDF2 (PostgreSQL's default).
+const SCRAM_ITERATIONS: usize = 4096;
+
+/// The password as SCRAM-SHA-256 keeps it (RFC 5802's SaltedPassword): salted and hashed
+/// once at start with a salt of this process's, so a login costs no PBKDF2 of its own.
+#[derive(Debug)]
+struct Salted {
+    salt: Vec<u8>,
+    salted: Vec<u8>,
+}
+
+impl Salted {
+    fn new(password: &str) -> Salted {
+        let salt = uuid::Uuid::new_v4().as_bytes().to_vec();
+        let salted = gen_salted_password(password, &salt, SCRAM_ITERATIONS);
+        Salted { salt, salted }
+    }
+}
+
+#[async_trait]
+impl AuthSource for Salted {
+    async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
+        Ok(Password::new(Some(self.salt.clone()), self.salted.clone()))
+    }
+}
+
 enum Startup {
     Open(Open),
-    Password(Box<CleartextPasswordAuthStartupHandler<Secret, DefaultServerParameterProvider>>),
+    Cleartext(Arc<CleartextPasswordAuthStartupHandler<Secret, DefaultServerParameterProvider>>),
+    Scram(Box<SASLAuthStartupHandler<DefaultServerParameterProvider>>),
 }
 
 #[async_trait]
@@ -174,7 +408,8 @@ impl StartupHandler for Startup {
     {
         match self {
             Startup::Open(open) => open.on_startup(client, message).await,
-            Startup::Password(password) => password.on_startup(client, message).await,
+            Startup::Cleartext(password) => password.on_startup(client, message).await,
+            Startup::Scram(scram) => scram.on_startup(client, message).await,
         }
     }
 }

@@ -293,6 +293,7 @@ impl Server {
             config.pg.addr,
             &storage,
             config.pg.password.clone(),
+            config.pg.password_auth,
         )
         .with_context(|| format!("starting the PostgreSQL endpoint on {}", config.pg.addr))?;
         ready.store(true, Ordering::SeqCst);

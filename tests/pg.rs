@@ -297,21 +297,67 @@ fn jdbc_browses_the_catalog_and_runs_prepared_statements() {
     client_says_ok(&sluice, "java", &["-cp", DRIVER, client]);
 }
 
+/// The authentication request the server answers a StartupMessage with: its code
+/// (3 cleartext password, 10 SASL) and, for SASL, the mechanisms offered.
+fn authentication_request(sluice: &Sluice) -> (i32, String) {
+    use std::io::{Read, Write};
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608i32.to_be_bytes()); // protocol 3.0
+    body.extend_from_slice(b"user\0grafana\0database\0sluice\0\0");
+    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    let mut socket = std::net::TcpStream::connect(sluice.pg).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket.write_all(&startup).unwrap();
+    let mut header = [0u8; 5];
+    socket.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], b'R', "an authentication request");
+    let len = i32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; len - 4];
+    socket.read_exact(&mut rest).unwrap();
+    let code = i32::from_be_bytes(rest[..4].try_into().unwrap());
+    (
+        code,
+        String::from_utf8_lossy(&rest[4..])
+            .replace('\0', " ")
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// A password is checked by SCRAM-SHA-256 (the default: the client proves it knows the
+/// password without sending it) or in clear text when configured so; psql logs in with
+/// either.
 #[test]
 fn a_password_is_required_when_configured() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, "[pg]\npassword = \"s3cret\"\n").unwrap();
-    let sluice = Sluice::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
-    let (ok, _, err) = psql(&sluice, Some("wrong"), &["-c", "SELECT 1"]);
-    assert!(!ok, "a wrong password is refused");
-    assert!(err.contains("Password authentication failed"), "{err}");
-    let (ok, out, err) = psql(&sluice, Some("s3cret"), &["-c", "SELECT 1"]);
-    assert!(ok, "{err}");
-    assert_eq!(out, "1\n");
+    for (auth, method) in [
+        ("", (10, "SCRAM-SHA-256")),
+        ("password_auth = \"cleartext\"\n", (3, "")),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sluice.toml");
+        std::fs::write(&config, format!("[pg]\npassword = \"s3cret\"\n{auth}")).unwrap();
+        let sluice = Sluice::start(
+            &dir.path().join("data"),
+            &["--config", config.to_str().unwrap()],
+        );
+        let (ok, _, err) = psql(&sluice, Some("wrong"), &["-c", "SELECT 1"]);
+        assert!(!ok, "{method:?}: a wrong password is refused");
+        assert!(
+            err.to_lowercase()
+                .contains("password authentication failed"),
+            "{method:?}: {err}"
+        );
+        let (ok, _, _) = psql(&sluice, None, &["-c", "SELECT 1", "-w"]);
+        assert!(!ok, "{method:?}: no password is refused");
+        let (code, mechanisms) = authentication_request(&sluice);
+        assert_eq!((code, mechanisms.as_str()), method);
+        let (ok, out, err) = psql(&sluice, Some("s3cret"), &["-c", "SELECT 1"]);
+        assert!(ok, "{method:?}: {err}");
+        assert_eq!(out, "1\n", "{method:?}");
+    }
 }
 
 #[test]
@@ -362,5 +408,124 @@ fn both_sql_endpoints_refuse_writes_and_file_access() {
         psql_ok(&sluice, "SET application_name = 'grafana'"),
         "SET\n",
         "SET is accepted"
+    );
+}
+
+/// Resident and peak memory of a process, in bytes (Linux).
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    };
+    (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
+}
+
+/// `[query]`'s limits: the queries that took 6.4 GiB and 40 s of a core before, and
+/// cross joins over `telemetry`, through HTTP and psql, each end with a clear error
+/// (a function's result over the memory, the timeout, the result cap) with its
+/// SQLSTATE, while the server goes on ingesting and answering, its memory under the
+/// limit.
+#[test]
+fn hostile_queries_end_in_clear_errors_and_the_server_keeps_serving() {
+    const MAX_MEMORY: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[query]\nmax_memory_bytes = {MAX_MEMORY}\ntimeout = \"3s\"\nmax_result_bytes = 8388608\n"
+        ),
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let readings = |from: usize, n: usize| {
+        (from..from + n)
+            .map(|i| {
+                let ts = format!("2024-01-15T10:{:02}:{:02}Z", i / 60 % 60, i % 60);
+                telemetry(&format!("d{}", i % 30), &ts, 20.0, 80.0)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        publish(sluice.mqtt, readings(0, 300), QoS::AtLeastOnce, 2),
+        300
+    );
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry",
+        300,
+        Duration::from_secs(10),
+    );
+    let (rss_before, _) = memory_of(sluice.pid());
+
+    for (sql, says, sqlstate) in [
+        (
+            "SELECT length(repeat('x', 2000000000))",
+            "repeat() would build 2000000000 bytes",
+            "53200",
+        ),
+        (
+            "SELECT count(*) FROM generate_series(1, 20000000000)",
+            "ran longer than query.timeout (3s)",
+            "57014",
+        ),
+        (
+            // (A filter, so that the count is not taken from the row counts alone.)
+            "SELECT count(*) FROM telemetry a, telemetry b, telemetry c, telemetry d \
+             WHERE a.temperature + b.temperature + c.temperature + d.temperature > 0",
+            "ran longer than query.timeout (3s)",
+            "57014",
+        ),
+        (
+            "SELECT a.device_id, a.ts, a.temperature, b.device_id FROM telemetry a, telemetry b, telemetry c",
+            "larger than query.max_result_bytes (8388608 bytes)",
+            "54000",
+        ),
+    ] {
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}/query", sluice.http))
+            .body(sql)
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{sql}");
+        let body = response.text().unwrap();
+        assert!(body.contains(says), "HTTP {sql}: {body}");
+
+        let (ok, _, stderr) = psql(&sluice, None, &["-v", "VERBOSITY=verbose", "-c", sql]);
+        assert!(!ok, "psql {sql}");
+        assert!(
+            stderr.contains(&format!("ERROR:  {sqlstate}: ")) && stderr.contains(says),
+            "psql {sql}: {stderr}"
+        );
+        // Still answering, on both endpoints.
+        assert_eq!(sluice.scalar("SELECT count(*) FROM telemetry"), 300);
+        assert_eq!(
+            psql_ok(&sluice, "SELECT count(*) FROM telemetry").trim(),
+            "300"
+        );
+    }
+
+    // Still ingesting.
+    assert_eq!(
+        publish(sluice.mqtt, readings(300, 20), QoS::AtLeastOnce, 1),
+        20
+    );
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry",
+        320,
+        Duration::from_secs(10),
+    );
+    let (_, peak) = memory_of(sluice.pid());
+    assert!(
+        peak < rss_before + MAX_MEMORY + (256 << 20),
+        "peak RSS {} MiB, {} MiB before the queries",
+        peak >> 20,
+        rss_before >> 20
     );
 }

@@ -5,6 +5,8 @@
 //! Parquet files; SQL reads hot and cold rows of a table as one table
 //! (see `table.rs` for the invariant that makes that exact).
 
+mod guards;
+mod limits;
 mod metrics;
 mod options;
 mod paced;
@@ -29,8 +31,9 @@ use datafusion::execution::context::SessionContext;
 use datafusion::prelude::{DataFrame, SessionConfig};
 use futures::StreamExt;
 
+pub use limits::{Admission, LimitExceeded, QueryLimits, Ticket, default_max_memory};
 pub use metrics::StorageMetrics;
-pub use options::{StorageOptions, WalOptions, WalSync};
+pub use options::{QueryOptions, StorageOptions, WalOptions, WalSync};
 pub use parquet_files::WriteOptions;
 pub use read_only::{READ_ONLY, Sessions, refusal, refusal_df};
 pub use state::{StateDir, StateFile};
@@ -62,6 +65,8 @@ pub enum StorageError {
     UnknownTable(String),
     #[error("{0}")]
     Query(#[from] DataFusionError),
+    #[error("{0}")]
+    Limit(#[from] LimitExceeded),
     #[error("internal error, this is a bug: {0}")]
     Internal(String),
 }
@@ -76,6 +81,7 @@ impl StorageError {
             StorageError::Schema { .. } => "schema",
             StorageError::UnknownTable(_) => "unknown_table",
             StorageError::Query(_) => "query",
+            StorageError::Limit(_) => "limit",
             StorageError::Internal(_) => "internal",
         }
     }
@@ -99,6 +105,23 @@ impl StorageError {
             _ => false,
         }
     }
+
+    /// The query went over one of `[query]`'s limits: memory (DataFusion's pool or a
+    /// function's result), time, or result size. Not a fault of sluice's.
+    pub fn is_limit(&self) -> bool {
+        match self {
+            StorageError::Query(e) => {
+                matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
+            }
+            StorageError::Limit(limit) => !matches!(limit, LimitExceeded::Busy(_)),
+            _ => false,
+        }
+    }
+
+    /// No place for the query came free in time: the server is busy, try again.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StorageError::Limit(LimitExceeded::Busy(_)))
+    }
 }
 
 /// Settings of the storage layer.
@@ -116,6 +139,8 @@ pub struct StorageConfig {
     /// flushes fail because the disk is full.
     pub max_hot_rows: usize,
     pub write: WriteOptions,
+    /// What one query may take.
+    pub query: QueryLimits,
 }
 
 impl StorageConfig {
@@ -127,6 +152,7 @@ impl StorageConfig {
             flush_bytes: 256 << 20,
             max_hot_rows: 4_000_000,
             write: WriteOptions::default(),
+            query: QueryLimits::unlimited(),
         }
     }
 }
@@ -161,6 +187,8 @@ struct Inner {
     metrics: StorageMetrics,
     flush_wanted: Option<Sender<()>>,
     queries: QueryRuntime,
+    /// Places for queries of the SQL endpoints (`[query]`'s limits).
+    admission: Admission,
     /// Set once the write-ahead log is in use: flushes are then checkpoints (see
     /// [`Storage::flush`]).
     checkpoints: std::sync::Mutex<Option<Arc<dyn Checkpoints>>>,
@@ -262,7 +290,17 @@ impl Storage {
         let session = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("sluice", "public");
-        let ctx = SessionContext::new_with_config(session);
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(query_runtime_env(
+                &config.query,
+                writable.then(|| spill_dir(&config.data_dir)),
+            )?)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(limits::Interruptible))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        guards::register(&ctx, config.query.max_value_bytes());
         metrics.set_hot_capacity(config.max_hot_rows);
         for table in &tables {
             ctx.register_table(
@@ -273,6 +311,7 @@ impl Storage {
             metrics.add_table(&table.spec.name);
             metrics.set_table(&table.spec.name, &stats);
         }
+        let admission = Admission::new(config.query.clone());
         Ok(Storage {
             inner: Arc::new(Inner {
                 config,
@@ -281,6 +320,7 @@ impl Storage {
                 metrics,
                 flush_wanted,
                 queries: QueryRuntime::start()?,
+                admission,
                 checkpoints: std::sync::Mutex::new(None),
                 flushing: std::sync::Mutex::new(Instant::now()),
                 held: AtomicBool::new(false),
@@ -528,11 +568,37 @@ impl Storage {
         self.inner.queries.handle()
     }
 
+    /// Within `[query]`'s limits: a place among the running queries, its time (the wait
+    /// for the place, planning and running), its result's size; its operators' memory
+    /// is the session's pool.
     async fn run_sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
-        let frame = self.plan_sql(sql).await?;
+        let ticket = self.inner.admission.admit().await?;
+        let frame = ticket
+            .within(self.plan_sql(sql), StorageError::Limit)
+            .await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame.collect().await?;
+        let stream = ticket
+            .within(
+                async { frame.execute_stream().await.map_err(StorageError::from) },
+                StorageError::Limit,
+            )
+            .await?;
+        let batches = ticket
+            .guard(
+                stream.map(|b| b.map_err(StorageError::from)),
+                RecordBatch::get_array_memory_size,
+                StorageError::Limit,
+            )
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(QueryOutput { schema, batches })
+    }
+
+    /// Places for queries: the PostgreSQL endpoint takes one per statement.
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
     }
 
     async fn plan_sql(&self, sql: &str) -> Result<DataFrame, StorageError> {
@@ -606,6 +672,51 @@ impl Storage {
     pub fn session(&self) -> &SessionContext {
         &self.inner.ctx
     }
+}
+
+/// Where queries spill: `<data_dir>/spill`, emptied at start (what a crash left).
+fn spill_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("spill")
+}
+
+/// The query engine's runtime: `limits`' memory pool (fair among the operators that can
+/// spill; the largest consumers named when it is exhausted) and spill files in `spill`
+/// (the OS temp directory for read-only use), at most `limits.max_spill_bytes`.
+fn query_runtime_env(
+    limits: &QueryLimits,
+    spill: Option<PathBuf>,
+) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, StorageError> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    let mode = match spill {
+        Some(dir) => {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|source| StorageError::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
+            std::fs::create_dir_all(&dir).map_err(|source| StorageError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
+            DiskManagerMode::Directories(vec![dir])
+        }
+        None => DiskManagerMode::OsTmpDirectory,
+    };
+    let pool = TrackConsumersPool::new(
+        FairSpillPool::new(limits.max_memory_bytes),
+        std::num::NonZeroUsize::new(3).expect("3 is not 0"),
+    );
+    Ok(RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(pool))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default()
+                .with_mode(mode)
+                .with_max_temp_directory_size(limits.max_spill_bytes),
+        )
+        .build_arc()?)
 }
 
 /// What one flush covers: the write-ahead log before segment `checkpoint`, and of each

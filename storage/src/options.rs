@@ -7,7 +7,68 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::wal::{SyncPolicy, WalConfig};
-use crate::{StorageConfig, WriteOptions};
+use crate::{QueryLimits, StorageConfig, WriteOptions, default_max_memory};
+
+/// `[query]`: what one query of the SQL endpoints (HTTP and PostgreSQL) may take.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryOptions {
+    /// Memory all running queries' operators may hold together; sorts, aggregations and
+    /// joins spill to disk beyond where they can, the others fail. Unset: a quarter of
+    /// the machine (or of its cgroup's limit), the rest is ingestion's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<usize>,
+    /// Spill files (`<data_dir>/spill`) of all queries together. Unset: 4 × the memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_spill_bytes: Option<u64>,
+    /// A query is cancelled after this long (its wait for a place included); "0s": never.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Queries running at once; more wait for a place, within their timeout.
+    pub max_concurrent: usize,
+    /// Result bytes one query may hand to its client; a larger result ends in an error.
+    pub max_result_bytes: usize,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        QueryOptions {
+            max_memory_bytes: None,
+            max_spill_bytes: None,
+            timeout: Duration::from_secs(30),
+            max_concurrent: (2 * cores).max(4),
+            max_result_bytes: 128 << 20,
+        }
+    }
+}
+
+impl QueryOptions {
+    /// The first setting out of range, as `key: why` (relative to `[query]`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_memory_bytes.is_some_and(|m| m < 16 << 20) {
+            return Err("max_memory_bytes must be at least 16 MiB (16777216)".into());
+        }
+        if self.max_concurrent == 0 {
+            return Err("max_concurrent must be at least 1".into());
+        }
+        if self.max_result_bytes == 0 {
+            return Err("max_result_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> QueryLimits {
+        let memory = self.max_memory_bytes.unwrap_or_else(default_max_memory);
+        QueryLimits {
+            max_memory_bytes: memory,
+            max_spill_bytes: self.max_spill_bytes.unwrap_or(4 * memory as u64),
+            timeout: (!self.timeout.is_zero()).then_some(self.timeout),
+            max_concurrent: self.max_concurrent,
+            max_result_bytes: self.max_result_bytes,
+        }
+    }
+}
 
 /// `[wal]`: how the write-ahead log syncs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -157,6 +218,7 @@ impl StorageOptions {
                 row_group_rows: self.row_group_rows,
                 zstd_level: self.zstd_level,
             },
+            query: QueryLimits::unlimited(),
         }
     }
 }
