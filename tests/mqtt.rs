@@ -1310,3 +1310,94 @@ fn without_an_acl_a_device_keeps_to_its_own_topics() {
         "{stderr}"
     );
 }
+
+/// `[mqtt.limits]`: a client publishing far above its rate is slowed (its socket is not
+/// read) and loses nothing; another client at the same time is not slowed; an MQTT 5
+/// client that stays over its rate is disconnected with 0x96.
+#[test]
+fn a_client_over_its_rate_is_slowed_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[mqtt.limits]\nmessages_per_second = 20\ndisconnect_after = \"2s\"\n",
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let addr = sluice.mqtt;
+    let readings = |device: &str, n: usize| {
+        (0..n)
+            .map(|i| {
+                let ts = format!("2024-01-15T10:{:02}:{:02}Z", i / 60, i % 60);
+                telemetry(device, &ts, 20.0, 80.0)
+            })
+            .collect::<Vec<_>>()
+    };
+    let flooding = std::thread::spawn(move || {
+        let started = Instant::now();
+        let acked = common::publish(addr, readings("flood", 100), rumqttc::QoS::AtLeastOnce, 1);
+        (acked, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // (Another client id: `common::publish` names its clients after the process.)
+    let started = Instant::now();
+    for (topic, payload) in readings("calm", 10) {
+        rumqttc_publish(
+            addr,
+            false,
+            "calm",
+            &topic,
+            &String::from_utf8(payload).unwrap(),
+        );
+    }
+    let calm = started.elapsed();
+    let (flood_acked, flood) = flooding.join().unwrap_or_else(|_| {
+        let metrics = sluice.get("/metrics").1;
+        let closes: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("sluice_mqtt_disconnects_total") && !l.ends_with(" 0"))
+            .collect();
+        panic!(
+            "the flooding client failed: {closes:?}; sluice's log:\n{}",
+            sluice.log_text()
+        )
+    });
+    assert_eq!(flood_acked, 100, "nothing lost");
+    // 100 messages at 20 a second, 20 of them as a burst: 4 s at least.
+    assert!(flood >= Duration::from_secs(3), "the flood took {flood:?}");
+    assert!(
+        calm < flood / 2,
+        "the calm client took {calm:?}, the flood {flood:?}"
+    );
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry",
+        110,
+        Duration::from_secs(10),
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert!(metric_value(&metrics, "sluice_mqtt_throttled_total").unwrap() > 0.0);
+
+    // MQTT 5 (paho), staying over the rate: DISCONNECT 0x96.
+    if !have_paho() {
+        return;
+    }
+    let (topic, payload) = reading("v5-flood", 1.0);
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let (ok, lines) = paho_as(None, &["flood", &host, &port, "5", &topic, &payload, "15"]);
+    assert!(ok, "{lines:?}");
+    assert_eq!(
+        line(&lines, "disconnect"),
+        "disconnect 150 Message rate too high"
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_mqtt_disconnects_total{reason=\"rate_too_high\"}"
+        ),
+        Some(1.0)
+    );
+}

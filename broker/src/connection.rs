@@ -62,6 +62,7 @@ pub(crate) struct Limits {
     pub(crate) max_session_expiry: u32,
     /// Filters refused at SUBSCRIBE.
     pub(crate) deny_subscribe: Vec<String>,
+    pub(crate) rate: crate::RateLimits,
 }
 
 /// What every connection shares.
@@ -559,6 +560,7 @@ impl Handshake<'_> {
             version,
             client_id,
             identity,
+            throttle: crate::throttle::Throttle::new(&limits.rate, Instant::now()),
             conn_id,
             key,
             control,
@@ -796,6 +798,8 @@ pub(crate) struct Conn {
     client_id: Arc<str>,
     /// Who the access checks see.
     identity: Identity,
+    /// `[mqtt.limits]`: reading pauses while this connection is over its rate.
+    throttle: crate::throttle::Throttle,
     conn_id: u64,
     /// rumqttd's session key for this client id.
     key: String,
@@ -860,11 +864,35 @@ impl Conn {
         let mut pace = WritePace::new();
         let write_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(write_timer);
+        let resume_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(resume_timer);
+        let throttled = self.shared.limits.rate.is_on();
         loop {
             if *shutdown.borrow() {
                 return Ending::server(Close::Shutdown, DisconnectReasonCode::ServerShuttingDown);
             }
             let chunk = self.read_chunk;
+            // Over its rate: nothing more is read until the buckets allow it (TCP slows
+            // the client); an MQTT 5 client that stays over is told 0x96 and closed.
+            let paused = if throttled {
+                let now = Instant::now();
+                let resume = self.throttle.resume_at(now);
+                if let Some(at) = resume {
+                    if self.version == Version::V5 && self.throttle.persistent(now) {
+                        return Ending::server(
+                            Close::RateTooHigh,
+                            DisconnectReasonCode::MessageRateTooHigh,
+                        );
+                    }
+                    if resume_timer.deadline() != at {
+                        self.shared.meters.throttled.inc();
+                        resume_timer.as_mut().reset(at);
+                    }
+                }
+                resume.is_some()
+            } else {
+                false
+            };
             tokio::select! {
                 biased;
                 _ = control.kicked() => {
@@ -880,6 +908,12 @@ impl Conn {
                     continue;
                 }
                 _ = &mut write_timer, if pace.deferred => {}
+                // The rate allows more: the packets read and waiting first.
+                _ = &mut resume_timer, if paused => {
+                    if let Err(ending) = self.on_bytes().await {
+                        return ending;
+                    }
+                }
                 Some(done) = self.durable.next(), if !self.durable.is_empty() => {
                     if let Err(ending) = self.on_durable(done) {
                         return ending;
@@ -890,7 +924,7 @@ impl Conn {
                         return ending;
                     }
                 }
-                read = self.transport.read(&mut self.read, chunk) => {
+                read = self.transport.read(&mut self.read, chunk), if !paused => {
                     let n = match read {
                         Ok(0) | Err(_) => return Ending::from(Close::Network),
                         Ok(n) => n,
@@ -938,10 +972,23 @@ impl Conn {
         self.flush().await
     }
 
-    /// Decodes every whole packet read so far.
+    /// Decodes every whole packet read so far (with `[mqtt.limits]`, as many as the
+    /// connection's rate allows: the rest wait in the buffer).
     async fn on_bytes(&mut self) -> Result<(), Ending> {
         let received_at_ns = now_ns();
+        let throttled = self.shared.limits.rate.is_on();
         loop {
+            if throttled {
+                if self.throttle.resume_at(Instant::now()).is_some() {
+                    break;
+                }
+                if let Ok(h) = frame::header(&self.read, self.shared.limits.max_packet)
+                    && self.read.len() >= h.frame_len()
+                {
+                    self.throttle
+                        .spend(u64::from(h.kind() == 3), h.frame_len() as u64);
+                }
+            }
             let read = match self
                 .codec
                 .read(&mut self.read, self.shared.limits.max_packet)

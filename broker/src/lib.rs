@@ -26,12 +26,14 @@ mod meters;
 mod options;
 mod router;
 mod session;
+mod throttle;
 mod transport;
 
 pub use access::{AccessConfig, AccessControl, AccessError};
 pub use meters::MqttMeters;
-pub use options::{MqttAuthOptions, MqttOptions, MqttTlsOptions, MqttWsOptions};
+pub use options::{MqttAuthOptions, MqttLimitsOptions, MqttOptions, MqttTlsOptions, MqttWsOptions};
 pub use router::{PublishError, Publisher};
+pub use throttle::RateLimits;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -217,6 +219,8 @@ pub struct BrokerConfig {
     pub direct_filter: String,
     /// Topic filters refused at SUBSCRIBE (return code 0x80).
     pub deny_subscribe: Vec<String>,
+    /// Messages and bytes a second each connection may send (off by default).
+    pub rate_limits: RateLimits,
 }
 
 impl Default for BrokerConfig {
@@ -237,6 +241,7 @@ impl Default for BrokerConfig {
             io_threads: 2,
             direct_filter: "#".into(),
             deny_subscribe: Vec::new(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -303,6 +308,7 @@ impl Bound {
                 max_session_expiry: config.max_session_expiry.as_secs().min(u64::from(u32::MAX))
                     as u32,
                 deny_subscribe: config.deny_subscribe.clone(),
+                rate: config.rate_limits,
             },
             router: router.clone(),
             sessions: Arc::new(Sessions::default()),

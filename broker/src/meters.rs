@@ -87,10 +87,12 @@ pub(crate) enum Close {
     Internal,
     /// What the client sent could not be stored (a full disk).
     NotStored,
+    /// An MQTT 5 client stayed over `[mqtt.limits]` (DISCONNECT 0x96).
+    RateTooHigh,
 }
 
 impl Close {
-    const ALL: [Close; 11] = [
+    const ALL: [Close; 12] = [
         Close::Client,
         Close::Network,
         Close::KeepAlive,
@@ -102,6 +104,7 @@ impl Close {
         Close::Shutdown,
         Close::Internal,
         Close::NotStored,
+        Close::RateTooHigh,
     ];
 
     fn label(self) -> &'static str {
@@ -117,6 +120,7 @@ impl Close {
             Close::Shutdown => "shutdown",
             Close::Internal => "internal",
             Close::NotStored => "not_stored",
+            Close::RateTooHigh => "rate_too_high",
         }
     }
 }
@@ -203,6 +207,8 @@ pub struct MqttMeters {
     pub(crate) forwarded: IntCounter,
     dropped: IntCounterVec,
     pub(crate) skipped: IntCounter,
+    /// Times a connection's reading was paused by `[mqtt.limits]`.
+    pub(crate) throttled: IntCounter,
     denied: IntCounterVec,
     pub(crate) router_links: IntGauge,
     pub(crate) sessions_stored: IntGauge,
@@ -280,6 +286,11 @@ impl MqttMeters {
                  (MQTT 5 message expiry) first",
             )
             .expect("valid metric"),
+            throttled: IntCounter::new(
+                "sluice_mqtt_throttled_total",
+                "Times a connection over [mqtt.limits] had its reading paused until its rate allowed more",
+            )
+            .expect("valid metric"),
             denied: counter_vec(
                 "sluice_mqtt_acl_denied_total",
                 "What [mqtt.auth]'s ACL refused, by packet: a PUBLISH (handed to the pipeline, \
@@ -348,6 +359,7 @@ impl MqttMeters {
         registry.register(Box::new(self.forwarded.clone()))?;
         registry.register(Box::new(self.dropped.clone()))?;
         registry.register(Box::new(self.skipped.clone()))?;
+        registry.register(Box::new(self.throttled.clone()))?;
         registry.register(Box::new(self.denied.clone()))?;
         registry.register(Box::new(self.router_links.clone()))?;
         registry.register(Box::new(self.sessions_stored.clone()))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AccessConfig, BrokerConfig, TlsConfig};
+use crate::{AccessConfig, BrokerConfig, RateLimits, TlsConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -52,6 +52,37 @@ pub struct MqttOptions {
     pub ws: Option<MqttWsOptions>,
     /// Who may connect, publish and subscribe.
     pub auth: MqttAuthOptions,
+    /// How fast one connection may send.
+    pub limits: MqttLimitsOptions,
+}
+
+/// `[mqtt.limits]`: per connection, as token buckets. A connection over its rate is
+/// slowed by not reading its socket; an MQTT 5 client that stays over it for
+/// `disconnect_after` is disconnected with 0x96 (message rate too high).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttLimitsOptions {
+    /// PUBLISH packets a second (0: no limit).
+    pub messages_per_second: u64,
+    /// Bytes a second, every packet counted (0: no limit).
+    pub bytes_per_second: u64,
+    /// A burst of this long at the rate may be sent at once.
+    #[serde(with = "humantime_serde")]
+    pub burst: Duration,
+    /// "0s": never disconnect, only slow down.
+    #[serde(with = "humantime_serde")]
+    pub disconnect_after: Duration,
+}
+
+impl Default for MqttLimitsOptions {
+    fn default() -> Self {
+        MqttLimitsOptions {
+            messages_per_second: 0,
+            bytes_per_second: 0,
+            burst: Duration::from_secs(1),
+            disconnect_after: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[mqtt.auth]`: Mosquitto's files. With none of them every client may connect and do
@@ -122,6 +153,7 @@ impl Default for MqttOptions {
             tls: None,
             ws: None,
             auth: MqttAuthOptions::default(),
+            limits: MqttLimitsOptions::default(),
         }
     }
 }
@@ -138,6 +170,10 @@ impl MqttOptions {
             if value == 0 {
                 return Err(format!("{key} must be at least 1"));
             }
+        }
+        let limited = self.limits.messages_per_second > 0 || self.limits.bytes_per_second > 0;
+        if limited && self.limits.burst.is_zero() {
+            return Err("limits.burst must be more than 0s".into());
         }
         Ok(())
     }
@@ -177,6 +213,12 @@ impl MqttOptions {
             io_threads: self.io_threads,
             direct_filter: direct_filter.to_owned(),
             deny_subscribe: self.deny_subscribe.clone(),
+            rate_limits: RateLimits {
+                messages_per_second: self.limits.messages_per_second,
+                bytes_per_second: self.limits.bytes_per_second,
+                burst: self.limits.burst,
+                disconnect_after: self.limits.disconnect_after,
+            },
         }
     }
 }

@@ -6,6 +6,9 @@ publisher for sluice's end-to-end tests.
         exits 0 after COUNT messages, 1 on timeout.
     clients.py pub HOST PORT VERSION TOPIC PAYLOAD QOS [tcp|websockets|tls CAFILE]
         exits 0 once the message is acknowledged (QoS 1) or written (QoS 0).
+    clients.py flood HOST PORT VERSION TOPIC PAYLOAD SECONDS
+        publishes at QoS 0 as fast as it can for SECONDS; prints "disconnect CODE NAME"
+        if the server disconnects it (and exits 0), exits 1 if it never does.
 
 VERSION is 3.1.1 or 5. MQTT_USERNAME and MQTT_PASSWORD (environment), when set, are the
 credentials. A refused CONNECT prints "refused CODE NAME" and exits 1; the SUBACK's codes
@@ -18,6 +21,7 @@ the handshake non-blocking (browser clients use 60 s too).
 import os
 import sys
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 
@@ -39,8 +43,29 @@ def client(version, transport, cafile):
     return c
 
 
+def flood(host, port, version, topic, payload, seconds):
+    c = client(version, "tcp", None)
+    done = threading.Event()
+
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        print(f"disconnect {reason_code.value} {reason_code}", flush=True)
+        done.set()
+
+    c.on_disconnect = on_disconnect
+    c.connect(host, port, keepalive=0)
+    c.loop_start()
+    started = time.monotonic()
+    while not done.is_set() and time.monotonic() - started < seconds:
+        c.publish(topic, payload, qos=0)
+        time.sleep(0.0005)
+    c.loop_stop()
+    sys.exit(0 if done.is_set() else 1)
+
+
 def main():
     mode, host, port, version = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if mode == "flood":
+        flood(host, port, version, sys.argv[5], sys.argv[6], float(sys.argv[7]))
     if mode == "sub":
         topic, count, timeout = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
         rest = sys.argv[8:]
