@@ -70,7 +70,9 @@ impl Codec {
             }
         };
         if buf.len() < header.frame_len() {
-            buf.reserve(header.frame_len() - buf.len());
+            // Nothing reserved for what the header declares: the buffer grows with the
+            // bytes that arrive (the connection's reads), so a remaining length of
+            // 256 MiB costs nothing until 256 MiB come.
             return Ok(None);
         }
         if !frame::client_may_send(&header) {

@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     pub(crate) connected: AtomicUsize,
     pub(crate) next_id: AtomicU64,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Which name of a verified client certificate is the client's identity.
+    pub(crate) client_identity: crate::ClientIdentity,
     pub(crate) ws_max_message: usize,
 }
 
@@ -103,12 +105,14 @@ pub(crate) async fn serve(
         Ok(Err(attempt)) => return shared.meters.attempt(listener, attempt),
         Err(_) => return shared.meters.attempt(listener, Attempt::Timeout),
     };
+    let certificate = transport.certificate(shared.client_identity);
     let handshake = Handshake {
         shared: &shared,
         listener,
         transport,
         read,
         peer,
+        certificate,
     };
     match handshake.connect(header).await {
         Ok(conn) => conn.run().await,
@@ -243,6 +247,8 @@ struct Handshake<'a> {
     transport: Transport,
     read: BytesMut,
     peer: SocketAddr,
+    /// The identity of the client certificate the TLS handshake verified.
+    certificate: Option<String>,
 }
 
 impl Handshake<'_> {
@@ -367,6 +373,7 @@ impl Handshake<'_> {
             password: login.as_ref().map(|l| l.password.as_bytes()),
             listener: self.listener.label(),
             peer: self.peer,
+            certificate: self.certificate.as_deref(),
         };
         match self.shared.auth.authenticate(&info).await {
             AuthOutcome::Allow => {}
@@ -382,9 +389,13 @@ impl Handshake<'_> {
                     .await);
             }
         }
+        // A verified certificate says who the client is, whatever user name it gives.
         let identity = Identity {
             client_id: client_id.clone(),
-            username: login.as_ref().map(|l| l.username.as_str().into()),
+            username: match &self.certificate {
+                Some(name) => Some(name.as_str().into()),
+                None => login.as_ref().map(|l| l.username.as_str().into()),
+            },
         };
         // A will is a publish the client makes by leaving: refused where its publishes
         // would be (as Mosquitto does).

@@ -21,6 +21,8 @@ mod codec;
 mod connection;
 mod egress;
 mod frame;
+#[cfg(test)]
+mod fuzz;
 mod listener;
 mod meters;
 mod options;
@@ -108,6 +110,8 @@ pub struct ConnectInfo<'a> {
     /// `mqtt`, `mqtts` or `ws`.
     pub listener: &'static str,
     pub peer: SocketAddr,
+    /// The identity of the client certificate the TLS handshake verified, if any.
+    pub certificate: Option<&'a str>,
 }
 
 /// The decision on a CONNECT.
@@ -178,6 +182,27 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+    /// PEM: the CAs that sign devices' certificates. A client presenting a certificate
+    /// one of them signed is the identity the certificate names ([`ClientIdentity`]),
+    /// with no password; one signed by another CA fails the handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// Without a valid client certificate the handshake fails.
+    pub require_client_cert: bool,
+    /// Which name of the certificate is the identity.
+    pub client_identity: ClientIdentity,
+}
+
+/// The name of a client certificate that is the device's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdentity {
+    /// The subject's common name (AWS IoT's thing name, say).
+    #[default]
+    Cn,
+    /// The first DNS name of the subject alternative names.
+    SanDns,
+    /// The first URI of the subject alternative names.
+    SanUri,
 }
 
 /// Settings of the broker.
@@ -320,6 +345,11 @@ impl Bound {
             connected: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             tls,
+            client_identity: config
+                .tls
+                .as_ref()
+                .map(|t| t.client_identity)
+                .unwrap_or_default(),
             // A WebSocket message carries at most one MQTT packet's worth and some.
             ws_max_message: config.max_packet_bytes + 16,
         });
@@ -536,18 +566,74 @@ fn tls_acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerE
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
         .map_err(|e| BrokerError::Tls(format!("{}: {e}", config.key_file.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| BrokerError::Tls(e.to_string()))?
-        // Client certificates come with device identity (issue 15).
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            BrokerError::Tls(format!(
-                "{} and {}: {e}",
-                config.cert_file.display(),
-                config.key_file.display()
-            ))
-        })?;
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    let builder = match &config.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(file)
+                .map_err(|e| BrokerError::Tls(format!("{}: {e}", file.display())))?
+            {
+                let ca = ca.map_err(|e| BrokerError::Tls(format!("{}: {e}", file.display())))?;
+                roots
+                    .add(ca)
+                    .map_err(|e| BrokerError::Tls(format!("{}: {e}", file.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(BrokerError::Tls(format!(
+                    "{}: no CA certificate in it",
+                    file.display()
+                )));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if config.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| BrokerError::Tls(format!("{}: {e}", file.display())))?,
+            )
+        }
+    };
+    let server = builder.with_single_cert(certs, key).map_err(|e| {
+        BrokerError::Tls(format!(
+            "{} and {}: {e}",
+            config.cert_file.display(),
+            config.key_file.display()
+        ))
+    })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+}
+
+/// The identity `which` names in a (verified) client certificate, if it has one.
+pub(crate) fn certificate_identity(der: &[u8], which: ClientIdentity) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    match which {
+        ClientIdentity::Cn => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        ClientIdentity::SanDns | ClientIdentity::SanUri => {
+            let san = cert.subject_alternative_name().ok()??;
+            san.value
+                .general_names
+                .iter()
+                .find_map(|name| match (name, which) {
+                    (GeneralName::DNSName(n), ClientIdentity::SanDns) => Some((*n).to_owned()),
+                    (GeneralName::URI(u), ClientIdentity::SanUri) => Some((*u).to_owned()),
+                    _ => None,
+                })
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AccessConfig, BrokerConfig, RateLimits, TlsConfig};
+use crate::{AccessConfig, BrokerConfig, ClientIdentity, RateLimits, TlsConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +112,17 @@ pub struct MqttTlsOptions {
     pub cert_file: PathBuf,
     /// PEM: its private key.
     pub key_file: PathBuf,
+    /// PEM: the CAs that sign devices' certificates. A client presenting one they
+    /// signed is the identity it names (`client_identity`), with no password; one
+    /// signed by another CA fails the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (at the TLS handshake).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// `cn` (the subject's common name), `san_dns` or `san_uri`.
+    #[serde(default)]
+    pub client_identity: ClientIdentity,
 }
 
 impl MqttTlsOptions {
@@ -171,6 +182,12 @@ impl MqttOptions {
                 return Err(format!("{key} must be at least 1"));
             }
         }
+        if let Some(tls) = &self.tls
+            && tls.require_client_cert
+            && tls.client_ca_file.is_none()
+        {
+            return Err("tls.require_client_cert needs tls.client_ca_file".into());
+        }
         let limited = self.limits.messages_per_second > 0 || self.limits.bytes_per_second > 0;
         if limited && self.limits.burst.is_zero() {
             return Err("limits.burst must be more than 0s".into());
@@ -185,6 +202,10 @@ impl MqttOptions {
             password_file: self.auth.password_file.clone(),
             acl_file: self.auth.acl_file.clone(),
             allow_anonymous: self.auth.allow_anonymous,
+            certificates: self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca_file.is_some()),
             own_topics: own_topics.to_owned(),
             reserved: reserved.iter().map(|r| (*r).to_owned()).collect(),
         }
@@ -199,6 +220,9 @@ impl MqttOptions {
                 addr: t.addr,
                 cert_file: t.cert_file.clone(),
                 key_file: t.key_file.clone(),
+                client_ca_file: t.client_ca_file.clone(),
+                require_client_cert: t.require_client_cert,
+                client_identity: t.client_identity,
             }),
             ws_addr: self.ws.as_ref().map(|w| w.addr),
             max_connections: self.max_connections,

@@ -43,6 +43,17 @@ impl Transport {
     /// Reads what is available into `buf`, reserving at least `chunk` bytes first.
     /// Returns 0 at the end of the stream. Cancel-safe: nothing is lost if the future is
     /// dropped before it completes.
+    /// The identity (`which` name) of the client certificate a TLS handshake verified.
+    pub(crate) fn certificate(&self, which: crate::ClientIdentity) -> Option<String> {
+        match self {
+            Transport::Tls(stream) => {
+                let der = stream.get_ref().1.peer_certificates()?.first()?;
+                crate::certificate_identity(der, which)
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) async fn read(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         match self {
             Transport::Tcp(stream) => {

@@ -39,6 +39,9 @@ pub struct AccessConfig {
     pub acl_file: Option<PathBuf>,
     /// Lets clients without a user name in while authentication is on.
     pub allow_anonymous: bool,
+    /// The TLS listener verifies client certificates: a client presenting one is the
+    /// identity it names, without a password (and authentication is on).
+    pub certificates: bool,
     /// The default policy's filter, `{identity}` standing for the client's identity
     /// (e.g. `devices/{identity}/#`): used when authentication is on and no ACL file is.
     pub own_topics: String,
@@ -50,7 +53,12 @@ pub struct AccessConfig {
 impl AccessConfig {
     /// Whether any access control is configured (otherwise every client may do anything).
     pub fn is_on(&self) -> bool {
-        self.password_file.is_some() || self.acl_file.is_some()
+        self.password_file.is_some() || self.acl_file.is_some() || self.certificates
+    }
+
+    /// Whether clients must prove who they are (a password file or certificates).
+    fn authenticates(&self) -> bool {
+        self.password_file.is_some() || self.certificates
     }
 }
 
@@ -127,12 +135,17 @@ impl AccessControl {
             .map_or("no password file".to_owned(), |p| {
                 format!("{} users", p.len())
             });
-        let acl = match (&rules.acl, &self.config.password_file) {
+        let acl = match (&rules.acl, self.config.authenticates()) {
             (Some(_), _) => "the ACL file",
-            (None, Some(_)) => "the default policy (own topics only)",
-            (None, None) => "no ACL",
+            (None, true) => "the default policy (own topics only)",
+            (None, false) => "no ACL",
         };
-        format!("{users}, {acl}")
+        let certificates = if self.config.certificates {
+            ", client certificates"
+        } else {
+            ""
+        };
+        format!("{users}{certificates}, {acl}")
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -202,7 +215,17 @@ impl AccessControl {
     }
 
     fn decide(&self, info: &ConnectInfo<'_>) -> Result<(), (AuthOutcome, &'static str)> {
+        if info.certificate.is_some() {
+            // Verified by the TLS handshake against client_ca_file.
+            return Ok(());
+        }
         let rules = self.rules();
+        if rules.passwords.is_none() && self.config.certificates && !self.config.allow_anonymous {
+            return Err((
+                AuthOutcome::NotAuthorized,
+                "no client certificate (and no password file), and anonymous clients are not allowed",
+            ));
+        }
         match (&rules.passwords, info.username) {
             (Some(passwords), Some(user)) => {
                 if passwords.verify(user, info.password.unwrap_or_default()) {
@@ -269,7 +292,7 @@ impl Authenticator for AccessControl {
         }
         match &self.rules().acl {
             Some(acl) => acl.may_publish(Self::who(identity), topic),
-            None if self.config.password_file.is_some() => self
+            None if self.config.authenticates() => self
                 .own_filter(identity)
                 .is_some_and(|own| crate::frame::topic_matches(topic, &own)),
             None => true,
@@ -279,7 +302,7 @@ impl Authenticator for AccessControl {
     fn may_subscribe(&self, identity: &Identity, filter: &str) -> bool {
         match &self.rules().acl {
             Some(acl) => acl.may_subscribe(Self::who(identity), filter),
-            None if self.config.password_file.is_some() => self
+            None if self.config.authenticates() => self
                 .own_filter(identity)
                 .is_some_and(|own| crate::frame::filter_covers(&own, filter)),
             None => true,
