@@ -401,7 +401,11 @@ fn reference(args: &Args) {
     let hostile = args.hostile.then(|| {
         let (done, http) = (done.clone(), sluice.server.http.clone());
         std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::new();
+            // Longer than sluice's query timeout (30 s), which is what is measured.
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()
+                .unwrap();
             let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
             while !done.load(Ordering::SeqCst) {
                 for sql in HOSTILE {

@@ -437,7 +437,7 @@ fn hostile_queries_end_in_clear_errors_and_the_server_keeps_serving() {
     std::fs::write(
         &config,
         format!(
-            "[query]\nmax_memory_bytes = {MAX_MEMORY}\ntimeout = \"3s\"\nmax_result_bytes = 8388608\n"
+            "[query]\nmax_memory_bytes = {MAX_MEMORY}\ntimeout = \"3s\"\nmax_result_bytes = 1048576\n"
         ),
     )
     .unwrap();
@@ -484,7 +484,7 @@ fn hostile_queries_end_in_clear_errors_and_the_server_keeps_serving() {
         ),
         (
             "SELECT a.device_id, a.ts, a.temperature, b.device_id FROM telemetry a, telemetry b, telemetry c",
-            "larger than query.max_result_bytes (8388608 bytes)",
+            "larger than query.max_result_bytes (1048576 bytes)",
             "54000",
         ),
     ] {

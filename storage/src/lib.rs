@@ -213,12 +213,15 @@ impl Drop for FlushHold {
 
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
 /// `/ready`, `/metrics` and ingestion, so that a heavy query delays none of them
-/// (InfluxDB 3 keeps a dedicated executor for the same reason).
+/// (InfluxDB 3 keeps a dedicated executor for the same reason). One thread fewer than
+/// the machine has cores (at least one): queries running flat out leave ingestion a
+/// core (BENCHMARKS.md, "Hostile queries beside the reference load").
 struct QueryRuntime(Option<tokio::runtime::Runtime>);
 
 impl QueryRuntime {
     fn start() -> Result<QueryRuntime, StorageError> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = cores.saturating_sub(1).max(1);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("sluice-query")
