@@ -212,7 +212,7 @@ fn guarded(ticket: &Arc<Ticket>, response: Response) -> Response {
     match response {
         Response::Query(mut query) => {
             let rows = std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
-            query.data_rows = Box::pin(ticket.clone().guard_shared(
+            query.data_rows = Box::pin(ticket.clone().guard(
                 rows,
                 |row: &datafusion_postgres::pgwire::messages::data::DataRow| row.data.len(),
                 limit_error,

@@ -575,7 +575,7 @@ impl Storage {
     /// for the place, planning and running), its result's size; its operators' memory
     /// is the session's pool.
     async fn run_sql(&self, sql: &str) -> Result<QueryOutput, StorageError> {
-        let ticket = self.inner.admission.admit().await?;
+        let ticket = Arc::new(self.inner.admission.admit().await?);
         let frame = ticket
             .within(self.plan_sql(sql), StorageError::Limit)
             .await?;
@@ -587,6 +587,7 @@ impl Storage {
             )
             .await?;
         let batches = ticket
+            .clone()
             .guard(
                 stream.map(|b| b.map_err(StorageError::from)),
                 RecordBatch::get_array_memory_size,

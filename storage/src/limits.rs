@@ -208,25 +208,10 @@ impl Ticket {
 
     /// `stream` within the query's time and result size (`size` of each item); the
     /// first limit reached ends it with `limit`'s error. The place is held until the
-    /// stream ends or is dropped.
+    /// stream ends or is dropped; several streams of one query (a simple query's
+    /// statements) each take a clone of the ticket, and the place is held until the
+    /// last of them ends.
     pub fn guard<T, E, S>(
-        self,
-        stream: S,
-        size: impl Fn(&T) -> usize + Send + Sync + 'static,
-        limit: impl Fn(LimitExceeded) -> E + Send + Sync + 'static,
-    ) -> impl Stream<Item = Result<T, E>> + Send + 'static
-    where
-        S: Stream<Item = Result<T, E>> + Send + Unpin + 'static,
-        T: Send + 'static,
-        E: Send + 'static,
-    {
-        Arc::new(self).guard_shared(stream, size, limit)
-    }
-
-    /// [`guard`](Self::guard) for one of several streams of a query (a simple query's
-    /// statements), each with a clone of the ticket: the place is held until the last
-    /// of them ends.
-    pub fn guard_shared<T, E, S>(
         self: Arc<Self>,
         stream: S,
         size: impl Fn(&T) -> usize + Send + Sync + 'static,
@@ -368,7 +353,7 @@ mod tests {
     async fn a_place_comes_back_at_the_deadline_even_if_no_one_reads_the_result() {
         let admission = Admission::new(limits(1_000, 1, usize::MAX));
         let ticket = admission.admit().await.unwrap();
-        let never_read = ticket.guard(
+        let never_read = Arc::new(ticket).guard(
             futures::stream::pending::<Result<(), String>>(),
             |_| 0,
             |e| e.to_string(),
@@ -392,7 +377,10 @@ mod tests {
             })
             .boxed();
         let ticket = admission.admit().await.unwrap();
-        let got: Vec<_> = ticket.guard(slow, |_| 1, |e| e.to_string()).collect().await;
+        let got: Vec<_> = Arc::new(ticket)
+            .guard(slow, |_| 1, |e| e.to_string())
+            .collect()
+            .await;
         assert_eq!(got.len(), 3);
         assert_eq!(got[..2], [Ok(0), Ok(1)]);
         assert!(
@@ -402,7 +390,10 @@ mod tests {
 
         let ticket = admission.admit().await.unwrap();
         let big = futures::stream::iter((0..100).map(Ok::<usize, String>));
-        let got: Vec<_> = ticket.guard(big, |_| 4, |e| e.to_string()).collect().await;
+        let got: Vec<_> = Arc::new(ticket)
+            .guard(big, |_| 4, |e| e.to_string())
+            .collect()
+            .await;
         assert_eq!(got.len(), 3, "8 bytes pass, the 12th is over 10");
         assert!(
             got[2]
