@@ -188,22 +188,21 @@ fn substitute<'a>(filter: &'a str, who: Who<'_>) -> Option<std::borrow::Cow<'a, 
         return Some(std::borrow::Cow::Borrowed(filter));
     }
     let safe = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
-    let mut out = filter.to_owned();
-    if out.contains("%c") {
-        if !safe(who.client_id) {
-            return None;
-        }
-        out = out.replace("%c", who.client_id);
+    if filter.contains("%c") && !safe(who.client_id) {
+        return None;
     }
-    if filter.contains("%u") {
-        let user = who.username.filter(|u| safe(u))?;
-        // `%c` first: a client id holding `%u` is not substituted again.
-        out = filter
-            .split("%u")
-            .map(|part| part.replace("%c", who.client_id))
-            .collect::<Vec<_>>()
-            .join(user);
-    }
+    let user = if filter.contains("%u") {
+        who.username.filter(|u| safe(u))?
+    } else {
+        ""
+    };
+    // Each piece between `%u`s gets `%c` on its own: a client id holding `%u` is not
+    // substituted again.
+    let out = filter
+        .split("%u")
+        .map(|part| part.replace("%c", who.client_id))
+        .collect::<Vec<_>>()
+        .join(user);
     Some(std::borrow::Cow::Owned(out))
 }
 
