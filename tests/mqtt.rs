@@ -1560,3 +1560,279 @@ fn a_client_certificate_is_the_device_identity() {
     let (ok, err) = publish(tls, "device-7", Some("device-7"));
     assert!(ok, "{err}");
 }
+
+/// Whether PyJWT with its `cryptography` backend is installed; `.ci/run` installs it.
+fn have_pyjwt() -> bool {
+    python_has("jwt, cryptography", "CI_REQUIRE_PYJWT")
+}
+
+/// A token signed by PyJWT (a JWT library no one here wrote) with the key in `key`
+/// (an HMAC secret, or a PEM private key), over `claims`; `exp_in`/`nbf_in` (seconds
+/// from now) become `exp`/`nbf`. `HS256-public-key` is the attacker's token: HS256 with
+/// a public key's PEM as the secret (PyJWT refuses to make it, so it is made by hand).
+fn pyjwt(algorithm: &str, key: &Path, claims: &str) -> String {
+    let script = "import base64, hashlib, hmac, json, sys, time, jwt\n\
+        alg, key, claims = sys.argv[1], open(sys.argv[2], 'rb').read(), json.loads(sys.argv[3])\n\
+        for k in ('exp', 'nbf'):\n\
+        \x20   if k + '_in' in claims: claims[k] = int(time.time()) + claims.pop(k + '_in')\n\
+        if alg == 'HS256-public-key':\n\
+        \x20   b = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b'=')\n\
+        \x20   signed = b({'alg': 'HS256', 'typ': 'JWT'}) + b'.' + b(claims)\n\
+        \x20   mac = hmac.new(key, signed, hashlib.sha256).digest()\n\
+        \x20   print((signed + b'.' + base64.urlsafe_b64encode(mac).rstrip(b'=')).decode())\n\
+        else:\n\
+        \x20   print(jwt.encode(claims, key, algorithm=alg))\n";
+    let out = Command::new("python3")
+        .args(["-c", script, algorithm])
+        .arg(key)
+        .arg(claims)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `openssl` with `args`, in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `[mqtt.auth.jwt]`: the password is a token PyJWT signed; it lets a client in as the
+/// client id its `sub` names, while it is current and its signature verifies (HS256
+/// with a secret file; ES256 and RS256 with public keys `openssl` made). Refused:
+/// expired, not yet valid, forged, for another client id (3.1.1: 4 / 5; MQTT 5: 0x86 /
+/// 0x87). A token's device publishes under its own topics only, whatever user name it
+/// gives; a rotated secret takes effect on `/reload`.
+#[test]
+fn jwt_tokens_let_devices_in_as_their_client_id() {
+    if !have_paho() || !have_mosquitto() || !have_pyjwt() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    // As `echo` writes it; PyJWT signs with the bytes before the line break.
+    std::fs::write(&secret, "a fleet secret of thirty-two bytes\n").unwrap();
+    let signing = dir.path().join("signing");
+    std::fs::write(&signing, "a fleet secret of thirty-two bytes").unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt.auth.jwt]\nsecret_file = {:?}\n",
+            secret.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let sluice = Sluice::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let addr = sluice.mqtt;
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let token = |claims: &str| pyjwt("HS256", &signing, claims);
+    let valid = token(r#"{"sub": "device-7", "exp_in": 600}"#);
+
+    // paho, both versions: the client id the token names, any user name.
+    for (version, ts) in [
+        ("3.1.1", "2024-01-15T10:30:00Z"),
+        ("5", "2024-01-15T10:30:30Z"),
+    ] {
+        let (topic, payload) = telemetry("device-7", ts, 1.0, 80.0);
+        let payload = String::from_utf8(payload).unwrap();
+        let (ok, lines) = Peer::spawn(
+            paho(&["pub", &host, &port, version, &topic, &payload, "1"])
+                .env("MQTT_CLIENT_ID", "device-7")
+                .env("MQTT_USERNAME", "anyone")
+                .env("MQTT_PASSWORD", &valid),
+        )
+        .finish(Duration::from_secs(20));
+        assert!(ok, "{version}: {lines:?}");
+        assert_eq!(line(&lines, "puback"), "puback 0", "{version}");
+    }
+    // Its identity is the client id, not the user name it gives: another device's
+    // topic is refused (the default policy), even with that device's name as user name.
+    let (topic, payload) = reading("device-8", 2.0);
+    let (ok, lines) = Peer::spawn(
+        paho(&["pub", &host, &port, "5", &topic, &payload, "1"])
+            .env("MQTT_CLIENT_ID", "device-7")
+            .env("MQTT_USERNAME", "device-8")
+            .env("MQTT_PASSWORD", &valid),
+    )
+    .finish(Duration::from_secs(20));
+    assert!(ok, "{lines:?}");
+    assert_eq!(line(&lines, "puback"), "puback 135");
+    // mosquitto_pub, too.
+    let (topic, payload) = telemetry("device-7", "2024-01-15T10:31:00Z", 3.0, 80.0);
+    let payload = String::from_utf8(payload).unwrap();
+    let out = mosquitto(
+        "mosquitto_pub",
+        addr,
+        &["-i", "device-7", "-u", "device-7", "-P", &valid, "-q", "1"],
+    )
+    .args(["-t", &topic, "-m", &payload])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // rumqttc, both versions: let in, and refused with the codes of each version.
+    let cases = [
+        ("valid", valid.clone(), "accepted"),
+        (
+            "expired",
+            token(r#"{"sub": "device-7", "exp_in": -30}"#),
+            "BadUserNamePassword",
+        ),
+        (
+            "not yet valid",
+            token(r#"{"sub": "device-7", "nbf_in": 600}"#),
+            "BadUserNamePassword",
+        ),
+        (
+            "wrong signature",
+            {
+                let other = dir.path().join("other");
+                std::fs::write(&other, "another secret, not the fleet's").unwrap();
+                pyjwt("HS256", &other, r#"{"sub": "device-7", "exp_in": 600}"#)
+            },
+            "BadUserNamePassword",
+        ),
+        (
+            "sub is another client",
+            token(r#"{"sub": "device-8", "exp_in": 600}"#),
+            "NotAuthorized",
+        ),
+        ("no sub", token(r#"{"exp_in": 600}"#), "NotAuthorized"),
+        ("not a token", "device-7".to_owned(), "BadUserNamePassword"),
+    ];
+    // (Each case under its own user name: refusals of one user name from one address
+    // are answered later and later, and a token's user name is free.)
+    for v5 in [false, true] {
+        for (what, token, want) in &cases {
+            assert_eq!(
+                rumqttc_connect(addr, v5, "device-7", Some((what, token))),
+                *want,
+                "{what} (v5: {v5})"
+            );
+        }
+        assert_eq!(rumqttc_connect(addr, v5, "device-7", None), "NotAuthorized");
+    }
+    let metrics = sluice.get("/metrics").1;
+    for (reason, want) in [("bad_credentials", 8.0), ("not_authorized", 6.0)] {
+        let series = format!(
+            "sluice_mqtt_connection_attempts_total{{listener=\"mqtt\",outcome=\"refused\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metric_value(&metrics, &series), Some(want), "{series}");
+    }
+    sluice.expect_scalar(
+        "SELECT count(*) FROM telemetry WHERE device_id = 'device-7'",
+        3,
+        Duration::from_secs(10),
+    );
+    sluice.expect_scalar(
+        "SELECT count(*) FROM rejects WHERE reason = 'not_authorized'",
+        1,
+        Duration::from_secs(10),
+    );
+
+    // A rotated secret: old tokens out, new ones in, once the files are read again.
+    std::fs::write(&secret, "the next fleet secret, rotated\n").unwrap();
+    std::fs::write(&signing, "the next fleet secret, rotated").unwrap();
+    let (status, body) = sluice.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        rumqttc_connect(addr, true, "device-7", Some(("old", &valid))),
+        "BadUserNamePassword"
+    );
+    let rotated = token(r#"{"sub": "device-7", "exp_in": 600}"#);
+    assert_eq!(
+        rumqttc_connect(addr, true, "device-7", Some(("new", &rotated))),
+        "accepted"
+    );
+    drop(sluice);
+
+    // Public keys made by openssl: ES256 (P-256) and RS256; a token "signed" with
+    // HS256 using the public key as its secret (the algorithm confusion attack) and one
+    // signed by another key are refused.
+    openssl(
+        dir.path(),
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.key",
+        ],
+    );
+    openssl(
+        dir.path(),
+        &["ec", "-in", "ec.key", "-pubout", "-out", "ec.pub"],
+    );
+    openssl(
+        dir.path(),
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec2.key",
+        ],
+    );
+    openssl(dir.path(), &["genrsa", "-out", "rsa.key", "2048"]);
+    openssl(
+        dir.path(),
+        &["rsa", "-in", "rsa.key", "-pubout", "-out", "rsa.pub"],
+    );
+    let key = |name: &str| dir.path().join(name);
+    for (public, algorithm, private, foreign) in [
+        ("ec.pub", "ES256", "ec.key", Some("ec2.key")),
+        ("rsa.pub", "RS256", "rsa.key", None),
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "[mqtt.auth.jwt]\npublic_key_file = {:?}\n",
+                key(public).to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let sluice = Sluice::start(
+            &dir.path().join(format!("data-{algorithm}")),
+            &["--config", config.to_str().unwrap()],
+        );
+        let claims = r#"{"sub": "device-9", "exp_in": 600}"#;
+        let signed = pyjwt(algorithm, &key(private), claims);
+        let confused = pyjwt("HS256-public-key", &key(public), claims);
+        for v5 in [false, true] {
+            let connect = |token: &str| {
+                rumqttc_connect(sluice.mqtt, v5, "device-9", Some(("device-9", token)))
+            };
+            assert_eq!(connect(&signed), "accepted", "{algorithm}");
+            assert_eq!(connect(&confused), "BadUserNamePassword", "{algorithm}");
+            if let Some(foreign) = foreign {
+                let forged = pyjwt(algorithm, &key(foreign), claims);
+                assert_eq!(connect(&forged), "BadUserNamePassword", "{algorithm}");
+            }
+        }
+    }
+}

@@ -375,8 +375,9 @@ impl Handshake<'_> {
             peer: self.peer,
             certificate: self.certificate.as_deref(),
         };
-        match self.shared.auth.authenticate(&info).await {
-            AuthOutcome::Allow => {}
+        let name: Option<Arc<str>> = match self.shared.auth.authenticate(&info).await {
+            AuthOutcome::Allow => login.as_ref().map(|l| l.username.as_str().into()),
+            AuthOutcome::AllowAs(name) => name,
             AuthOutcome::BadCredentials => {
                 // 3.1.1's return code 4 and MQTT 5's 0x86 are one variant.
                 return Err(self
@@ -388,13 +389,13 @@ impl Handshake<'_> {
                     .refuse(version, Rc::NotAuthorized, Attempt::NotAuthorized)
                     .await);
             }
-        }
+        };
         // A verified certificate says who the client is, whatever user name it gives.
         let identity = Identity {
             client_id: client_id.clone(),
             username: match &self.certificate {
                 Some(name) => Some(name.as_str().into()),
-                None => login.as_ref().map(|l| l.username.as_str().into()),
+                None => name,
             },
         };
         // A will is a publish the client makes by leaving: refused where its publishes

@@ -31,7 +31,7 @@ mod session;
 mod throttle;
 mod transport;
 
-pub use access::{AccessConfig, AccessControl, AccessError};
+pub use access::{AccessConfig, AccessControl, AccessError, JwtConfig};
 pub use meters::MqttMeters;
 pub use options::{MqttAuthOptions, MqttLimitsOptions, MqttOptions, MqttTlsOptions, MqttWsOptions};
 pub use router::{PublishError, Publisher};
@@ -115,9 +115,13 @@ pub struct ConnectInfo<'a> {
 }
 
 /// The decision on a CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthOutcome {
+    /// Let in as the CONNECT says (its user name, if any, is its identity's name).
     Allow,
+    /// Let in as this name (a JWT's client id), or anonymously (`None`: identified by
+    /// the client id alone), whatever user name the CONNECT gave.
+    AllowAs(Option<Arc<str>>),
     /// CONNACK 4 (3.1.1) / 0x86 (5).
     BadCredentials,
     /// CONNACK 5 / 0x87.
@@ -128,7 +132,9 @@ pub enum AuthOutcome {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub client_id: Arc<str>,
-    /// The user name of its CONNECT (verified, when a password file is used).
+    /// The name the ACL knows it by (`%u`): its certificate's name, the user name its
+    /// password was verified for, its client id when a JWT let it in; the CONNECT's
+    /// user name when no authentication is configured; `None` for anonymous clients.
     pub username: Option<Arc<str>>,
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AccessConfig, BrokerConfig, ClientIdentity, RateLimits, TlsConfig};
+use crate::{AccessConfig, BrokerConfig, ClientIdentity, JwtConfig, RateLimits, TlsConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -94,11 +94,15 @@ pub struct MqttAuthOptions {
     /// its password.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// `[mqtt.auth.jwt]`: the password is a JWT signed by this key, naming the client id
+    /// in its `sub` (or `claim`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
     /// An ACL file in Mosquitto's format. Without one (and with a password file), a
     /// client may publish and subscribe only under its own device's topics.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acl_file: Option<PathBuf>,
-    /// Lets clients without a user name connect while a password file is set.
+    /// Lets clients without credentials connect while authentication is on.
     pub allow_anonymous: bool,
 }
 
@@ -200,6 +204,7 @@ impl MqttOptions {
     pub fn access_config(&self, own_topics: &str, reserved: &[&str]) -> AccessConfig {
         AccessConfig {
             password_file: self.auth.password_file.clone(),
+            jwt: self.auth.jwt.clone(),
             acl_file: self.auth.acl_file.clone(),
             allow_anonymous: self.auth.allow_anonymous,
             certificates: self

@@ -11,7 +11,7 @@ publisher for sluice's end-to-end tests.
         if the server disconnects it (and exits 0), exits 1 if it never does.
 
 VERSION is 3.1.1 or 5. MQTT_USERNAME and MQTT_PASSWORD (environment), when set, are the
-credentials. A refused CONNECT prints "refused CODE NAME" and exits 1; the SUBACK's codes
+credentials; MQTT_CLIENT_ID, when set, the client id. A refused CONNECT prints "refused CODE NAME" and exits 1; the SUBACK's codes
 are printed as "suback CODE..." before "subscribed", the PUBACK's as "puback CODE".
 Both connect with keep alive 0 (no keep-alive timeout), except
 over WebSocket: paho uses the keep alive as its socket timeout there, and 0 would make
@@ -30,7 +30,7 @@ def client(version, transport, cafile):
     protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
     c = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
-        client_id=f"paho-{os.getpid()}-{threading.get_ident()}",
+        client_id=os.environ.get("MQTT_CLIENT_ID") or f"paho-{os.getpid()}-{threading.get_ident()}",
         protocol=protocol,
         transport="websockets" if transport == "websockets" else "tcp",
     )

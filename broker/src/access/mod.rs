@@ -1,8 +1,11 @@
 //! Who may connect, publish and subscribe: `[mqtt.auth]`.
 //!
-//! - **Authentication**: a Mosquitto password file ([`passwords`]); with one configured,
-//!   a client without a user name is refused (CONNACK 5 / 0x87) unless
-//!   `allow_anonymous`, a wrong user name or password gets 4 / 0x86. After a failed
+//! - **Authentication**: a Mosquitto password file ([`passwords`]), JWTs signed by the
+//!   fleet's key ([`jwt`]: the password is a token naming the client id), client
+//!   certificates (verified by the TLS listener). With any of them configured, a client
+//!   without credentials is refused (CONNACK 5 / 0x87) unless `allow_anonymous`; a wrong
+//!   user name or password, or a token that does not verify or has expired, gets 4 /
+//!   0x86; a valid token for another client id 5 / 0x87. After a failed
 //!   attempt, every attempt from that address with that user name is answered later and
 //!   later (0.1 s doubling to 5 s, forgotten a minute after the last failure), so a
 //!   password cannot be guessed at wire speed, not even over many connections at once;
@@ -17,8 +20,10 @@
 //! keeps the rules in force and is reported.
 
 mod acl;
+mod jwt;
 mod passwords;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +33,8 @@ use std::time::{Duration, Instant};
 use crate::{AuthOutcome, Authenticator, BoxFuture, ConnectInfo, Identity};
 
 pub(crate) use acl::{Acl, Who};
+use jwt::Jwt;
+pub use jwt::JwtConfig;
 pub(crate) use passwords::Passwords;
 
 /// `[mqtt.auth]`, as the broker takes it.
@@ -35,9 +42,11 @@ pub(crate) use passwords::Passwords;
 pub struct AccessConfig {
     /// Mosquitto's password file (`mosquitto_passwd`): turns authentication on.
     pub password_file: Option<PathBuf>,
+    /// Tokens as passwords: turns authentication on.
+    pub jwt: Option<JwtConfig>,
     /// Mosquitto's ACL file.
     pub acl_file: Option<PathBuf>,
-    /// Lets clients without a user name in while authentication is on.
+    /// Lets clients without credentials in while authentication is on.
     pub allow_anonymous: bool,
     /// The TLS listener verifies client certificates: a client presenting one is the
     /// identity it names, without a password (and authentication is on).
@@ -53,12 +62,12 @@ pub struct AccessConfig {
 impl AccessConfig {
     /// Whether any access control is configured (otherwise every client may do anything).
     pub fn is_on(&self) -> bool {
-        self.password_file.is_some() || self.acl_file.is_some() || self.certificates
+        self.authenticates() || self.acl_file.is_some()
     }
 
-    /// Whether clients must prove who they are (a password file or certificates).
+    /// Whether clients must prove who they are (passwords, tokens or certificates).
     fn authenticates(&self) -> bool {
-        self.password_file.is_some() || self.certificates
+        self.password_file.is_some() || self.jwt.is_some() || self.certificates
     }
 }
 
@@ -72,12 +81,15 @@ pub enum AccessError {
     },
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What the files say, swapped whole on a reload.
 #[derive(Debug)]
 struct Rules {
     passwords: Option<Passwords>,
+    jwt: Option<Jwt>,
     acl: Option<Acl>,
 }
 
@@ -140,12 +152,16 @@ impl AccessControl {
             (None, true) => "the default policy (own topics only)",
             (None, false) => "no ACL",
         };
+        let jwt = rules
+            .jwt
+            .as_ref()
+            .map_or(String::new(), |j| format!(", JWT ({:?})", j.algorithms()));
         let certificates = if self.config.certificates {
             ", client certificates"
         } else {
             ""
         };
-        format!("{users}{certificates}, {acl}")
+        format!("{users}{jwt}{certificates}, {acl}")
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -214,31 +230,51 @@ impl AccessControl {
         failures.remove(key);
     }
 
-    fn decide(&self, info: &ConnectInfo<'_>) -> Result<(), (AuthOutcome, &'static str)> {
+    /// Lets the client in (as whom) or says why not.
+    fn decide(
+        &self,
+        info: &ConnectInfo<'_>,
+    ) -> Result<AuthOutcome, (AuthOutcome, Cow<'static, str>)> {
+        use AuthOutcome::{Allow, AllowAs, BadCredentials, NotAuthorized};
         if info.certificate.is_some() {
             // Verified by the TLS handshake against client_ca_file.
-            return Ok(());
+            return Ok(Allow);
         }
         let rules = self.rules();
-        if rules.passwords.is_none() && self.config.certificates && !self.config.allow_anonymous {
-            return Err((
-                AuthOutcome::NotAuthorized,
-                "no client certificate (and no password file), and anonymous clients are not allowed",
-            ));
-        }
-        match (&rules.passwords, info.username) {
-            (Some(passwords), Some(user)) => {
-                if passwords.verify(user, info.password.unwrap_or_default()) {
-                    Ok(())
-                } else {
-                    Err((AuthOutcome::BadCredentials, "wrong user name or password"))
+        if let (Some(jwt), Some(password)) = (&rules.jwt, info.password)
+            && Jwt::looks_like_token(password)
+        {
+            // The token names the client id: that is who the client is, whatever user
+            // name it gave.
+            return match jwt.verify(password, info.client_id) {
+                Ok(()) => Ok(AllowAs(Some(info.client_id.into()))),
+                Err(refusal) if refusal.is_other_client() => {
+                    Err((NotAuthorized, refusal.to_string().into()))
                 }
-            }
-            (Some(_), None) if !self.config.allow_anonymous => Err((
-                AuthOutcome::NotAuthorized,
-                "no user name, and anonymous clients are not allowed",
-            )),
-            _ => Ok(()),
+                Err(refusal) => Err((BadCredentials, refusal.to_string().into())),
+            };
+        }
+        if let (Some(passwords), Some(user)) = (&rules.passwords, info.username) {
+            return if passwords.verify(user, info.password.unwrap_or_default()) {
+                Ok(Allow)
+            } else {
+                Err((BadCredentials, "wrong user name or password".into()))
+            };
+        }
+        if rules.jwt.is_some() && info.password.is_some() {
+            return Err((BadCredentials, "the password is not a JWT".into()));
+        }
+        if !self.config.authenticates() {
+            // An ACL alone: user names are taken as given (as Mosquitto does).
+            Ok(Allow)
+        } else if self.config.allow_anonymous {
+            // Anonymous: a user name given without proof names no one.
+            Ok(AllowAs(None))
+        } else {
+            Err((
+                NotAuthorized,
+                "no credentials, and anonymous clients are not allowed".into(),
+            ))
         }
     }
 
@@ -269,12 +305,12 @@ impl Authenticator for AccessControl {
         let key = (info.peer.ip(), info.username.unwrap_or_default().to_owned());
         let delay = self.delay(&key);
         let outcome = match self.decide(info) {
-            Ok(()) => {
+            Ok(allowed) => {
                 self.succeeded(&key);
-                AuthOutcome::Allow
+                allowed
             }
             Err((outcome, why)) => {
-                self.failed(key, info, why);
+                self.failed(key, info, &why);
                 outcome
             }
         };
@@ -327,6 +363,7 @@ fn read_rules(config: &AccessConfig) -> Result<Rules, AccessError> {
             .as_deref()
             .map(|p| read(p, Passwords::parse))
             .transpose()?,
+        jwt: config.jwt.as_ref().map(Jwt::load).transpose()?,
         acl: config
             .acl_file
             .as_deref()
