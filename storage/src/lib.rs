@@ -214,9 +214,27 @@ impl Drop for FlushHold {
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
 /// `/ready`, `/metrics` and ingestion, so that a heavy query delays none of them
 /// (InfluxDB 3 keeps a dedicated executor for the same reason). One thread fewer than
-/// the machine has cores (at least one): queries running flat out leave ingestion a
-/// core (BENCHMARKS.md, "Hostile queries beside the reference load").
+/// the machine has cores (at least one), each at a lower OS priority ([`QUERY_NICE`]):
+/// queries running flat out leave ingestion a core, and yield the CPU to it when it is
+/// short (BENCHMARKS.md, "Hostile queries beside the reference load").
 struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+/// The nice value of the query threads (ingestion's threads keep 0): when both want the
+/// CPU, the scheduler gives ingestion about nine parts in ten; an idle machine runs
+/// queries at full speed.
+const QUERY_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`QUERY_NICE`] (Linux: nice is per thread).
+/// Refused (a seccomp profile, say), queries run at ingestion's priority: logged once.
+fn lower_query_thread_priority() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let me = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(me), QUERY_NICE) {
+        WARNED.call_once(|| {
+            tracing::warn!(error = %e, "cannot lower the query threads' priority");
+        });
+    }
+}
 
 impl QueryRuntime {
     fn start() -> Result<QueryRuntime, StorageError> {
@@ -225,6 +243,7 @@ impl QueryRuntime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("sluice-query")
+            .on_thread_start(lower_query_thread_priority)
             .enable_all()
             .build()
             .map(|r| QueryRuntime(Some(r)))
@@ -806,5 +825,30 @@ impl Drop for Flusher {
             let _ = self.stop.try_send(());
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_run_below_ingestion_priority() {
+        let here = rustix::process::getpriority_process(None).unwrap();
+        let runtime = QueryRuntime::start().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.handle().spawn(async move {
+            let me = rustix::thread::gettid();
+            let _ = tx.send(rustix::process::getpriority_process(Some(me)));
+        });
+        let nice = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        // An unprivileged process may raise its nice value, never lower it: from an
+        // already niced shell, the threads keep the higher one.
+        assert_eq!(nice, QUERY_NICE.max(here), "nice of a query thread");
+        // The calling thread (ingestion's side) is untouched.
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), here);
     }
 }
