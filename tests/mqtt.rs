@@ -1402,21 +1402,24 @@ fn a_client_over_its_rate_is_slowed_and_others_are_not() {
     );
 }
 
+/// `openssl` with `args`, in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `openssl` (the real one) in `dir`: a CA named `ca` and a device certificate for
 /// `cn` it signs, as `{name}.pem` and `{name}.key`.
 fn openssl_ca_and_device(dir: &Path, ca: &str, name: &str, cn: &str) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let ec = [
         "-newkey",
         "ec",
@@ -1594,20 +1597,6 @@ fn pyjwt(algorithm: &str, key: &Path, claims: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// `openssl` with `args`, in `dir`.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `[mqtt.auth.jwt]`: the password is a token PyJWT signed; it lets a client in as the
