@@ -1754,6 +1754,45 @@ fn jwt_tokens_let_devices_in_as_their_client_id() {
         rumqttc_connect(addr, true, "device-7", Some(("new", &rotated))),
         "accepted"
     );
+
+    // A connection lasts as long as its token: closed at its exp (MQTT 5: DISCONNECT
+    // 0x87), as EMQX does; the device comes back with a new one.
+    let short = token(r#"{"sub": "device-7", "exp_in": 3}"#);
+    let started = Instant::now();
+    let (ok, lines) = Peer::spawn(
+        paho(&[
+            "sub",
+            &host,
+            &port,
+            "5",
+            "devices/device-7/commands",
+            "1",
+            "30",
+        ])
+        .env("MQTT_CLIENT_ID", "device-7")
+        .env("MQTT_USERNAME", "short-lived")
+        .env("MQTT_PASSWORD", &short),
+    )
+    .finish(Duration::from_secs(40));
+    let took = started.elapsed();
+    assert!(!ok, "{lines:?}");
+    assert_eq!(line(&lines, "suback"), "suback 1");
+    assert!(
+        line(&lines, "disconnect").starts_with("disconnect 135 "),
+        "{lines:?}"
+    );
+    assert!(
+        took > Duration::from_millis(1500) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_mqtt_disconnects_total{reason=\"credentials_expired\"}"
+        ),
+        Some(1.0)
+    );
     drop(sluice);
 
     // Public keys made by openssl: ES256 (P-256) and RS256; a token "signed" with

@@ -375,21 +375,22 @@ impl Handshake<'_> {
             peer: self.peer,
             certificate: self.certificate.as_deref(),
         };
-        let name: Option<Arc<str>> = match self.shared.auth.authenticate(&info).await {
-            AuthOutcome::Allow => login.as_ref().map(|l| l.username.as_str().into()),
-            AuthOutcome::AllowAs(name) => name,
-            AuthOutcome::BadCredentials => {
-                // 3.1.1's return code 4 and MQTT 5's 0x86 are one variant.
-                return Err(self
-                    .refuse(version, Rc::BadUserNamePassword, Attempt::BadCredentials)
-                    .await);
-            }
-            AuthOutcome::NotAuthorized => {
-                return Err(self
-                    .refuse(version, Rc::NotAuthorized, Attempt::NotAuthorized)
-                    .await);
-            }
-        };
+        let (name, credentials_expire): (Option<Arc<str>>, _) =
+            match self.shared.auth.authenticate(&info).await {
+                AuthOutcome::Allow => (login.as_ref().map(|l| l.username.as_str().into()), None),
+                AuthOutcome::AllowAs { name, expires } => (name, expires),
+                AuthOutcome::BadCredentials => {
+                    // 3.1.1's return code 4 and MQTT 5's 0x86 are one variant.
+                    return Err(self
+                        .refuse(version, Rc::BadUserNamePassword, Attempt::BadCredentials)
+                        .await);
+                }
+                AuthOutcome::NotAuthorized => {
+                    return Err(self
+                        .refuse(version, Rc::NotAuthorized, Attempt::NotAuthorized)
+                        .await);
+                }
+            };
         // A verified certificate says who the client is, whatever user name it gives.
         let identity = Identity {
             client_id: client_id.clone(),
@@ -583,6 +584,10 @@ impl Handshake<'_> {
             write,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            // (Beyond what an Instant holds: never.)
+            credentials_expire: credentials_expire.and_then(|at| {
+                Instant::now().checked_add(at.duration_since(SystemTime::now()).unwrap_or_default())
+            }),
             expiry,
             connect_expiry: expiry,
             session,
@@ -823,6 +828,8 @@ pub(crate) struct Conn {
     read_chunk: usize,
     write: BytesMut,
     keep_alive: Option<Duration>,
+    /// When the credentials it connected with expire (a JWT's `exp`): it is closed then.
+    credentials_expire: Option<Instant>,
     /// Session expiry, seconds (may be changed by DISCONNECT).
     expiry: u32,
     connect_expiry: u32,
@@ -878,6 +885,11 @@ impl Conn {
         tokio::pin!(write_timer);
         let resume_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(resume_timer);
+        let credentials_expire = self.credentials_expire;
+        let expired = tokio::time::sleep_until(
+            credentials_expire.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365)),
+        );
+        tokio::pin!(expired);
         let throttled = self.shared.limits.rate.is_on();
         loop {
             if *shutdown.borrow() {
@@ -918,6 +930,9 @@ impl Conn {
                     }
                     idle.as_mut().reset(due);
                     continue;
+                }
+                _ = &mut expired, if credentials_expire.is_some() => {
+                    return Ending::server(Close::CredentialsExpired, DisconnectReasonCode::NotAuthorized);
                 }
                 _ = &mut write_timer, if pace.deferred => {}
                 // The rate allows more: the packets read and waiting first.

@@ -119,9 +119,13 @@ pub struct ConnectInfo<'a> {
 pub enum AuthOutcome {
     /// Let in as the CONNECT says (its user name, if any, is its identity's name).
     Allow,
-    /// Let in as this name (a JWT's client id), or anonymously (`None`: identified by
-    /// the client id alone), whatever user name the CONNECT gave.
-    AllowAs(Option<Arc<str>>),
+    /// Let in as `name` (a JWT's client id), or anonymously (`None`: identified by the
+    /// client id alone), whatever user name the CONNECT gave; until `expires` if set
+    /// (the connection is closed then: MQTT 5 DISCONNECT 0x87).
+    AllowAs {
+        name: Option<Arc<str>>,
+        expires: Option<std::time::SystemTime>,
+    },
     /// CONNACK 4 (3.1.1) / 0x86 (5).
     BadCredentials,
     /// CONNACK 5 / 0x87.

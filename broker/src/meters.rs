@@ -89,10 +89,12 @@ pub(crate) enum Close {
     NotStored,
     /// An MQTT 5 client stayed over `[mqtt.limits]` (DISCONNECT 0x96).
     RateTooHigh,
+    /// The credentials it connected with expired (a JWT's `exp`; MQTT 5: DISCONNECT 0x87).
+    CredentialsExpired,
 }
 
 impl Close {
-    const ALL: [Close; 12] = [
+    const ALL: [Close; 13] = [
         Close::Client,
         Close::Network,
         Close::KeepAlive,
@@ -105,6 +107,7 @@ impl Close {
         Close::Internal,
         Close::NotStored,
         Close::RateTooHigh,
+        Close::CredentialsExpired,
     ];
 
     fn label(self) -> &'static str {
@@ -121,6 +124,7 @@ impl Close {
             Close::Internal => "internal",
             Close::NotStored => "not_stored",
             Close::RateTooHigh => "rate_too_high",
+            Close::CredentialsExpired => "credentials_expired",
         }
     }
 }

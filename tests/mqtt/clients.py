@@ -3,7 +3,8 @@ publisher for sluice's end-to-end tests.
 
     clients.py sub HOST PORT VERSION FILTER COUNT TIMEOUT [tcp|websockets|tls CAFILE]
         prints "subscribed" once the SUBACK came, then "message TOPIC PAYLOAD" per message;
-        exits 0 after COUNT messages, 1 on timeout.
+        exits 0 after COUNT messages, 1 on timeout or when the server disconnects it
+        (printing "disconnect CODE NAME").
     clients.py pub HOST PORT VERSION TOPIC PAYLOAD QOS [tcp|websockets|tls CAFILE]
         exits 0 once the message is acknowledged (QoS 1) or written (QoS 0).
     clients.py flood HOST PORT VERSION TOPIC PAYLOAD SECONDS
@@ -98,6 +99,12 @@ def main():
     def on_publish(c, userdata, mid, reason_code, properties):
         print(f"puback {reason_code.value}", flush=True)
 
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        # Only the server's: ours comes after `done`.
+        if not done.is_set():
+            print(f"disconnect {reason_code.value} {reason_code}", flush=True)
+            done.set()
+
     def on_message(c, userdata, message):
         received.append(message.topic)
         print(f"message {message.topic} {message.payload.decode(errors='replace')}", flush=True)
@@ -108,6 +115,7 @@ def main():
     c.on_subscribe = on_subscribe
     c.on_message = on_message
     c.on_publish = on_publish
+    c.on_disconnect = on_disconnect
     c.connect(host, port, keepalive=60 if transport == "websockets" else 0)
     c.loop_start()
     if mode == "sub":
@@ -118,6 +126,7 @@ def main():
             info = c.publish(topic, payload, qos=qos)
             info.wait_for_publish(10)
             ok = info.is_published()
+    done.set()
     c.disconnect()
     c.loop_stop()
     sys.exit(0 if ok and not refused.is_set() else 1)

@@ -9,7 +9,7 @@
 //! and `aud` when configured; then the claim must be a string equal to the client id.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
@@ -168,8 +168,13 @@ impl Jwt {
             && jsonwebtoken::decode_header(password).is_ok()
     }
 
-    /// Checks `token` for `client_id`.
-    pub(crate) fn verify(&self, token: &[u8], client_id: &str) -> Result<(), JwtRefusal> {
+    /// Checks `token` for `client_id`; valid, it says until when (its `exp` and the
+    /// leeway), if it ever expires.
+    pub(crate) fn verify(
+        &self,
+        token: &[u8],
+        client_id: &str,
+    ) -> Result<Option<SystemTime>, JwtRefusal> {
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
             &self.key,
@@ -185,11 +190,21 @@ impl Jwt {
             _ => JwtRefusal::Invalid(e.to_string()),
         })?;
         match data.claims.get(&self.claim) {
-            Some(serde_json::Value::String(id)) if id == client_id => Ok(()),
-            _ => Err(JwtRefusal::OtherClient {
-                claim: self.claim.clone(),
-            }),
+            Some(serde_json::Value::String(id)) if id == client_id => {}
+            _ => {
+                return Err(JwtRefusal::OtherClient {
+                    claim: self.claim.clone(),
+                });
+            }
         }
+        // Validated above: a number when present. One too far to represent never ends.
+        Ok(data
+            .claims
+            .get("exp")
+            .and_then(serde_json::Value::as_f64)
+            .and_then(|exp| Duration::try_from_secs_f64(exp).ok())
+            .and_then(|exp| exp.checked_add(Duration::from_secs(self.validation.leeway)))
+            .and_then(|until| UNIX_EPOCH.checked_add(until)))
     }
 }
 
@@ -286,12 +301,18 @@ mod tests {
     #[test]
     fn a_signed_current_token_for_the_client_id_lets_it_in() {
         let (jwt, _dir) = jwt(|_| {});
-        let t = hs256(json!({"sub": "device-1", "exp": now() + 600}));
+        let exp = now() + 600;
+        let t = hs256(json!({"sub": "device-1", "exp": exp}));
         assert!(Jwt::looks_like_token(t.as_bytes()));
-        assert_eq!(jwt.verify(t.as_bytes(), "device-1"), Ok(()));
+        // Valid until its exp.
+        let until = UNIX_EPOCH + Duration::from_secs(exp as u64);
+        assert_eq!(jwt.verify(t.as_bytes(), "device-1"), Ok(Some(until)));
+        // An exp too far to represent: never.
+        let t = hs256(json!({"sub": "device-1", "exp": u64::MAX}));
+        assert_eq!(jwt.verify(t.as_bytes(), "device-1"), Ok(None));
         // No exp: it never expires, unless require_exp.
         let t = hs256(json!({"sub": "device-1"}));
-        assert_eq!(jwt.verify(t.as_bytes(), "device-1"), Ok(()));
+        assert_eq!(jwt.verify(t.as_bytes(), "device-1"), Ok(None));
         let (strict, _dir) = self::jwt(|c| c.require_exp = true);
         assert!(matches!(
             strict.verify(t.as_bytes(), "device-1"),
@@ -376,7 +397,13 @@ mod tests {
         let ok = hs256(json!({
             "client_id": "device-1", "exp": now() - 5, "iss": "fleet", "aud": ["x", "sluice"]
         }));
-        assert_eq!(jwt.verify(ok.as_bytes(), "device-1"), Ok(()));
+        // Valid until exp + leeway.
+        let until = jwt.verify(ok.as_bytes(), "device-1").unwrap().unwrap();
+        let left = until.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left > Duration::from_secs(50) && left <= Duration::from_secs(55),
+            "{left:?}"
+        );
         for claims in [
             json!({"client_id": "device-1", "iss": "other", "aud": "sluice"}),
             json!({"client_id": "device-1", "aud": "sluice"}),
@@ -389,7 +416,7 @@ mod tests {
         // Without an audience configured, a token's aud is accepted as it is.
         let (plain, _dir) = self::jwt(|_| {});
         let t = hs256(json!({"sub": "device-1", "aud": "anyone"}));
-        assert_eq!(plain.verify(t.as_bytes(), "device-1"), Ok(()));
+        assert_eq!(plain.verify(t.as_bytes(), "device-1"), Ok(None));
     }
 
     #[test]

@@ -247,7 +247,10 @@ impl AccessControl {
             // The token names the client id: that is who the client is, whatever user
             // name it gave.
             return match jwt.verify(password, info.client_id) {
-                Ok(()) => Ok(AllowAs(Some(info.client_id.into()))),
+                Ok(expires) => Ok(AllowAs {
+                    name: Some(info.client_id.into()),
+                    expires,
+                }),
                 Err(refusal) if refusal.is_other_client() => {
                     Err((NotAuthorized, refusal.to_string().into()))
                 }
@@ -269,7 +272,10 @@ impl AccessControl {
             Ok(Allow)
         } else if self.config.allow_anonymous {
             // Anonymous: a user name given without proof names no one.
-            Ok(AllowAs(None))
+            Ok(AllowAs {
+                name: None,
+                expires: None,
+            })
         } else {
             Err((
                 NotAuthorized,
