@@ -1008,13 +1008,27 @@ fn rumqttc_connect(
 
 /// paho (`clients.py`) as `user`, or anonymously: its exit status and its lines.
 fn paho_as(user: Option<(&str, &str)>, args: &[&str]) -> (bool, Vec<String>) {
+    paho_with(None, user, args, Duration::from_secs(20))
+}
+
+/// paho as `client_id` (one of its own when `None`), with `user`'s credentials (a
+/// token as the password, say), given `within` to finish: its exit status and lines.
+fn paho_with(
+    client_id: Option<&str>,
+    user: Option<(&str, &str)>,
+    args: &[&str],
+    within: Duration,
+) -> (bool, Vec<String>) {
     let mut command = paho(args);
+    if let Some(id) = client_id {
+        command.env("MQTT_CLIENT_ID", id);
+    }
     if let Some((name, password)) = user {
         command
             .env("MQTT_USERNAME", name)
             .env("MQTT_PASSWORD", password);
     }
-    Peer::spawn(&mut command).finish(Duration::from_secs(20))
+    Peer::spawn(&mut command).finish(within)
 }
 
 /// The first line of `lines` starting with `prefix`.
@@ -1641,26 +1655,24 @@ fn jwt_tokens_let_devices_in_as_their_client_id() {
     ] {
         let (topic, payload) = telemetry("device-7", ts, 1.0, 80.0);
         let payload = String::from_utf8(payload).unwrap();
-        let (ok, lines) = Peer::spawn(
-            paho(&["pub", &host, &port, version, &topic, &payload, "1"])
-                .env("MQTT_CLIENT_ID", "device-7")
-                .env("MQTT_USERNAME", "anyone")
-                .env("MQTT_PASSWORD", &valid),
-        )
-        .finish(Duration::from_secs(20));
+        let (ok, lines) = paho_with(
+            Some("device-7"),
+            Some(("anyone", &valid)),
+            &["pub", &host, &port, version, &topic, &payload, "1"],
+            Duration::from_secs(20),
+        );
         assert!(ok, "{version}: {lines:?}");
         assert_eq!(line(&lines, "puback"), "puback 0", "{version}");
     }
     // Its identity is the client id, not the user name it gives: another device's
     // topic is refused (the default policy), even with that device's name as user name.
     let (topic, payload) = reading("device-8", 2.0);
-    let (ok, lines) = Peer::spawn(
-        paho(&["pub", &host, &port, "5", &topic, &payload, "1"])
-            .env("MQTT_CLIENT_ID", "device-7")
-            .env("MQTT_USERNAME", "device-8")
-            .env("MQTT_PASSWORD", &valid),
-    )
-    .finish(Duration::from_secs(20));
+    let (ok, lines) = paho_with(
+        Some("device-7"),
+        Some(("device-8", &valid)),
+        &["pub", &host, &port, "5", &topic, &payload, "1"],
+        Duration::from_secs(20),
+    );
     assert!(ok, "{lines:?}");
     assert_eq!(line(&lines, "puback"), "puback 135");
     // mosquitto_pub, too.
@@ -1759,8 +1771,10 @@ fn jwt_tokens_let_devices_in_as_their_client_id() {
     // 0x87), as EMQX does; the device comes back with a new one.
     let short = token(r#"{"sub": "device-7", "exp_in": 3}"#);
     let started = Instant::now();
-    let (ok, lines) = Peer::spawn(
-        paho(&[
+    let (ok, lines) = paho_with(
+        Some("device-7"),
+        Some(("short-lived", &short)),
+        &[
             "sub",
             &host,
             &port,
@@ -1768,12 +1782,9 @@ fn jwt_tokens_let_devices_in_as_their_client_id() {
             "devices/device-7/commands",
             "1",
             "30",
-        ])
-        .env("MQTT_CLIENT_ID", "device-7")
-        .env("MQTT_USERNAME", "short-lived")
-        .env("MQTT_PASSWORD", &short),
-    )
-    .finish(Duration::from_secs(40));
+        ],
+        Duration::from_secs(40),
+    );
     let took = started.elapsed();
     assert!(!ok, "{lines:?}");
     assert_eq!(line(&lines, "suback"), "suback 1");

@@ -391,13 +391,9 @@ impl Handshake<'_> {
                         .await);
                 }
             };
-        // A verified certificate says who the client is, whatever user name it gives.
         let identity = Identity {
             client_id: client_id.clone(),
-            username: match &self.certificate {
-                Some(name) => Some(name.as_str().into()),
-                None => name,
-            },
+            username: name,
         };
         // A will is a publish the client makes by leaving: refused where its publishes
         // would be (as Mosquitto does).

@@ -119,8 +119,9 @@ pub struct ConnectInfo<'a> {
 pub enum AuthOutcome {
     /// Let in as the CONNECT says (its user name, if any, is its identity's name).
     Allow,
-    /// Let in as `name` (a JWT's client id), or anonymously (`None`: identified by the
-    /// client id alone), whatever user name the CONNECT gave; until `expires` if set
+    /// Let in as `name` (a verified certificate's name, a JWT's client id), or
+    /// anonymously (`None`: identified by the client id alone), whatever user name the
+    /// CONNECT gave; until `expires` if set
     /// (the connection is closed then: MQTT 5 DISCONNECT 0x87).
     AllowAs {
         name: Option<Arc<str>>,

@@ -40,9 +40,6 @@ pub(crate) enum Transport {
 }
 
 impl Transport {
-    /// Reads what is available into `buf`, reserving at least `chunk` bytes first.
-    /// Returns 0 at the end of the stream. Cancel-safe: nothing is lost if the future is
-    /// dropped before it completes.
     /// The identity (`which` name) of the client certificate a TLS handshake verified.
     pub(crate) fn certificate(&self, which: crate::ClientIdentity) -> Option<String> {
         match self {
@@ -54,6 +51,9 @@ impl Transport {
         }
     }
 
+    /// Reads what is available into `buf`, reserving at least `chunk` bytes first.
+    /// Returns 0 at the end of the stream. Cancel-safe: nothing is lost if the future is
+    /// dropped before it completes.
     pub(crate) async fn read(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         match self {
             Transport::Tcp(stream) => {

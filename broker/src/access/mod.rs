@@ -236,9 +236,13 @@ impl AccessControl {
         info: &ConnectInfo<'_>,
     ) -> Result<AuthOutcome, (AuthOutcome, Cow<'static, str>)> {
         use AuthOutcome::{Allow, AllowAs, BadCredentials, NotAuthorized};
-        if info.certificate.is_some() {
-            // Verified by the TLS handshake against client_ca_file.
-            return Ok(Allow);
+        if let Some(name) = info.certificate {
+            // Verified by the TLS handshake against client_ca_file: the certificate says
+            // who the client is, whatever user name it gives.
+            return Ok(AllowAs {
+                name: Some(name.into()),
+                expires: None,
+            });
         }
         let rules = self.rules();
         if let (Some(jwt), Some(password)) = (&rules.jwt, info.password)
