@@ -254,6 +254,8 @@ impl Server {
         });
         storage.set_checkpoints(checkpointer.clone());
         drop(replaying);
+        // From here on, ingestion first.
+        storage.lower_query_priority();
 
         let broker = bound
             .start(

@@ -214,22 +214,65 @@ impl Drop for FlushHold {
 /// The runtime SQL runs on (`sluice-query` threads), apart from the one serving
 /// `/ready`, `/metrics` and ingestion, so that a heavy query delays none of them
 /// (InfluxDB 3 keeps a dedicated executor for the same reason). One thread fewer than
-/// the machine has cores (at least one), each at a lower OS priority ([`QUERY_NICE`]):
-/// queries running flat out leave ingestion a core, and yield the CPU to it when it is
-/// short (BENCHMARKS.md, "Hostile queries beside the reference load").
-struct QueryRuntime(Option<tokio::runtime::Runtime>);
+/// the machine has cores (at least one), each at a lower OS priority ([`QUERY_NICE`])
+/// once [`Storage::lower_query_priority`] was called: queries running flat out leave
+/// ingestion a core, and yield the CPU to it when it is short (BENCHMARKS.md, "Hostile
+/// queries beside the reference load").
+struct QueryRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    threads: Arc<QueryThreads>,
+}
+
+/// The query runtime's threads, and whether they run below ingestion yet.
+#[derive(Default)]
+struct QueryThreads {
+    ids: std::sync::Mutex<Vec<rustix::thread::Pid>>,
+    lowered: AtomicBool,
+}
+
+impl QueryThreads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<rustix::thread::Pid>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On each new thread of the runtime.
+    fn started(&self) {
+        let me = rustix::thread::gettid();
+        let mut ids = self.lock();
+        ids.push(me);
+        if self.lowered.load(Ordering::SeqCst) {
+            lower_query_thread_priority(me);
+        }
+    }
+
+    /// On each thread of the runtime as it ends.
+    fn stopped(&self) {
+        let me = rustix::thread::gettid();
+        self.lock().retain(|&id| id != me);
+    }
+
+    /// Every thread, now and from now on, at [`QUERY_NICE`].
+    fn lower(&self) {
+        let ids = self.lock();
+        if !self.lowered.swap(true, Ordering::SeqCst) {
+            for &id in ids.iter() {
+                lower_query_thread_priority(id);
+            }
+        }
+    }
+}
 
 /// The nice value of the query threads (ingestion's threads keep 0): when both want the
 /// CPU, the scheduler gives ingestion about nine parts in ten; an idle machine runs
 /// queries at full speed.
 const QUERY_NICE: i32 = 10;
 
-/// Lowers the calling thread's priority to [`QUERY_NICE`] (Linux: nice is per thread).
-/// Refused (a seccomp profile, say), queries run at ingestion's priority: logged once.
-fn lower_query_thread_priority() {
+/// Lowers the priority of the query thread `id` to [`QUERY_NICE`] (Linux: nice is per
+/// thread). Refused (a seccomp profile, say), queries run at ingestion's priority:
+/// logged once.
+fn lower_query_thread_priority(id: rustix::thread::Pid) {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let me = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(me), QUERY_NICE) {
+    if let Err(e) = rustix::process::setpriority_process(Some(id), QUERY_NICE) {
         WARNED.call_once(|| {
             tracing::warn!(error = %e, "cannot lower the query threads' priority");
         });
@@ -239,19 +282,25 @@ fn lower_query_thread_priority() {
 impl QueryRuntime {
     fn start() -> Result<QueryRuntime, StorageError> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let threads = cores.saturating_sub(1).max(1);
+        let workers = cores.saturating_sub(1).max(1);
+        let threads = Arc::new(QueryThreads::default());
+        let (starts, stops) = (threads.clone(), threads.clone());
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(workers)
             .thread_name("sluice-query")
-            .on_thread_start(lower_query_thread_priority)
+            .on_thread_start(move || starts.started())
+            .on_thread_stop(move || stops.stopped())
             .enable_all()
             .build()
-            .map(|r| QueryRuntime(Some(r)))
+            .map(|runtime| QueryRuntime {
+                runtime: Some(runtime),
+                threads,
+            })
             .map_err(|e| StorageError::internal(format!("cannot start the query runtime: {e}")))
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
-        match &self.0 {
+        match &self.runtime {
             Some(runtime) => runtime.handle(),
             None => unreachable!("taken only on drop"),
         }
@@ -262,7 +311,7 @@ impl Drop for QueryRuntime {
     fn drop(&mut self) {
         // The last handle to storage may go away inside async code, where a blocking
         // shutdown would panic.
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
@@ -590,6 +639,13 @@ impl Storage {
         self.inner.queries.handle()
     }
 
+    /// From now on queries run below ingestion ([`QUERY_NICE`]). A server calls it once
+    /// its start is done: the start's own query (the keys of recent readings, which the
+    /// replay waits for) has the machine to itself, nothing is ingested yet.
+    pub fn lower_query_priority(&self) {
+        self.inner.queries.threads.lower();
+    }
+
     /// Within `[query]`'s limits: a place among the running queries, its time (the wait
     /// for the place, planning and running), its result's size; its operators' memory
     /// is the session's pool.
@@ -833,21 +889,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queries_run_below_ingestion_priority() {
+    fn queries_run_below_ingestion_priority_once_lowered() {
         let here = rustix::process::getpriority_process(None).unwrap();
         let runtime = QueryRuntime::start().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        runtime.handle().spawn(async move {
-            let me = rustix::thread::gettid();
-            let _ = tx.send(rustix::process::getpriority_process(Some(me)));
-        });
-        let nice = rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .unwrap()
-            .unwrap();
+        let nice_on = |blocking: bool| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let nice = move || {
+                let me = rustix::thread::gettid();
+                let _ = tx.send(rustix::process::getpriority_process(Some(me)));
+            };
+            if blocking {
+                runtime.handle().spawn_blocking(nice);
+            } else {
+                runtime.handle().spawn(async move { nice() });
+            }
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap()
+                .unwrap()
+        };
+        // At start (the keys of recent readings are read before anything is ingested).
+        assert_eq!(nice_on(false), here, "nice of a query thread at start");
+        runtime.threads.lower();
         // An unprivileged process may raise its nice value, never lower it: from an
         // already niced shell, the threads keep the higher one.
-        assert_eq!(nice, QUERY_NICE.max(here), "nice of a query thread");
+        assert_eq!(nice_on(false), QUERY_NICE.max(here), "a worker, lowered");
+        assert_eq!(
+            nice_on(true),
+            QUERY_NICE.max(here),
+            "a thread started after, lowered"
+        );
         // The calling thread (ingestion's side) is untouched.
         assert_eq!(rustix::process::getpriority_process(None).unwrap(), here);
     }
