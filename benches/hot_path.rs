@@ -186,6 +186,7 @@ fn wal_recovery(c: &mut Criterion) {
                 topic,
                 payload,
                 denied: false,
+                reading: false,
             };
             record::encode(&r, &mut data).expect("a message fits a record");
         }

@@ -102,6 +102,7 @@ fn group_commit(dir: &std::path::Path, interval_ms: u64, secs: u64) {
                         topic: topic.as_bytes(),
                         payload: &payload,
                         denied: false,
+                        reading: false,
                     };
                     encode(&record, &mut bytes).expect("fits");
                     let appended = Instant::now();

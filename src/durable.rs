@@ -21,7 +21,7 @@ use anyhow::Context;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::TimestampNanosecondType;
 use sluice_aggregator::Aggregator;
-use sluice_ingest::{IngestHandle, Journal, Logged, Message, Stored};
+use sluice_ingest::{Entry, IngestHandle, Journal, Logged, Message, Stored};
 use sluice_storage::wal::{Record, Replayed, Wal};
 use sluice_storage::{Checkpoints, Cut, StateDir, Storage};
 
@@ -37,12 +37,25 @@ const REPLAY_CHUNK: usize = 4096;
 pub(crate) struct Log(pub(crate) Wal);
 
 impl Journal for Log {
-    fn append(&self, messages: &[Message]) -> Logged {
-        let records = messages.iter().map(|m| Record {
-            received_at_ns: m.received_at_ns,
-            topic: &m.topic,
-            payload: &m.payload,
-            denied: m.denied,
+    fn append(&self, entries: &[Entry]) -> Logged {
+        let records = entries.iter().map(|entry| match entry {
+            Entry::Reading {
+                received_at_ns,
+                encoded,
+            } => Record {
+                received_at_ns: *received_at_ns,
+                topic: b"",
+                payload: encoded,
+                denied: false,
+                reading: true,
+            },
+            Entry::Reject { message, .. } => Record {
+                received_at_ns: message.received_at_ns,
+                topic: &message.topic,
+                payload: &message.payload,
+                denied: message.denied,
+                reading: false,
+            },
         });
         let durable = self.0.append(records);
         Box::pin(async move { durable.await.map_err(|e| e.to_string()) })
@@ -240,19 +253,25 @@ pub(crate) fn open_and_replay(
     metrics: sluice_storage::wal::WalMetrics,
     ingest: &IngestHandle,
 ) -> anyhow::Result<(Wal, Replayed)> {
-    let mut chunk: Vec<Message> = Vec::with_capacity(REPLAY_CHUNK);
+    let mut chunk: Vec<Entry> = Vec::with_capacity(REPLAY_CHUNK);
     let mut closed = false;
-    let mut send = |chunk: &mut Vec<Message>| {
-        if !closed && ingest.send_blocking(std::mem::take(chunk)).is_err() {
+    let mut send = |chunk: &mut Vec<Entry>| {
+        if !closed && ingest.send_entries_blocking(std::mem::take(chunk)).is_err() {
             closed = true;
         }
     };
     let (wal, replayed) = Wal::open(data_dir, config, metrics, |record, segment| {
-        chunk.push(Message {
-            topic: segment.slice_ref(record.topic),
-            payload: segment.slice_ref(record.payload),
-            received_at_ns: record.received_at_ns,
-            denied: record.denied,
+        // A reading was journaled decoded; a reject (or a record from before decoded
+        // readings) as it came, and is decoded again.
+        chunk.push(if record.reading {
+            Entry::reading(record.received_at_ns, segment.slice_ref(record.payload))
+        } else {
+            ingest.entry(Message {
+                topic: segment.slice_ref(record.topic),
+                payload: segment.slice_ref(record.payload),
+                received_at_ns: record.received_at_ns,
+                denied: record.denied,
+            })
         });
         if chunk.len() >= REPLAY_CHUNK {
             send(&mut chunk);

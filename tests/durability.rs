@@ -546,6 +546,114 @@ fn a_torn_tail_is_cut_off_and_every_acknowledged_record_before_it_replayed() {
 }
 
 #[test]
+fn a_log_of_readings_as_they_came_replays_through_the_decoder() {
+    // A WAL written before readings were journaled decoded: every record is a message as
+    // it came (topic and JSON payload). sluice decodes them at replay, as then.
+    use sluice_storage::wal::record::{Record, encode};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("wal")).unwrap();
+    let received_at_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let mut messages: Vec<(String, Vec<u8>, bool)> = (0..3)
+        .map(|k| {
+            let (topic, payload) = telemetry("old", &ts(k), 20.0 + k as f64, 80.0);
+            (topic, payload, false)
+        })
+        .collect();
+    messages.push((messages[1].0.clone(), messages[1].1.clone(), false)); // a redelivery
+    messages.push(("devices/old/telemetry".into(), b"{not json".to_vec(), false));
+    messages.push((messages[0].0.clone(), messages[0].1.clone(), true)); // denied by the ACL
+    let mut segment = Vec::new();
+    for (topic, payload, denied) in &messages {
+        encode(
+            &Record {
+                received_at_ns,
+                topic: topic.as_bytes(),
+                payload,
+                denied: *denied,
+                reading: false,
+            },
+            &mut segment,
+        )
+        .unwrap();
+    }
+    std::fs::write(data.join("wal/00000000000000000001.wal"), &segment).unwrap();
+
+    let sluice = Sluice::start(&data, &[]);
+    assert_eq!(sluice.scalar("SELECT count(*) FROM telemetry"), 3);
+    assert_eq!(
+        sluice.scalar(
+            "SELECT CAST(sum(temperature) AS BIGINT) FROM telemetry WHERE device_id = 'old'"
+        ),
+        63
+    );
+    assert_eq!(
+        sluice.scalar(
+            "SELECT count(*) FROM rejects WHERE reason IN ('invalid_json', 'not_authorized')"
+        ),
+        2
+    );
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(&metrics, "sluice_wal_replayed_records_total"),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "sluice_ingest_duplicates_total"),
+        Some(1.0)
+    );
+    assert!(sluice.terminate().success());
+}
+
+#[test]
+fn readings_are_journaled_decoded_and_rejects_as_they_came() {
+    // What the WAL holds after a crash: one record per message; an accepted reading in
+    // its decoded form (flag 2, no topic, no JSON), a reject as it came.
+    use sluice_storage::wal::record::{Found, Scan};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sluice = Sluice::start(&data, &[]);
+    assert_eq!(acknowledged(&sluice, "dec", 0, 5).len(), 5);
+    publish(
+        sluice.mqtt,
+        vec![("devices/dec/telemetry".into(), b"{not json".to_vec())],
+        QoS::AtLeastOnce,
+        1,
+    );
+    sluice.expect_scalar("SELECT count(*) FROM rejects", 1, Duration::from_secs(10));
+    sluice.kill();
+    let bytes: Vec<u8> = segments(&data)
+        .iter()
+        .flat_map(|s| std::fs::read(s).unwrap())
+        .collect();
+    let records: Vec<_> = Scan::new(&bytes)
+        .map(|found| match found {
+            Found::Record { record, .. } => record,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(records.len(), 6);
+    let (readings, rejects): (Vec<_>, Vec<_>) = records.iter().partition(|r| r.reading);
+    assert_eq!(readings.len(), 5);
+    for r in &readings {
+        assert!(r.topic.is_empty());
+        assert!(!r.payload.windows(8).any(|w| w == b"deviceId"), "not JSON");
+        assert!(r.payload.windows(3).any(|w| w == b"dec"), "the device id");
+        assert!(r.payload.len() < 120, "{} bytes", r.payload.len());
+    }
+    assert_eq!(rejects[0].topic, b"devices/dec/telemetry");
+    assert_eq!(rejects[0].payload, b"{not json");
+
+    let sluice = Sluice::start(&data, &[]);
+    assert_eq!(sluice.scalar("SELECT count(*) FROM telemetry"), 5);
+    assert_eq!(sluice.scalar("SELECT count(*) FROM rejects"), 1);
+    assert!(sluice.terminate().success());
+}
+
+#[test]
 fn a_flipped_byte_mid_segment_sets_its_record_aside_and_replays_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let data = crashed_with(dir.path(), 50);

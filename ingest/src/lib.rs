@@ -8,6 +8,7 @@
 mod batch;
 mod decode;
 mod dedup;
+mod journal;
 mod options;
 mod pipeline;
 mod tables;
@@ -20,6 +21,7 @@ pub use decode::{
     DecodeLimits, Reading, RejectReason, Rejection, TELEMETRY_TOPIC_FILTER, decode,
     device_id_from_topic,
 };
+pub use journal::Entry;
 pub use options::IngestOptions;
 pub use pipeline::{
     BatchSink, Closed, IngestHandle, IngestMetrics, Journal, Logged, Message, Pipeline,

@@ -1,5 +1,6 @@
-//! The batching stage: decoder threads, each with its own bounded crossbeam queue, turn
-//! raw messages into sealed Arrow batches for a [`BatchSink`].
+//! The batching stage: messages are decoded where they are handed over, then decoder
+//! threads, each with its own bounded crossbeam queue, turn them into sealed Arrow batches
+//! for a [`BatchSink`].
 //!
 //! - **Per-device order.** A message goes to the decoder its device id hashes to, so the
 //!   readings of one device are decoded, batched and handed on in the order they were
@@ -9,8 +10,8 @@
 //!   comes back as decoders finish with messages, after their batches were taken by
 //!   the sink. A slow sink therefore slows the senders; nothing is dropped.
 //! - **Durability.** With a [`Journal`] (the write-ahead log), every message is
-//!   appended to it in the same step that queues it, and [`IngestHandle::send`] returns
-//!   what resolves once it is durable. [`IngestHandle::cut`] puts a checkpoint between
+//!   appended to it, decoded (an [`Entry`]: see `journal.rs`), in the same step that
+//!   queues it, and [`IngestHandle::send`] returns what resolves once it is durable. [`IngestHandle::cut`] puts a checkpoint between
 //!   two messages: everything journaled before it is sealed and handed to the sink
 //!   before anything after it.
 //! - **Exactly once.** A reading whose (`device_id`, `ts`) was seen within
@@ -31,8 +32,9 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::sync::Semaphore;
 
 use crate::batch::{Batcher, RejectsBuilder, SealPolicy, SealReason, TelemetryBuilder};
-use crate::decode::{DecodeLimits, RejectReason, Rejection, decode};
+use crate::decode::{DecodeLimits, RejectReason};
 use crate::dedup::{Dedup, Key, key};
+use crate::journal::{Entry, decode_reading};
 
 /// Index of `ts` in the telemetry schema.
 const TS_COLUMN: usize = 1;
@@ -79,10 +81,10 @@ pub trait BatchSink: Send + Sync + 'static {
 /// and must not be acknowledged).
 pub type Logged = BoxFuture<'static, Result<(), String>>;
 
-/// Where messages are logged before they are queued: the write-ahead log.
+/// Where messages are logged, decoded, before they are queued: the write-ahead log.
 pub trait Journal: Send + Sync + 'static {
-    /// Appends `messages` in order; never waits.
-    fn append(&self, messages: &[Message]) -> Logged;
+    /// Appends `entries` in order; never waits.
+    fn append(&self, entries: &[Entry]) -> Logged;
     /// Starts a new segment after everything appended so far; resolves to its id.
     fn rotate(&self) -> BoxFuture<'static, Result<u64, String>>;
 }
@@ -98,7 +100,7 @@ pub struct Stored<'a> {
 
 /// What goes through a decoder's queue.
 enum Item {
-    Messages(Vec<Message>),
+    Entries(Vec<Entry>),
     /// Seal what is open, hand it on, then meet the other decoders at a checkpoint.
     Cut(Arc<Rendezvous>),
     /// Keys of stored readings, and when each arrived.
@@ -200,16 +202,6 @@ impl Default for PipelineConfig {
 #[error("the ingest pipeline is closed")]
 pub struct Closed;
 
-/// The decoder a message goes to: its device's (the id its topic names; a topic naming
-/// none, which becomes a reject, goes by the whole topic).
-fn decoder_for(topic: &[u8], decoders: usize) -> usize {
-    let device = topic
-        .strip_prefix(b"devices/")
-        .and_then(|rest| rest.strip_suffix(b"/telemetry"))
-        .unwrap_or(topic);
-    decoder_of(device, decoders)
-}
-
 /// The decoder of a device id (the same on every run: only the spread matters).
 fn decoder_of(device: &[u8], decoders: usize) -> usize {
     if decoders == 1 {
@@ -225,6 +217,7 @@ struct Queues {
     room: Semaphore,
     capacity: usize,
     journal: OnceLock<Arc<dyn Journal>>,
+    limits: DecodeLimits,
 }
 
 /// Feeds the decoders; cheap to clone.
@@ -234,11 +227,23 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
-    /// Queues messages, in order; waits while the queues are full. Cancel-safe: if the
-    /// future is dropped before it completes, none of the messages was queued. With a
-    /// journal, the result resolves once they are durable.
+    /// Decodes messages and queues them, in order; waits while the queues are full.
+    /// Cancel-safe: if the future is dropped before it completes, none of the messages
+    /// was queued. With a journal, the result resolves once they are durable.
     pub async fn send(&self, messages: Vec<Message>) -> Result<Logged, Closed> {
-        let mut messages = messages;
+        self.send_entries(Entry::all_of(messages, &self.queues.limits))
+            .await
+    }
+
+    /// Decodes one message as [`send`](Self::send) does (a replay of a journal that kept
+    /// it as it came).
+    pub fn entry(&self, message: Message) -> Entry {
+        Entry::of(message, &self.queues.limits)
+    }
+
+    /// Queues decoded messages, as [`send`](Self::send).
+    pub async fn send_entries(&self, entries: Vec<Entry>) -> Result<Logged, Closed> {
+        let mut messages = entries;
         let mut logged = Vec::new();
         while !messages.is_empty() {
             // A larger batch than the whole queue goes in parts.
@@ -268,6 +273,12 @@ impl IngestHandle {
     /// [`send`](Self::send) from a thread that may block, waiting until durable.
     pub fn send_blocking(&self, messages: Vec<Message>) -> Result<Result<(), String>, Closed> {
         futures::executor::block_on(async { Ok(self.send(messages).await?.await) })
+    }
+
+    /// [`send_entries`](Self::send_entries) from a thread that may block, waiting until
+    /// durable (the replay of the journal).
+    pub fn send_entries_blocking(&self, entries: Vec<Entry>) -> Result<Result<(), String>, Closed> {
+        futures::executor::block_on(async { Ok(self.send_entries(entries).await?.await) })
     }
 
     /// From now on every message sent is appended to `journal` first (messages sent
@@ -385,7 +396,7 @@ impl IngestHandle {
 
     /// Journals and queues messages in one step: a checkpoint (which takes the write
     /// lock) comes wholly before or wholly after both.
-    fn push(&self, messages: Vec<Message>) -> Result<Option<Logged>, Closed> {
+    fn push(&self, messages: Vec<Entry>) -> Result<Option<Logged>, Closed> {
         let senders = self
             .queues
             .senders
@@ -399,17 +410,17 @@ impl IngestHandle {
         // Room was taken for every message, so no queue can be full.
         if senders.len() == 1 {
             senders[0]
-                .send(Item::Messages(messages))
+                .send(Item::Entries(messages))
                 .map_err(|_| Closed)?;
             return Ok(logged);
         }
-        let mut parts: Vec<Vec<Message>> = vec![Vec::new(); senders.len()];
+        let mut parts: Vec<Vec<Entry>> = vec![Vec::new(); senders.len()];
         for message in messages {
-            parts[decoder_for(&message.topic, senders.len())].push(message);
+            parts[decoder_of(message.route(), senders.len())].push(message);
         }
         for (sender, part) in senders.iter().zip(parts) {
             if !part.is_empty() {
-                sender.send(Item::Messages(part)).map_err(|_| Closed)?;
+                sender.send(Item::Entries(part)).map_err(|_| Closed)?;
             }
         }
         Ok(logged)
@@ -588,6 +599,7 @@ impl Pipeline {
             room: Semaphore::new(capacity),
             capacity,
             journal: OnceLock::new(),
+            limits: config.limits,
         });
         metrics.queue_capacity.set(capacity as i64);
         let workers = receivers
@@ -637,7 +649,6 @@ struct Worker {
     queues: Arc<Queues>,
     sink: Arc<dyn BatchSink>,
     metrics: IngestMetrics,
-    limits: DecodeLimits,
     telemetry: Batcher<TelemetryBuilder>,
     rejects: Batcher<RejectsBuilder>,
 }
@@ -656,7 +667,6 @@ impl Worker {
             queues,
             sink,
             metrics,
-            limits: config.limits,
             telemetry: Batcher::new(TelemetryBuilder::default(), config.seal),
             rejects: Batcher::new(
                 RejectsBuilder::new(config.reject_payload_bytes),
@@ -720,7 +730,7 @@ impl Worker {
     /// Decodes a chunk, then gives its room in the queue back; or meets a checkpoint.
     fn take(&mut self, item: Item) {
         let chunk = match item {
-            Item::Messages(chunk) => chunk,
+            Item::Entries(chunk) => chunk,
             Item::Cut(meeting) => {
                 if let Some(batch) = self.telemetry.drain() {
                     self.emit_telemetry(batch, SealReason::Checkpoint);
@@ -744,42 +754,47 @@ impl Worker {
             .set((self.queues.capacity - self.queues.room.available_permits()) as i64);
     }
 
-    fn process(&mut self, chunk: &[Message]) {
+    fn process(&mut self, chunk: &[Entry]) {
         let now = Instant::now();
         self.metrics.messages.inc_by(chunk.len() as u64);
         // Counted once per chunk: a shared counter bumped per message bounces its cache
         // line between the workers.
         let mut rows = 0;
         let mut duplicates = 0;
-        for message in chunk {
-            let decoded = if message.denied {
-                Err(Rejection::not_authorized())
-            } else {
-                decode(&message.topic, &message.payload, &self.limits).and_then(|r| {
-                    Rejection::check_clock_skew(&r, message.received_at_ns, &self.limits)
-                        .map(|()| r)
-                })
-            };
-            match decoded {
-                Ok(reading)
-                    if !self.dedup.first(
-                        key(&reading.device_id, reading.ts_ns),
-                        message.received_at_ns,
-                    ) =>
-                {
-                    tracing::debug!(device = %reading.device_id, ts = reading.ts_ns, "duplicate reading not stored");
-                    duplicates += 1;
-                }
-                Ok(reading) => {
-                    self.telemetry
-                        .builder()
-                        .append(&reading, message.received_at_ns);
+        for entry in chunk {
+            match entry {
+                Entry::Reading {
+                    received_at_ns,
+                    encoded,
+                } => {
+                    let reading = match decode_reading(encoded) {
+                        Ok(reading) => reading,
+                        Err(e) => {
+                            // Only a bug gets here: the bytes were encoded by this
+                            // process, or read back from the WAL past its CRC check.
+                            tracing::error!(error = %e, "a decoded reading cannot be read back: counted in sluice_ingest_refused_rows_total{{reason=\"undecodable\"}}");
+                            self.metrics
+                                .refused
+                                .with_label_values(&["telemetry", "undecodable"])
+                                .inc();
+                            continue;
+                        }
+                    };
+                    if !self
+                        .dedup
+                        .first(key(&reading.device_id, reading.ts_ns), *received_at_ns)
+                    {
+                        tracing::debug!(device = %reading.device_id, ts = reading.ts_ns, "duplicate reading not stored");
+                        duplicates += 1;
+                        continue;
+                    }
+                    self.telemetry.builder().append(&reading, *received_at_ns);
                     rows += 1;
                     if let Some(batch) = self.telemetry.appended(now) {
                         self.emit_telemetry(batch, SealReason::Rows);
                     }
                 }
-                Err(rejection) => {
+                Entry::Reject { message, rejection } => {
                     tracing::debug!(reason = %rejection.reason, detail = %rejection.detail, "message rejected");
                     self.metrics
                         .rejects
@@ -789,7 +804,7 @@ impl Worker {
                         &message.topic,
                         &message.payload,
                         message.received_at_ns,
-                        &rejection,
+                        rejection,
                     );
                     if let Some(batch) = self.rejects.appended(now) {
                         self.emit_rejects(batch, SealReason::Rows);
@@ -1133,10 +1148,13 @@ mod tests {
     }
 
     impl Journal for Memory {
-        fn append(&self, messages: &[Message]) -> Logged {
+        fn append(&self, entries: &[Entry]) -> Logged {
             let mut appended = self.appended.lock().unwrap();
-            for m in messages {
-                appended.push((m.received_at_ns, String::from_utf8_lossy(&m.topic).into()));
+            for e in entries {
+                appended.push((
+                    e.received_at_ns(),
+                    String::from_utf8_lossy(e.route()).into(),
+                ));
             }
             let refuse = self.refuse.load(std::sync::atomic::Ordering::SeqCst);
             Box::pin(async move {

@@ -17,6 +17,7 @@ const BODY_FIXED: usize = 10;
 /// The flags and the real topic length of a record with flags.
 const FLAGS_FIXED: usize = 3;
 const FLAG_DENIED: u8 = 1;
+const FLAG_READING: u8 = 2;
 
 /// One message as the log keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub struct Record<'a> {
     pub payload: &'a [u8],
     /// The client was not allowed to publish to `topic`: it is replayed as a reject.
     pub denied: bool,
+    /// `payload` is an accepted reading in the ingest stage's own encoding (its
+    /// `journal` module), `topic` empty: replayed without decoding JSON again. Storage
+    /// keeps the bytes and does not read them.
+    pub reading: bool,
 }
 
 /// Why a record cannot be written.
@@ -51,7 +56,18 @@ fn body_fixed(record: &Record<'_>) -> usize {
 }
 
 fn with_flags(record: &Record<'_>) -> bool {
-    record.denied || record.topic.is_empty()
+    record.denied || record.reading || record.topic.is_empty()
+}
+
+fn flags(record: &Record<'_>) -> u8 {
+    let mut flags = 0;
+    if record.denied {
+        flags |= FLAG_DENIED;
+    }
+    if record.reading {
+        flags |= FLAG_READING;
+    }
+    flags
 }
 
 /// Appends `record`, framed, to `out`.
@@ -68,7 +84,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError>
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&record.received_at_ns.to_le_bytes());
     if with_flags(record) {
-        out.extend_from_slice(&[0, 0, if record.denied { FLAG_DENIED } else { 0 }]);
+        out.extend_from_slice(&[0, 0, flags(record)]);
     }
     out.extend_from_slice(&topic_len.to_le_bytes());
     out.extend_from_slice(record.topic);
@@ -130,7 +146,7 @@ impl<'a> Scan<'a> {
             flags = more[0];
             topic_len = u16::from_le_bytes([more[1], more[2]]) as usize;
             fixed += FLAGS_FIXED;
-            if flags & !FLAG_DENIED != 0 {
+            if flags & !(FLAG_DENIED | FLAG_READING) != 0 {
                 // Written by a later version, or damage the CRC did not catch.
                 return None;
             }
@@ -142,6 +158,7 @@ impl<'a> Scan<'a> {
             topic,
             payload,
             denied: flags & FLAG_DENIED != 0,
+            reading: flags & FLAG_READING != 0,
         };
         Some((record, at + HEADER + len))
     }
@@ -206,6 +223,7 @@ mod tests {
                     topic,
                     payload,
                     denied: *at % 3 == 0,
+                    reading: *at % 5 == 0,
                 },
                 &mut out,
             )
@@ -240,6 +258,7 @@ mod tests {
                         topic,
                         payload,
                         denied: *at % 3 == 0,
+                        reading: *at % 5 == 0,
                     }
                 }
             );
@@ -249,6 +268,7 @@ mod tests {
             topic: b"",
             payload: b"",
             denied: false,
+            reading: false,
         };
         let mut out = Vec::new();
         encode(&empty, &mut out).unwrap();
@@ -316,6 +336,7 @@ mod tests {
             topic: &long,
             payload: b"",
             denied: false,
+            reading: false,
         };
         assert_eq!(encode(&topic, &mut out), Err(EncodeError::Topic(70_000)));
         let large = Record {
@@ -323,6 +344,7 @@ mod tests {
             topic: b"t",
             payload: &big,
             denied: false,
+            reading: false,
         };
         assert!(matches!(
             encode(&large, &mut out),

@@ -183,6 +183,7 @@ mod tests {
                     topic: topic.as_bytes(),
                     payload: b"{\"x\":1}",
                     denied: false,
+                    reading: false,
                 },
                 &mut data,
             )

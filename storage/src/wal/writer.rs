@@ -585,6 +585,7 @@ mod tests {
             topic: topic.as_bytes(),
             payload: b"{}",
             denied: false,
+            reading: false,
         };
         encode(&record, &mut out).unwrap();
         out
