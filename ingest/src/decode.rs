@@ -171,8 +171,8 @@ pub struct Reading<'a> {
     pub extra: Vec<(Cow<'a, str>, f64)>,
 }
 
-const TOPIC_PREFIX: &str = "devices/";
-const TOPIC_SUFFIX: &str = "/telemetry";
+pub(crate) const TOPIC_PREFIX: &str = "devices/";
+pub(crate) const TOPIC_SUFFIX: &str = "/telemetry";
 
 /// The MQTT topic filter of telemetry topics.
 pub const TELEMETRY_TOPIC_FILTER: &str = "devices/+/telemetry";

@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{DecodeLimits, Reading, Rejection, decode};
+use crate::decode::{DecodeLimits, Reading, Rejection, TOPIC_PREFIX, TOPIC_SUFFIX, decode};
 use crate::pipeline::Message;
 
 /// A message as the decoders take it.
@@ -41,14 +41,9 @@ impl Entry {
     /// Decodes and validates `message` (against `limits`; the clock skew is measured
     /// from its arrival).
     pub fn of(message: Message, limits: &DecodeLimits) -> Entry {
-        let mut encoded = Vec::new();
-        match encode_message(&message, limits, &mut encoded) {
-            Ok(()) => Entry::Reading {
-                received_at_ns: message.received_at_ns,
-                encoded: Bytes::from(encoded),
-            },
-            Err(rejection) => Entry::Reject { message, rejection },
-        }
+        Entry::all_of(vec![message], limits)
+            .pop()
+            .expect("one entry per message")
     }
 
     /// A reading as the journal kept it (the bytes an [`Entry::Reading`] holds).
@@ -98,8 +93,8 @@ impl Entry {
             Entry::Reading { encoded, .. } => device_of(encoded).unwrap_or_default().as_bytes(),
             Entry::Reject { message, .. } => message
                 .topic
-                .strip_prefix(b"devices/")
-                .and_then(|rest| rest.strip_suffix(b"/telemetry"))
+                .strip_prefix(TOPIC_PREFIX.as_bytes())
+                .and_then(|rest| rest.strip_suffix(TOPIC_SUFFIX.as_bytes()))
                 .unwrap_or(&message.topic),
         }
     }

@@ -3,7 +3,7 @@
 //! for a [`BatchSink`].
 //!
 //! - **Per-device order.** A message goes to the decoder its device id hashes to, so the
-//!   readings of one device are decoded, batched and handed on in the order they were
+//!   readings of one device are deduplicated, batched and handed on in the order they were
 //!   sent, whatever the number of decoders.
 //! - **Back-pressure.** The queues hold at most `queue_messages` messages in all, counted
 //!   by a semaphore: [`IngestHandle::send`] waits (asynchronously) for room, and room
@@ -11,9 +11,9 @@
 //!   the sink. A slow sink therefore slows the senders; nothing is dropped.
 //! - **Durability.** With a [`Journal`] (the write-ahead log), every message is
 //!   appended to it, decoded (an [`Entry`]: see `journal.rs`), in the same step that
-//!   queues it, and [`IngestHandle::send`] returns what resolves once it is durable. [`IngestHandle::cut`] puts a checkpoint between
-//!   two messages: everything journaled before it is sealed and handed to the sink
-//!   before anything after it.
+//!   queues it, and [`IngestHandle::send`] returns what resolves once it is durable.
+//!   [`IngestHandle::cut`] puts a checkpoint between two messages: everything journaled
+//!   before it is sealed and handed to the sink before anything after it.
 //! - **Exactly once.** A reading whose (`device_id`, `ts`) was seen within
 //!   `dedup_window` is a duplicate: counted, never stored or aggregated (`dedup.rs`).
 
@@ -242,25 +242,24 @@ impl IngestHandle {
     }
 
     /// Queues decoded messages, as [`send`](Self::send).
-    pub async fn send_entries(&self, entries: Vec<Entry>) -> Result<Logged, Closed> {
-        let mut messages = entries;
+    pub async fn send_entries(&self, mut entries: Vec<Entry>) -> Result<Logged, Closed> {
         let mut logged = Vec::new();
-        while !messages.is_empty() {
+        while !entries.is_empty() {
             // A larger batch than the whole queue goes in parts.
-            let rest = if messages.len() > self.queues.capacity {
-                messages.split_off(self.queues.capacity)
+            let rest = if entries.len() > self.queues.capacity {
+                entries.split_off(self.queues.capacity)
             } else {
                 Vec::new()
             };
             let permits = self
                 .queues
                 .room
-                .acquire_many(messages.len() as u32)
+                .acquire_many(entries.len() as u32)
                 .await
                 .map_err(|_| Closed)?;
             permits.forget();
-            logged.extend(self.push(messages)?);
-            messages = rest;
+            logged.extend(self.push(entries)?);
+            entries = rest;
         }
         Ok(Box::pin(async move {
             for part in logged {
@@ -396,27 +395,27 @@ impl IngestHandle {
 
     /// Journals and queues messages in one step: a checkpoint (which takes the write
     /// lock) comes wholly before or wholly after both.
-    fn push(&self, messages: Vec<Entry>) -> Result<Option<Logged>, Closed> {
+    fn push(&self, entries: Vec<Entry>) -> Result<Option<Logged>, Closed> {
         let senders = self
             .queues
             .senders
             .read()
             .unwrap_or_else(|p| p.into_inner());
         let Some(senders) = senders.as_ref() else {
-            self.queues.room.add_permits(messages.len());
+            self.queues.room.add_permits(entries.len());
             return Err(Closed);
         };
-        let logged = self.queues.journal.get().map(|j| j.append(&messages));
+        let logged = self.queues.journal.get().map(|j| j.append(&entries));
         // Room was taken for every message, so no queue can be full.
         if senders.len() == 1 {
             senders[0]
-                .send(Item::Entries(messages))
+                .send(Item::Entries(entries))
                 .map_err(|_| Closed)?;
             return Ok(logged);
         }
         let mut parts: Vec<Vec<Entry>> = vec![Vec::new(); senders.len()];
-        for message in messages {
-            parts[decoder_of(message.route(), senders.len())].push(message);
+        for entry in entries {
+            parts[decoder_of(entry.route(), senders.len())].push(entry);
         }
         for (sender, part) in senders.iter().zip(parts) {
             if !part.is_empty() {
@@ -727,7 +726,8 @@ impl Worker {
         }
     }
 
-    /// Decodes a chunk, then gives its room in the queue back; or meets a checkpoint.
+    /// Takes a chunk (deduplicated, batched), then gives its room in the queue back; or
+    /// meets a checkpoint.
     fn take(&mut self, item: Item) {
         let chunk = match item {
             Item::Entries(chunk) => chunk,
