@@ -256,7 +256,7 @@ pub(crate) fn open_and_replay(
     let mut chunk: Vec<Entry> = Vec::with_capacity(REPLAY_CHUNK);
     let mut closed = false;
     let mut send = |chunk: &mut Vec<Entry>| {
-        if !closed && ingest.send_entries_blocking(std::mem::take(chunk)).is_err() {
+        if !closed && ingest.replay_blocking(std::mem::take(chunk)).is_err() {
             closed = true;
         }
     };

@@ -650,6 +650,19 @@ fn readings_are_journaled_decoded_and_rejects_as_they_came() {
     let sluice = Sluice::start(&data, &[]);
     assert_eq!(sluice.scalar("SELECT count(*) FROM telemetry"), 5);
     assert_eq!(sluice.scalar("SELECT count(*) FROM rejects"), 1);
+    // Their lags were observed before the kill; the replay does not observe them again
+    // (the outage's length is not the pipeline's lag).
+    let metrics = sluice.get("/metrics").1;
+    assert_eq!(
+        metric_value(&metrics, "sluice_ingest_rows_total"),
+        Some(5.0)
+    );
+    for lag in [
+        "sluice_ingest_lag_seconds_count",
+        "sluice_ingest_queryable_lag_seconds_count",
+    ] {
+        assert_eq!(metric_value(&metrics, lag), Some(0.0), "{lag}");
+    }
     assert!(sluice.terminate().success());
 }
 

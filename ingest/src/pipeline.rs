@@ -100,7 +100,9 @@ pub struct Stored<'a> {
 
 /// What goes through a decoder's queue.
 enum Item {
-    Entries(Vec<Entry>),
+    /// `replayed`: read back from the journal at start (see
+    /// [`IngestHandle::replay_blocking`]).
+    Entries { entries: Vec<Entry>, replayed: bool },
     /// Seal what is open, hand it on, then meet the other decoders at a checkpoint.
     Cut(Arc<Rendezvous>),
     /// Keys of stored readings, and when each arrived.
@@ -242,7 +244,11 @@ impl IngestHandle {
     }
 
     /// Queues decoded messages, as [`send`](Self::send).
-    pub async fn send_entries(&self, mut entries: Vec<Entry>) -> Result<Logged, Closed> {
+    pub async fn send_entries(&self, entries: Vec<Entry>) -> Result<Logged, Closed> {
+        self.queue(entries, false).await
+    }
+
+    async fn queue(&self, mut entries: Vec<Entry>, replayed: bool) -> Result<Logged, Closed> {
         let mut logged = Vec::new();
         while !entries.is_empty() {
             // A larger batch than the whole queue goes in parts.
@@ -258,7 +264,7 @@ impl IngestHandle {
                 .await
                 .map_err(|_| Closed)?;
             permits.forget();
-            logged.extend(self.push(entries)?);
+            logged.extend(self.push(entries, replayed)?);
             entries = rest;
         }
         Ok(Box::pin(async move {
@@ -274,10 +280,13 @@ impl IngestHandle {
         futures::executor::block_on(async { Ok(self.send(messages).await?.await) })
     }
 
-    /// [`send_entries`](Self::send_entries) from a thread that may block, waiting until
-    /// durable (the replay of the journal).
-    pub fn send_entries_blocking(&self, entries: Vec<Entry>) -> Result<Result<(), String>, Closed> {
-        futures::executor::block_on(async { Ok(self.send_entries(entries).await?.await) })
+    /// Queues entries read back from the journal at start (its replay), as
+    /// [`send_entries`](Self::send_entries), from a thread that may block. Their rows are
+    /// counted and stored as any, but their lags are not observed: each was when it first
+    /// became queryable, before the restart, and its lag now would be the outage's
+    /// length, not the pipeline's.
+    pub fn replay_blocking(&self, entries: Vec<Entry>) -> Result<Result<(), String>, Closed> {
+        futures::executor::block_on(async { Ok(self.queue(entries, true).await?.await) })
     }
 
     /// From now on every message sent is appended to `journal` first (messages sent
@@ -395,7 +404,7 @@ impl IngestHandle {
 
     /// Journals and queues messages in one step: a checkpoint (which takes the write
     /// lock) comes wholly before or wholly after both.
-    fn push(&self, entries: Vec<Entry>) -> Result<Option<Logged>, Closed> {
+    fn push(&self, entries: Vec<Entry>, replayed: bool) -> Result<Option<Logged>, Closed> {
         let senders = self
             .queues
             .senders
@@ -409,7 +418,7 @@ impl IngestHandle {
         // Room was taken for every message, so no queue can be full.
         if senders.len() == 1 {
             senders[0]
-                .send(Item::Entries(entries))
+                .send(Item::Entries { entries, replayed })
                 .map_err(|_| Closed)?;
             return Ok(logged);
         }
@@ -419,7 +428,12 @@ impl IngestHandle {
         }
         for (sender, part) in senders.iter().zip(parts) {
             if !part.is_empty() {
-                sender.send(Item::Entries(part)).map_err(|_| Closed)?;
+                sender
+                    .send(Item::Entries {
+                        entries: part,
+                        replayed,
+                    })
+                    .map_err(|_| Closed)?;
             }
         }
         Ok(logged)
@@ -649,6 +663,8 @@ struct Worker {
     sink: Arc<dyn BatchSink>,
     metrics: IngestMetrics,
     telemetry: Batcher<TelemetryBuilder>,
+    /// The open telemetry batch holds replayed rows (their lags are not observed).
+    replayed: bool,
     rejects: Batcher<RejectsBuilder>,
 }
 
@@ -667,6 +683,7 @@ impl Worker {
             sink,
             metrics,
             telemetry: Batcher::new(TelemetryBuilder::default(), config.seal),
+            replayed: false,
             rejects: Batcher::new(
                 RejectsBuilder::new(config.reject_payload_bytes),
                 config.seal,
@@ -729,8 +746,8 @@ impl Worker {
     /// Takes a chunk (deduplicated, batched), then gives its room in the queue back; or
     /// meets a checkpoint.
     fn take(&mut self, item: Item) {
-        let chunk = match item {
-            Item::Entries(chunk) => chunk,
+        let (chunk, replayed) = match item {
+            Item::Entries { entries, replayed } => (entries, replayed),
             Item::Cut(meeting) => {
                 if let Some(batch) = self.telemetry.drain() {
                     self.emit_telemetry(batch, SealReason::Checkpoint);
@@ -747,14 +764,14 @@ impl Worker {
                 return;
             }
         };
-        self.process(&chunk);
+        self.process(&chunk, replayed);
         self.queues.room.add_permits(chunk.len());
         self.metrics
             .queued
             .set((self.queues.capacity - self.queues.room.available_permits()) as i64);
     }
 
-    fn process(&mut self, chunk: &[Entry]) {
+    fn process(&mut self, chunk: &[Entry], replayed: bool) {
         let now = Instant::now();
         self.metrics.messages.inc_by(chunk.len() as u64);
         // Counted once per chunk: a shared counter bumped per message bounces its cache
@@ -789,6 +806,7 @@ impl Worker {
                         continue;
                     }
                     self.telemetry.builder().append(&reading, *received_at_ns);
+                    self.replayed |= replayed;
                     rows += 1;
                     if let Some(batch) = self.telemetry.appended(now) {
                         self.emit_telemetry(batch, SealReason::Rows);
@@ -816,8 +834,9 @@ impl Worker {
         self.metrics.duplicates.inc_by(duplicates);
     }
 
-    fn emit_telemetry(&self, batch: RecordBatch, reason: SealReason) {
+    fn emit_telemetry(&mut self, batch: RecordBatch, reason: SealReason) {
         self.metrics.sealed("telemetry", reason, &batch);
+        let replayed = std::mem::take(&mut self.replayed);
         let column = |i| {
             batch
                 .column(i)
@@ -828,6 +847,9 @@ impl Worker {
         let rows = batch.num_rows();
         if let Err(refused) = self.sink.append_telemetry(batch) {
             return self.metrics.refused("telemetry", rows, &refused);
+        }
+        if replayed {
+            return;
         }
         let now_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -970,6 +992,41 @@ mod tests {
         let queryable = &metrics.queryable_lag;
         assert_eq!(queryable.get_sample_count(), 3);
         assert!(queryable.get_sample_sum() > 3.0 * 365.0 * 86_400.0);
+    }
+
+    #[test]
+    fn replayed_rows_are_stored_without_observing_their_lags_again() {
+        let sink = Arc::new(Collect::default());
+        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
+        let pipeline =
+            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let handle = pipeline.handle();
+        // A replay: two readings and a reject (a reject alone must not mark the next
+        // batch as replayed), sealed as the end of a replay does.
+        let mut replayed: Vec<Entry> = [10, 20].map(|s| handle.entry(message(1, s))).into();
+        replayed.push(handle.entry(Message {
+            payload: Bytes::from_static(b"{oops"),
+            ..message(2, 0)
+        }));
+        handle.replay_blocking(replayed).unwrap().unwrap();
+        handle.seal(Duration::from_secs(10)).unwrap();
+        let rejected: Vec<Entry> = vec![handle.entry(Message {
+            payload: Bytes::from_static(b"{oops"),
+            ..message(3, 0)
+        })];
+        handle.replay_blocking(rejected).unwrap().unwrap();
+        handle.seal(Duration::from_secs(10)).unwrap();
+        assert_eq!(rows(&sink.telemetry), 2);
+        assert_eq!(metrics.rows.get(), 2);
+        assert_eq!(metrics.ingest_lag.get_sample_count(), 0);
+        assert_eq!(metrics.queryable_lag.get_sample_count(), 0);
+        // Live readings after it are observed.
+        let live = [30, 40, 50].map(|second| message(4, second)).to_vec();
+        handle.send_blocking(live).unwrap().unwrap();
+        pipeline.finish();
+        assert_eq!(rows(&sink.telemetry), 5);
+        assert_eq!(metrics.ingest_lag.get_sample_count(), 3);
+        assert_eq!(metrics.queryable_lag.get_sample_count(), 3);
     }
 
     #[test]
