@@ -321,32 +321,49 @@ impl<'a> TelemetryColumns<'a> {
 
 /// Reads window rows back (state saved at a stop): device and accumulators per row.
 pub fn windows_from_batch(batch: &RecordBatch) -> Vec<(Box<str>, WindowAcc)> {
-    use arrow::array::AsArray;
+    use arrow::array::{AsArray, Float64Array, Int64Array, TimestampNanosecondArray};
     use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
 
-    // The nine fields of one metric, in `metric_fields` order, as columns.
-    fn metric(columns: &[&ArrayRef], row: usize) -> MetricAcc {
-        let count = columns[0].as_primitive::<Int64Type>().value(row) as u64;
-        if count == 0 {
-            return MetricAcc::EMPTY;
+    /// The nine fields of one metric (`metric_fields` order), downcast once per batch: a
+    /// restart reads a million devices' windows through here.
+    struct MetricColumns<'a> {
+        count: &'a Int64Array,
+        /// min, max, sum, first, last (`avg` is derived, not read back).
+        values: [&'a Float64Array; 5],
+        first_ts: &'a TimestampNanosecondArray,
+        last_ts: &'a TimestampNanosecondArray,
+    }
+
+    impl<'a> MetricColumns<'a> {
+        fn new(columns: &[&'a ArrayRef]) -> Self {
+            let f = |i: usize| columns[i].as_primitive::<Float64Type>();
+            MetricColumns {
+                count: columns[0].as_primitive::<Int64Type>(),
+                values: [f(1), f(2), f(3), f(5), f(7)],
+                first_ts: columns[6].as_primitive::<TimestampNanosecondType>(),
+                last_ts: columns[8].as_primitive::<TimestampNanosecondType>(),
+            }
         }
-        let f = |i: usize| columns[i].as_primitive::<Float64Type>().value(row);
-        let t = |i: usize| {
-            columns[i]
-                .as_primitive::<TimestampNanosecondType>()
-                .value(row)
-        };
-        MetricAcc {
-            count,
-            min: f(1),
-            max: f(2),
-            sum: f(3),
-            first: f(5),
-            first_ts: t(6),
-            last: f(7),
-            last_ts: t(8),
+
+        fn at(&self, row: usize) -> MetricAcc {
+            let count = self.count.value(row) as u64;
+            if count == 0 {
+                return MetricAcc::EMPTY;
+            }
+            let [min, max, sum, first, last] = self.values.map(|c| c.value(row));
+            MetricAcc {
+                count,
+                min,
+                max,
+                sum,
+                first,
+                first_ts: self.first_ts.value(row),
+                last,
+                last_ts: self.last_ts.value(row),
+            }
         }
     }
+
     let col = |name: &str| {
         batch
             .column_by_name(name)
@@ -355,30 +372,28 @@ pub fn windows_from_batch(batch: &RecordBatch) -> Vec<(Box<str>, WindowAcc)> {
     let starts = col("window_start").as_primitive::<TimestampNanosecondType>();
     let devices = col("device_id").as_string::<i32>();
     let readings = col("readings").as_primitive::<Int64Type>();
-    let known: Vec<Vec<&ArrayRef>> = METRICS
+    let known: Vec<MetricColumns> = METRICS
         .iter()
         .map(|m| {
-            metric_fields(&format!("{m}_"))
-                .iter()
-                .map(|f| col(f.name()))
-                .collect()
+            let fields = metric_fields(&format!("{m}_"));
+            MetricColumns::new(&fields.iter().map(|f| col(f.name())).collect::<Vec<_>>())
         })
         .collect();
     let extra = col("extra").as_map();
     let (keys, values) = (extra.keys().as_string::<i32>(), extra.values().as_struct());
     let value_columns: Vec<&ArrayRef> = values.columns().iter().collect();
+    let extra_values = MetricColumns::new(&value_columns);
+    let offsets = extra.value_offsets();
     (0..batch.num_rows())
         .map(|row| {
             let mut acc = WindowAcc::new(starts.value(row));
             acc.readings = readings.value(row) as u64;
             for (slot, columns) in acc.known.iter_mut().zip(&known) {
-                *slot = metric(columns, row);
+                *slot = columns.at(row);
             }
             if extra.is_valid(row) {
-                let offsets = extra.value_offsets();
                 for i in offsets[row] as usize..offsets[row + 1] as usize {
-                    acc.extra
-                        .push((keys.value(i).into(), metric(&value_columns, i)));
+                    acc.extra.push((keys.value(i).into(), extra_values.at(i)));
                 }
             }
             (devices.value(row).into(), acc)
