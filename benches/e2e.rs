@@ -12,6 +12,7 @@
 //! cargo bench --bench e2e -- loadgen   [--from R] [--step R] [--secs S]
 //! cargo bench --bench e2e -- idle      [--connections K]
 //! cargo bench --bench e2e -- restart   [--devices N] [--rate R] [--secs S] [--connections K]
+//! cargo bench --bench e2e -- replay    [--devices N] [--rate R] [--secs S] [--connections K]
 //! ```
 //!
 //! What counts as stored is counted in SQL at the end (`lost = acked − stored`); CPU and
@@ -98,8 +99,10 @@ fn args() -> Args {
         wal_sync: None,
         hostile: false,
     };
+    let mut secs_given = false;
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(arg) = it.next() {
+        secs_given |= arg == "--secs";
         let mut value = || -> f64 {
             it.next()
                 .and_then(|v| v.parse().ok())
@@ -123,6 +126,10 @@ fn args() -> Args {
             other => panic!("unknown option {other}"),
         }
     }
+    if args.scenario == "replay" && !secs_given {
+        // About what a crash between two checkpoints leaves at the reference rate.
+        args.secs = 75.0;
+    }
     args
 }
 
@@ -138,8 +145,11 @@ fn main() {
         "loadgen" => loadgen_alone(&args),
         "idle" => idle(&args),
         "restart" => restart(&args),
+        "replay" => replay(&args),
         other => {
-            panic!("unknown scenario {other}: reference, max, mosquitto, loadgen, idle or restart")
+            panic!(
+                "unknown scenario {other}: reference, max, mosquitto, loadgen, idle, restart or replay"
+            )
         }
     }
 }
@@ -307,6 +317,42 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// The machine's CPU time taken by the hypervisor for other guests (`steal` of
+/// /proc/stat) since [`Steal::start`]: on a shared VM, a run with more than a few percent
+/// measured a busier host, not sluice, and is not comparable with one without.
+struct Steal([u64; 2]);
+
+impl Steal {
+    /// (steal, total) ticks of all CPUs so far.
+    fn ticks() -> [u64; 2] {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+        // already in user and nice.
+        [
+            fields.get(7).copied().unwrap_or(0),
+            fields.iter().take(8).sum(),
+        ]
+    }
+
+    fn start() -> Steal {
+        Steal(Steal::ticks())
+    }
+
+    /// Percent of the machine's CPU time stolen since the start.
+    fn percent(&self) -> f64 {
+        let [steal, total] = Steal::ticks();
+        100.0 * (steal - self.0[0]) as f64 / (total - self.0[1]).max(1) as f64
+    }
+}
+
 fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -376,6 +422,7 @@ fn reference(args: &Args) {
     let pid = sluice.pid();
     let before = sluice.metrics();
     let cpu0 = cpu_seconds(pid);
+    let steal = Steal::start();
     let started = Instant::now();
     // RSS every 10 s, to see that memory stays flat.
     let done = Arc::new(AtomicBool::new(false));
@@ -440,6 +487,7 @@ fn reference(args: &Args) {
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
+    let stolen = steal.percent();
     done.store(true, Ordering::SeqCst);
     let rss = sampler.join().unwrap();
     if let Some(hostile) = hostile {
@@ -474,6 +522,7 @@ fn reference(args: &Args) {
         cpu / wall,
         peak_rss / 1024
     );
+    println!("host steal {stolen:.1} % of the machine's CPU time during the run");
     println!(
         "RSS every 10 s (MiB): {:?}",
         rss.iter().map(|k| k / 1024).collect::<Vec<_>>()
@@ -555,6 +604,7 @@ fn max(args: &Args) {
     loop {
         let before = sluice.metrics();
         let count0 = sluice.count();
+        let steal = Steal::start();
         let report = run_loadgen_with(
             &sluice.mqtt,
             devices,
@@ -575,13 +625,14 @@ fn max(args: &Args) {
             p99: quantile(&before.buckets(LAG), &after.buckets(LAG), 0.99),
         };
         println!(
-            "{:>8.0} msgs/s target: acked {:>8.0}/s  stored {} of {} acked  skipped {skipped}  queryable p99 {:.0} ms  PUBACK p99 {:.1} ms  {}",
+            "{:>8.0} msgs/s target: acked {:>8.0}/s  stored {} of {} acked  skipped {skipped}  queryable p99 {:.0} ms  PUBACK p99 {:.1} ms  steal {:.1} %  {}",
             rate,
             step.acked_rate,
             stored,
             report.acked,
             step.p99 * 1e3,
             report.latency.p99_us as f64 / 1e3,
+            steal.percent(),
             if step.sustained() {
                 "sustained"
             } else {
@@ -806,6 +857,7 @@ fn restart(args: &Args) {
     let sluice = common::Sluice::start(&data, &serve_args);
     let mqtt = sluice.mqtt.to_string();
 
+    let steal = Steal::start();
     let stop = Arc::new(AtomicBool::new(false));
     let loadgen = {
         let stop = stop.clone();
@@ -847,12 +899,13 @@ fn restart(args: &Args) {
     let report = loadgen.join().unwrap();
     let wal_bytes = parquet_bytes(&data.join("wal"));
     println!(
-        "killed at {:.1} s, {:.1} s after checkpoint {} (checkpoints every {:.1} s); WAL on disk {:.0} MiB",
+        "killed at {:.1} s, {:.1} s after checkpoint {} (checkpoints every {:.1} s); WAL on disk {:.0} MiB; host steal {:.1} % during the load",
         killed_at.as_secs_f64(),
         since.as_secs_f64(),
         seen.trim(),
         period.as_secs_f64(),
-        wal_bytes as f64 / (1 << 20) as f64
+        wal_bytes as f64 / (1 << 20) as f64,
+        steal.percent()
     );
     println!(
         "before the kill: {:.0} records written to the WAL, {:.0} rows written to Parquet",
@@ -864,10 +917,61 @@ fn restart(args: &Args) {
         .unwrap_or(0.0)
     );
     println!("{report}");
+    restart_and_check(&data, &serve_args, &report);
+}
 
-    let restarting = Instant::now();
+/// Replay alone: the load with no checkpoint (so the whole run is in the WAL, and no
+/// window state or remembered keys come back at the start), kill -9, restart; the
+/// replay's rate, the time to ready, every acknowledged reading stored once.
+fn replay(args: &Args) {
+    println!(
+        "replay: {} devices, {} msgs/s, QoS 1, {} connections, {} s with no checkpoint, then kill -9 and restart",
+        args.devices, args.rate, args.connections, args.secs
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), args);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // No flush, so no checkpoint, before the kill; the hot store holds the whole run.
+    let rows = ((args.rate * args.secs * 1.5) as u64).max(1_000_000);
+    text.push_str(&format!(
+        "[storage]\nflush_interval = \"1h\"\nflush_rows = {rows}\nflush_bytes = {}\nmax_hot_rows = {rows}\n",
+        1u64 << 40
+    ));
+    std::fs::write(&config, text).unwrap();
+    let data = dir.path().join("data");
+    let serve_args = ["--config", config.to_str().unwrap()];
     let sluice = common::Sluice::start(&data, &serve_args);
+    let steal = Steal::start();
+    let report = run_loadgen(
+        &sluice.mqtt.to_string(),
+        args.devices,
+        args.rate,
+        args.secs,
+        args.connections,
+    );
+    assert!(
+        !data.join("wal/checkpoint").exists(),
+        "a checkpoint was taken during the load: the replay would not be of the whole run"
+    );
+    sluice.kill();
+    println!(
+        "killed after the load; WAL on disk {:.0} MiB; host steal {:.1} % during the load",
+        parquet_bytes(&data.join("wal")) as f64 / (1 << 20) as f64,
+        steal.percent()
+    );
+    println!("{report}");
+    restart_and_check(&data, &serve_args, &report);
+}
+
+/// Starts sluice again on `data` (killed before), prints the replay's log line, the time
+/// to ready and the replay's rate, and checks that every reading `report` counts as
+/// acknowledged is stored, none twice.
+fn restart_and_check(data: &std::path::Path, serve_args: &[&str], report: &Report) {
+    let restarting = Instant::now();
+    let steal = Steal::start();
+    let sluice = common::Sluice::start(data, serve_args);
     let ready_in = restarting.elapsed();
+    let stolen = steal.percent();
     let peak_rss = status_kib(sluice.pid(), "VmHWM:");
     let log = sluice.log_text();
     let line = strip_ansi(
@@ -884,7 +988,7 @@ fn restart(args: &Args) {
     let (records, took_ms) = (field("records"), field("took_ms"));
     println!("{}", line.trim());
     println!(
-        "ready {:.2} s after the restart (peak RSS {} MiB); replayed {records:.0} records in {took_ms:.0} ms: {:.0} records/s; remembered {:.0} keys in {:.0} ms",
+        "ready {:.2} s after the restart (peak RSS {} MiB, host steal {stolen:.1} %); replayed {records:.0} records in {took_ms:.0} ms: {:.0} records/s; remembered {:.0} keys in {:.0} ms",
         ready_in.as_secs_f64(),
         peak_rss / 1024,
         records / (took_ms / 1e3),
