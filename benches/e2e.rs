@@ -167,7 +167,7 @@ impl Sluice {
     /// `args.rules` alert rules.
     fn start(args: &Args) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), args);
+        let config = write_config(dir.path(), args, "");
         let server = common::Sluice::start(
             &dir.path().join("data"),
             &["--config", config.to_str().unwrap()],
@@ -215,8 +215,9 @@ impl Sluice {
 }
 
 /// `sluice.toml` in `dir`: room for `args.connections` MQTT connections, windows as
-/// asked and `args.rules` alert rules; everything else sluice's defaults.
-fn write_config(dir: &std::path::Path, args: &Args) -> std::path::PathBuf {
+/// asked, `args.rules` alert rules and the sections of `more`; everything else sluice's
+/// defaults.
+fn write_config(dir: &std::path::Path, args: &Args, more: &str) -> std::path::PathBuf {
     let config = dir.join("sluice.toml");
     let max_connections = (args.connections + 100).max(10_000);
     let mut text = format!("[mqtt]\nmax_connections = {max_connections}\n");
@@ -229,6 +230,7 @@ fn write_config(dir: &std::path::Path, args: &Args) -> std::path::PathBuf {
     for rule in &RULES[..args.rules] {
         text.push_str(&format!("[[alert]]\n{rule}\n"));
     }
+    text.push_str(more);
     std::fs::write(&config, text).unwrap();
     config
 }
@@ -851,7 +853,7 @@ fn restart(args: &Args) {
         args.devices, args.rate, args.connections, args.secs
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), args);
+    let config = write_config(dir.path(), args, "");
     let data = dir.path().join("data");
     let serve_args = ["--config", config.to_str().unwrap()];
     let sluice = common::Sluice::start(&data, &serve_args);
@@ -929,15 +931,13 @@ fn replay(args: &Args) {
         args.devices, args.rate, args.connections, args.secs
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), args);
-    let mut text = std::fs::read_to_string(&config).unwrap();
     // No flush, so no checkpoint, before the kill; the hot store holds the whole run.
     let rows = ((args.rate * args.secs * 1.5) as u64).max(1_000_000);
-    text.push_str(&format!(
+    let storage = format!(
         "[storage]\nflush_interval = \"1h\"\nflush_rows = {rows}\nflush_bytes = {}\nmax_hot_rows = {rows}\n",
         1u64 << 40
-    ));
-    std::fs::write(&config, text).unwrap();
+    );
+    let config = write_config(dir.path(), args, &storage);
     let data = dir.path().join("data");
     let serve_args = ["--config", config.to_str().unwrap()];
     let sluice = common::Sluice::start(&data, &serve_args);

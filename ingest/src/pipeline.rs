@@ -956,6 +956,15 @@ mod tests {
         assert_eq!(metrics.rows.get(), metrics.refused_total());
     }
 
+    /// A pipeline of the default configuration into a [`Collect`], with its metrics.
+    fn collecting() -> (Arc<Collect>, IngestMetrics, Pipeline) {
+        let sink = Arc::new(Collect::default());
+        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
+        let pipeline =
+            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        (sink, metrics, pipeline)
+    }
+
     fn rows(batches: &Mutex<Vec<RecordBatch>>) -> usize {
         batches.lock().unwrap().iter().map(|b| b.num_rows()).sum()
     }
@@ -976,10 +985,7 @@ mod tests {
 
     #[test]
     fn lags_are_measured_from_event_time_to_decoding_and_to_visibility() {
-        let sink = Arc::new(Collect::default());
-        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
-        let pipeline =
-            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let (sink, metrics, pipeline) = collecting();
         // Event times 10:30:10, :20 and :30, all received at 10:31:00.
         let chunk = [10, 20, 30].map(|second| message(1, second)).to_vec();
         pipeline.handle().send_blocking(chunk).unwrap().unwrap();
@@ -996,10 +1002,7 @@ mod tests {
 
     #[test]
     fn replayed_rows_are_stored_without_observing_their_lags_again() {
-        let sink = Arc::new(Collect::default());
-        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
-        let pipeline =
-            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let (sink, metrics, pipeline) = collecting();
         let handle = pipeline.handle();
         // A replay: two readings and a reject (a reject alone must not mark the next
         // batch as replayed), sealed as the end of a replay does.
@@ -1240,10 +1243,7 @@ mod tests {
 
     #[test]
     fn a_redelivered_reading_is_counted_and_not_stored_and_the_first_wins() {
-        let sink = Arc::new(Collect::default());
-        let metrics = IngestMetrics::new(&Registry::new()).unwrap();
-        let pipeline =
-            Pipeline::start(PipelineConfig::default(), sink.clone(), metrics.clone()).unwrap();
+        let (sink, metrics, pipeline) = collecting();
         let handle = pipeline.handle();
         handle
             .send_blocking(vec![message(1, 5), message(2, 5)])
