@@ -822,6 +822,12 @@ pub trait Checkpoints: Send + Sync + 'static {
 }
 
 /// The background thread that flushes on an interval and when a table fills.
+///
+/// It runs at ingestion's priority, unlike the query threads: ingestion waits for it
+/// when the hot store is full, and a checkpoint's flush for the aggregator's state save.
+/// Tried (2026-12-07): the encoding and the state save at nice 10 raised PUBACK p99 at
+/// 175,000–250,000 msgs/s from 23–223 ms to 265–884 ms, and the front door's max went
+/// under 250,000 (BENCHMARKS.md, "Sixth pass").
 pub struct Flusher {
     stop: Sender<()>,
     thread: Option<JoinHandle<()>>,
