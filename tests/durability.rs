@@ -206,15 +206,11 @@ fn kill_9_under_qos1_load_loses_no_acknowledged_reading_and_stores_none_twice() 
     // fewer than 300 a second): a sixth of the readings acknowledged and a checkpoint
     // committed, so the restart replays the WAL past it.
     let record: Arc<Mutex<Record>> = Arc::default();
-    let checkpoint_file = data.join("wal/checkpoint");
     let killer = {
-        let record = record.clone();
+        let (record, data) = (record.clone(), data.clone());
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
-            let checkpointed = || {
-                std::fs::read_to_string(&checkpoint_file)
-                    .is_ok_and(|c| c.trim().parse::<u64>().is_ok_and(|c| c > 1))
-            };
+            let checkpointed = || sluice_storage::wal::committed(&data).is_ok_and(|c| c > 1);
             while Instant::now() < deadline
                 && (record.lock().unwrap().acked.len() < 1000 || !checkpointed())
             {
@@ -254,12 +250,11 @@ fn kill_9_under_qos1_load_loses_no_acknowledged_reading_and_stores_none_twice() 
     assert!(loadgen_acked > 0, "{report}");
 
     // A checkpoint committed before the crash: the replay starts from it.
-    let checkpoint: u64 = std::fs::read_to_string(data.join("wal/checkpoint"))
-        .expect("a checkpoint before the crash")
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(checkpoint > 1);
+    let checkpoint = sluice_storage::wal::committed(&data).unwrap();
+    assert!(
+        checkpoint > 1,
+        "a checkpoint before the crash: {checkpoint}"
+    );
 
     let restarted = Instant::now();
     let sluice = Sluice::start(&data, &args);
